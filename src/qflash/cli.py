@@ -1,0 +1,122 @@
+"""qflash command line: argument parsing and calls into the library, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from qflash.errors import QflashError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # qflash never downloads
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("accelerate", "peft", "bitsandbytes", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from qflash.config import load_config
+    from qflash.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from qflash.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qflash.infer.generate import answer, load_for_inference
+
+    if args.prompt is None:
+        raise QflashError("chat: interactive chat is not there yet; pass --prompt \"...\"")
+    loaded = load_for_inference(args.model, args.adapter, args.device)
+    conv = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    (text, _stopped), = answer(loaded, [conv], max_new_tokens=args.max_new_tokens)
+    print(text)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from qflash.demo import compare_and_print
+
+    ok = compare_and_print(args.run, args.n, args.max_new_tokens)
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qflash.demo import run_demo
+
+    return run_demo(args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qflash", description="QLoRA fine-tuning with FlashAttention and packed sequences.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a model with NF4 QLoRA")
+    t.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 data.vars.name=Nova")
+    t.add_argument("--overwrite", action="store_true", help="replace an adapter already in output_dir")
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("config", help="inspect configs")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the resolved config")
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(fn=cmd_config_show)
+
+    ch = sub.add_parser("chat", help="talk to a base model or a fine-tuned run")
+    ch.add_argument("--model", help="base model: HF directory, .gguf file or smollm2-135m-instruct (default: the run's)")
+    ch.add_argument("--adapter", help="a run directory or an adapter directory")
+    ch.add_argument("--prompt", help="ask one question, print the reply and exit")
+    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--max-new-tokens", type=int, default=128)
+    ch.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ch.set_defaults(fn=cmd_chat)
+
+    cmp_ = sub.add_parser("compare", help="held-out identity questions: base model vs fine-tuned, side by side")
+    cmp_.add_argument("run", help="run directory (output_dir of qflash train)")
+    cmp_.add_argument("-n", type=int, default=None, help="questions to ask (default: the run's eval.identity_samples)")
+    cmp_.add_argument("--max-new-tokens", type=int, default=None)
+    cmp_.set_defaults(fn=cmd_compare)
+
+    d = sub.add_parser("demo", help="fine-tune the embedded model on the identity set and compare before/after")
+    d.add_argument("--config", default="configs/demo.yaml")
+    d.add_argument("overrides", nargs="*", help="e.g. data.vars.name=Nova data.vars.author=Acme")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.fn(args)
+    except QflashError as e:
+        print(f"qflash: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qflash: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

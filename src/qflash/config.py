@@ -1,0 +1,453 @@
+"""The config schema (dataclasses), YAML loading, dotted command-line overrides and validation.
+
+A YAML key maps to exactly one dataclass field; the code that uses a setting reads that field.
+Every problem is raised as a ConfigError whose message says where (file:line or the override),
+which key, and what is wrong, so the CLI can print it as one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from qflash.errors import ConfigError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+DType = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = EMBEDDED_MODEL
+    """A local Hugging Face model directory, a .gguf file, or `smollm2-135m-instruct` (the embedded default)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped inside the model directory. Off unless you trust its author."""
+
+
+@dataclass
+class QuantConfig:
+    mode: Literal["nf4", "none"] = "nf4"
+    """nf4: base weights frozen in 4-bit NormalFloat (bitsandbytes); none: base kept in 16/32-bit."""
+    double_quant: bool = True
+    """Quantize the NF4 block scales too (about 0.4 bit per weight saved)."""
+    compute_dtype: DType = "auto"
+    """dtype of matmuls and activations; auto = bf16 on GPU, fp32 on CPU (bf16 is ~100x slower there)."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """Rank of the LoRA update."""
+    alpha: float = 32.0
+    """Scale numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (q_proj, v_proj, ...) or `all-linear` for every linear layer of the blocks."""
+    rslora: bool = False
+    """Rank-stabilized scaling alpha/sqrt(r)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+
+@dataclass
+class DatasetSpec:
+    path: str = ""
+    """A data file (JSON array or JSONL)."""
+    format: Literal["auto", "alpaca", "messages"] = "auto"
+    """Record format; auto detects it from the keys of each record."""
+    weight: float = 1.0
+    """Sampling weight when several datasets are mixed (1.0 = each record once per epoch)."""
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    """Training datasets."""
+    eval_datasets: list[DatasetSpec] = field(default_factory=list)
+    """Held-out datasets (eval loss, identity questions)."""
+    vars: dict[str, str] = field(default_factory=dict)
+    """Values for placeholders in the data: {{name}} / <NAME> take vars.name, {{author}} / <AUTHOR> vars.author."""
+    max_len: int = 1024
+    """Longest tokenized sample; longer ones are an error."""
+    template: str | None = None
+    """Chat template to use when the tokenizer has none: `chatml`."""
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Which tokens carry loss: every assistant turn (with its end-of-turn token), only the last one, or all."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    """Samples per forward/backward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights."""
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming up linearly from 0 to lr."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    max_steps: int | None = None
+    """Optimizer steps to run; when unset, `epochs` decides."""
+    epochs: float = 1.0
+    """Passes over the training data (used when max_steps is unset)."""
+    seed: int = 42
+    """Seed of LoRA init, data order and dropout."""
+    optimizer: Literal["auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "auto"
+    """auto = bitsandbytes paged AdamW 32-bit on GPU, torch AdamW on CPU."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm; 0 disables."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (non-reentrant) to save memory."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto = cuda when available."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+
+
+@dataclass
+class EvalConfig:
+    identity_samples: int = 5
+    """How many held-out identity questions the demo and `qflash compare` ask."""
+    max_new_tokens: int = 64
+    """Generation length for identity questions."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/default"
+    """Where checkpoints, the adapter, logs and metrics go."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks that types alone cannot express. Each returns a reason, or None when fine.
+
+def _check_values(cfg: Config) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+
+    def need(cond: bool, key: str, reason: str) -> None:
+        if not cond:
+            problems.append((key, reason))
+
+    need(cfg.lora.r >= 1, "lora.r", "must be >= 1")
+    need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module or `all-linear`")
+    need(cfg.data.max_len >= 8, "data.max_len", "must be >= 8 tokens")
+    need(cfg.data.template in (None, "chatml"), "data.template", "known templates: chatml")
+    for i, ds in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
+        name = f"data.datasets.{i}" if i < len(cfg.data.datasets) else f"data.eval_datasets.{i - len(cfg.data.datasets)}"
+        need(bool(ds.path), f"{name}.path", "is required")
+        need(ds.weight > 0, f"{name}.weight", "must be > 0")
+    t = cfg.train
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 (or unset to use epochs)")
+    need(t.epochs > 0, "train.epochs", "must be > 0")
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(cfg.eval.identity_samples >= 0, "eval.identity_samples", "must be >= 0")
+    need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    need(bool(cfg.output_dir), "output_dir", "must not be empty")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with a precise message for every mistake.
+
+class _Origins:
+    """Remembers where each dotted key came from: `file.yaml:12` or `command line 'a.b=c'`."""
+
+    def __init__(self, default: str):
+        self.default = default
+        self.by_key: dict[str, str] = {}
+
+    def of(self, key: str) -> str:
+        # The most specific origin wins: a.b.c, then a.b, then a.
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            k = ".".join(parts[:n])
+            if k in self.by_key:
+                return self.by_key[k]
+        return self.default
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list,):
+        return "a list"
+    if origin in (dict,):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    return str(tp)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every valid dotted key of the schema (list items as `datasets.0.path`)."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(all_keys(tp, key + "."))
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            keys.extend(all_keys(typing.get_args(tp)[0], key + ".0."))
+    return keys
+
+
+def _suggest(key: str, candidates: list[str], full_key: str) -> str:
+    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if near:
+        return f"did you mean '{near[0]}'?"
+    # Perhaps it belongs to another section: `train.r` -> `lora.r`.
+    near_full = difflib.get_close_matches(full_key, all_keys(), n=1, cutoff=0.6)
+    if near_full:
+        return f"did you mean '{near_full[0]}'?"
+    return "valid keys here: " + ", ".join(candidates)
+
+
+def _coerce(value: Any, tp: Any, key: str, origins: _Origins) -> Any:
+    def bad(what: str | None = None) -> ConfigError:
+        got = what or f"got {value!r}"
+        return ConfigError(f"{origins.of(key)}: {key}: expected {_type_name(tp)}, {got}")
+
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, origins)
+            except ConfigError:
+                continue
+        raise bad()
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key, origins)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise bad()
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, dict)) and not isinstance(value, list):
+            value = [value]  # `lora.target_modules=q_proj` means a list of one
+        if not isinstance(value, list):
+            raise bad()
+        return [_coerce(v, item_tp, f"{key}.{i}", origins) for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad()
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}", origins) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `data.vars.name=2049` is a name, not a number
+        raise bad()
+    raise bad()
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, origins: _Origins) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{origins.of(full)}: unknown key '{full}': {_suggest(str(k), names, full)}")
+        kwargs[k] = _coerce(v, hints[k], full, origins)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers, overrides, and the public entry point.
+
+def _yaml_lines(text: str, path: str) -> dict[str, int]:
+    """dotted key -> line number (1-based) of that key in the YAML text."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for knode, vnode in node.value:
+                key = f"{prefix}.{knode.value}" if prefix else str(knode.value)
+                lines[key] = knode.start_mark.line + 1
+                walk(vnode, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                key = f"{prefix}.{i}"
+                lines[key] = item.start_mark.line + 1
+                walk(item, key)
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 1e-4). Values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"command line: '{text}' is not an override; write KEY=VALUE, e.g. train.max_steps=20")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"command line: '{text}' has no key before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}': no such list item")
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: '{'.'.join(parts[:i])}' is not a section, cannot set '{key}'")
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{where}: '{key}': no such list item")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{where}: cannot set '{key}'")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or none), apply `key=value` overrides, validate, and return the Config."""
+    tree: dict[str, Any] = {}
+    origins = _Origins(default=str(path) if path else "config")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
+        text = p.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+            lines = _yaml_lines(text, str(p))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, train, ...)")
+        tree = loaded
+        for key, line in lines.items():
+            origins.by_key[key] = f"{p}:{line}"
+    for text in overrides:
+        key, value = parse_override(text)
+        where = f"command line '{text}'"
+        _set_dotted(tree, key, value, where)
+        origins.by_key[key] = where
+    cfg = _build(Config, tree, "", origins)
+    problems = _check_values(cfg)
+    if problems:
+        key, reason = problems[0]
+        raise ConfigError(f"{origins.of(key)}: {key} {reason}")
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any], where: str = "saved config") -> Config:
+    """Rebuild a Config from its to_dict() form (a run's saved config)."""
+    return _build(Config, tree, "", _Origins(default=where))
+
+
+def check_paths(cfg: Config) -> None:
+    """Fail early, with the key that names it, when a file the run needs does not exist."""
+    for i, ds in enumerate(cfg.data.datasets):
+        if not Path(ds.path).exists():
+            raise ConfigError(f"data.datasets.{i}.path: {ds.path}: file not found (paths are relative to {Path.cwd()})")
+    for i, ds in enumerate(cfg.data.eval_datasets):
+        if not Path(ds.path).exists():
+            raise ConfigError(f"data.eval_datasets.{i}.path: {ds.path}: file not found (paths are relative to {Path.cwd()})")
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets: no training data; add at least one entry with a path")

