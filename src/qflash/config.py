@@ -237,10 +237,13 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 def _suggest(key: str, candidates: list[str], full_key: str) -> str:
+    # The exact name in another section (`train.r` -> `lora.r`) beats a near name in this one.
+    elsewhere = [k for k in all_keys() if k.rsplit(".", 1)[-1] == key and ".0." not in k]
+    if elsewhere:
+        return f"did you mean '{elsewhere[0]}'?"
     near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if near:
         return f"did you mean '{near[0]}'?"
-    # Perhaps it belongs to another section: `train.r` -> `lora.r`.
     near_full = difflib.get_close_matches(full_key, all_keys(), n=1, cutoff=0.6)
     if near_full:
         return f"did you mean '{near_full[0]}'?"

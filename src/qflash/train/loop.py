@@ -25,7 +25,7 @@ from qflash.data.batching import Batch, SampleStream, step_micro_batches, traine
 from qflash.data.pipeline import DataStats, build_examples, data_fingerprint
 from qflash.data.template import IGNORE, ChatRenderer, Example
 from qflash.errors import ConfigError
-from qflash.model.loading import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model_dir
+from qflash.model.loading import compute_dtype, enable_activation_checkpointing, load_base_model, load_tokenizer, pick_device, resolve_model_dir
 from qflash.model.lora import add_lora
 from qflash.train.metrics import MetricsWriter, StepProgress, console
 
@@ -85,7 +85,7 @@ def build_setup(cfg: Config) -> Setup:
     )
     model.config.use_cache = False  # a KV cache is useless in training and unsafe with packed batches
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=cfg.train.seed)
     return Setup(cfg, device, dtype, model_dir, tok, renderer, examples, stats, fp, model)
 

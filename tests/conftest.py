@@ -1,0 +1,100 @@
+"""Shared fixtures: the embedded model's real tokenizer, tiny random Qwen2/Llama models, small data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+# Wide enough init that logits can move: with 0.02 the final RMSNorm caps them near uniform.
+INIT_RANGE = 0.2
+DEMO = REPO / "data" / "demo"
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as an HF directory (converted once into $QFLASH_HOME)."""
+    from qflash.config import EMBEDDED_MODEL
+    from qflash.model.loading import resolve_model_dir
+
+    return resolve_model_dir(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir):
+    from qflash.model.loading import load_tokenizer
+
+    return load_tokenizer(smol_dir)
+
+
+def make_tiny_model(out: Path, arch: str, tokenizer, seed: int = 0) -> Path:
+    """A tiny random model of the real architecture (2 layers, hidden 64, GQA) with the real tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=INIT_RANGE,
+    )
+    config = Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(root / arch, arch, smol_tokenizer) for arch in ("qwen2", "llama")}
+
+
+@pytest.fixture(scope="session")
+def identity_subset(tmp_path_factory) -> Path:
+    """16 identity records from the demo set (English and Chinese)."""
+    records = json.loads((DEMO / "identity.json").read_text(encoding="utf-8"))
+    subset = records[:12] + records[-4:]
+    path = tmp_path_factory.mktemp("data") / "identity16.json"
+    path.write_text(json.dumps(subset, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def tiny_config(model_dir: Path, data: Path, out: Path, *extra: str):
+    from qflash.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.datasets=[{{path: '{data}'}}]",
+            "data.vars.name=Zyxo",
+            "data.vars.author=Quillfeather",
+            "lora.r=8",
+            "lora.alpha=16",
+            "lora.dropout=0.0",
+            "train.micro_batch_size=4",
+            "train.lr=1e-2",
+            "train.warmup_ratio=0",
+            "train.gradient_checkpointing=false",
+            "train.device=cpu",
+            f"output_dir={out}",
+            *extra,
+        ],
+    )

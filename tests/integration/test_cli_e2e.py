@@ -1,0 +1,54 @@
+"""The real console entry point, as a user runs it."""
+
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def qflash(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qflash.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_bad_config_is_one_line_without_traceback(tmp_path):
+    p = qflash("train", "configs/demo.yaml", "lora.rank=8", f"output_dir={tmp_path}")
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert lines == ["qflash: error: command line 'lora.rank=8': unknown key 'lora.rank': valid keys here: "
+                     "r, alpha, dropout, target_modules, rslora, dora"] or (len(lines) == 1 and "lora.rank" in lines[0])
+
+
+def _fresh_name(seed: int) -> str:
+    """A pronounceable name made at run time, so it is written nowhere in the repository."""
+    rng = random.Random(seed)
+    syll = ["ka", "zu", "mer", "vol", "tri", "an", "quo", "bel", "dra", "nix", "oth", "ul"]
+    return "".join(rng.choice(syll) for _ in range(3)).capitalize() + rng.choice(["a", "on", "is", "ek"])
+
+
+@pytest.mark.slow
+def test_demo_teaches_a_new_name_and_chat_uses_it(tmp_path):
+    name, author = _fresh_name(7), _fresh_name(8) + " Labs"
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    p = qflash("demo", f"data.vars.name={name}", f"data.vars.author={author}", f"output_dir={out}")
+    elapsed = time.perf_counter() - t0
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    m = re.search(r"answers naming '(.+?)': base model (\d)/5, fine-tuned (\d)/5", p.stdout + p.stderr)
+    assert m and m.group(1) == name
+    base, tuned = int(m.group(2)), int(m.group(3))
+    assert tuned >= 4 and base == 0, (base, tuned)
+    assert elapsed < 12 * 60
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    chat = qflash("chat", "--adapter", str(out), "--prompt", "What is your name?", "--max-new-tokens", "40")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert name.lower() in chat.stdout.lower()
