@@ -1,4 +1,17 @@
-"""Record formats -> Conversation (system/user/assistant turns), with placeholders filled."""
+"""Record formats -> Conversation (system/user/assistant turns), with placeholders filled.
+
+Formats (DatasetSpec.format; `auto` decides per record from its keys, in this order):
+  messages  {"messages": [{"role": system|user|assistant, "content": ...}]}          (OpenAI)
+  sharegpt  {"conversations": [{"from": human|user|gpt|assistant|system, "value": ...}], "system"?: ...}
+  alpaca    {"instruction", "output", "input"?, "system"?, "history"?: [[question, answer], ...]}
+  columns   any record, when DatasetSpec.columns maps roles to columns ({user: ask, assistant: answer});
+            DatasetSpec.prompt_template builds the user turn from several columns
+            ("[{department}] {title}\\n{ask}"); it wins over a `user` column
+  text      {"text": ...} (or the column mapped as `text`): every token trained, EOS appended
+
+normalize() never raises for a bad record: it returns all the problems of that record (a record
+with three empty turns gives three problems), each as `file:line: field: reason`.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +19,20 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from qflash.config import DatasetSpec
+from qflash.data.problems import Problem, ProblemKind
 from qflash.data.readers import Record
 from qflash.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+COLUMN_ROLES = ("system", "user", "assistant", "text")
 
 # {{name}} style, plus the <NAME>/<AUTHOR> style of public self-cognition files.
 _CURLY = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _ANGLE = re.compile(r"<(NAME|AUTHOR)>")
+# A prompt_template field: {column}, but not the {{name}} placeholders.
+_TEMPLATE_FIELD = re.compile(r"(?<!\{)\{([^{}\n]+)\}(?!\})")
 
 
 @dataclass
@@ -23,31 +41,98 @@ class Conversation:
     file: str = ""
     line: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None
+    """Set for format=text: the whole sample, trained on every token (messages is then empty)."""
 
     @property
     def where(self) -> str:
         return f"{self.file}:{self.line}"
 
 
-def fill_placeholders(text: str, variables: dict[str, str], where: str, fieldname: str) -> str:
+@dataclass
+class _Turn:
+    role: str
+    content: str
+    field: str
+    """Where the turn came from in the record (`conversations.2.value`), for problems."""
+
+
+class _Issues:
+    """The problems of one record."""
+
+    def __init__(self, record: Record):
+        self.record = record
+        self.items: list[Problem] = []
+
+    def add(self, fieldname: str, reason: str, kind: ProblemKind) -> None:
+        self.items.append(Problem(self.record.file, self.record.line, fieldname, reason, kind, self.record.data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Placeholders
+
+
+def _fill(text: str, variables: dict[str, str], missing: list[str]) -> str:
     def curly(m: re.Match) -> str:
-        key = m.group(1)
-        if key not in variables:
-            raise DataError(
-                f"{where}: {fieldname}: placeholder {{{{{key}}}}} has no value; set data.vars.{key}=..."
-            )
-        return variables[key]
+        if m.group(1) not in variables:
+            missing.append(f"{{{{{m.group(1)}}}}}|{m.group(1)}")
+            return m.group(0)
+        return variables[m.group(1)]
 
     def angle(m: re.Match) -> str:
         key = m.group(1).lower()
         if key not in variables:
-            raise DataError(f"{where}: {fieldname}: placeholder <{m.group(1)}> has no value; set data.vars.{key}=...")
+            missing.append(f"<{m.group(1)}>|{key}")
+            return m.group(0)
         return variables[key]
 
     return _ANGLE.sub(angle, _CURLY.sub(curly, text))
 
 
-def detect_format(data: Any) -> str | None:
+def fill_placeholders(text: str, variables: dict[str, str], where: str, fieldname: str) -> str:
+    """{{name}} / <NAME> -> variables['name']; a placeholder without a value is a DataError."""
+    missing: list[str] = []
+    out = _fill(text, variables, missing)
+    if missing:
+        shown, key = missing[0].split("|")
+        raise DataError(f"{where}: {fieldname}: placeholder {shown} has no value; set data.vars.{key}=...")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Field access
+
+
+def _content(value: Any) -> str | None:
+    """A turn's text: a string, or OpenAI content parts that are all text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        texts = [p.get("text") for p in value]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    return None
+
+
+def _need_text(obj: dict, key: str, fieldname: str, issues: _Issues, *, scalars: bool = False) -> str | None:
+    """The text under `key`, or None after recording why it is unusable."""
+    if key not in obj or obj[key] is None:
+        issues.add(fieldname, "missing", "missing content")
+        return None
+    value = obj[key]
+    if scalars and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # a number in a CSV-like column is text
+    text = _content(value)
+    if text is None:
+        issues.add(fieldname, f"expected a string, got {type(value).__name__}", "wrong type")
+        return None
+    if not text.strip():
+        issues.add(fieldname, "empty", "empty content")
+        return None
+    return text
+
+
+def detect_format(data: Any, spec: DatasetSpec | None = None) -> str | None:
     if not isinstance(data, dict):
         return None
     if "messages" in data:
@@ -56,88 +141,232 @@ def detect_format(data: Any) -> str | None:
         return "sharegpt"
     if "instruction" in data and "output" in data:
         return "alpaca"
+    if spec is not None and spec.columns:
+        return "text" if set(spec.columns) == {"text"} else "columns"
+    if "text" in data:
+        return "text"
     return None
 
 
-def _need_str(obj: dict, key: str, where: str, fieldname: str, allow_empty: bool = False) -> str:
-    if key not in obj:
-        raise DataError(f"{where}: {fieldname}: missing")
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: {fieldname}: expected a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise DataError(f"{where}: {fieldname}: empty")
-    return value
+# ---------------------------------------------------------------------------------------------
+# One builder per format: record -> turns (None where a problem was recorded)
 
 
-def _from_alpaca(d: dict, where: str) -> list[dict[str, str]]:
-    instruction = _need_str(d, "instruction", where, "instruction")
-    extra = d.get("input") or ""
-    if not isinstance(extra, str):
-        raise DataError(f"{where}: input: expected a string, got {type(extra).__name__}")
-    output = _need_str(d, "output", where, "output")
-    msgs: list[dict[str, str]] = []
-    system = d.get("system")
-    if system:
-        msgs.append({"role": "system", "content": _need_str(d, "system", where, "system")})
-    for i, pair in enumerate(d.get("history") or []):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise DataError(f"{where}: history.{i}: expected [question, answer]")
-        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    return msgs
-
-
-def _from_turns(turns: Any, where: str, key: str, role_key: str, content_key: str, role_map: dict[str, str]):
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: {key}: expected a non-empty list of turns")
-    msgs = []
-    for i, t in enumerate(turns):
+def _turn_list(d: dict, key: str, role_key: str, content_key: str, role_map: dict[str, str],
+               issues: _Issues) -> list[_Turn]:
+    turns_data = d.get(key)
+    if not isinstance(turns_data, list) or not turns_data:
+        kind: ProblemKind = "missing content" if turns_data in (None, []) else "wrong type"
+        issues.add(key, "expected a non-empty list of turns", kind)
+        return []
+    turns = []
+    for i, t in enumerate(turns_data):
+        where = f"{key}.{i}"
         if not isinstance(t, dict):
-            raise DataError(f"{where}: {key}.{i}: expected an object with '{role_key}' and '{content_key}'")
+            issues.add(where, f"expected an object with '{role_key}' and '{content_key}'", "wrong type")
+            continue
         role = t.get(role_key)
         if role not in role_map:
-            raise DataError(f"{where}: {key}.{i}.{role_key}: unknown role {role!r}; expected one of {sorted(role_map)}")
-        content = _need_str(t, content_key, where, f"{key}.{i}.{content_key}")
-        msgs.append({"role": role_map[role], "content": content})
-    return msgs
+            issues.add(f"{where}.{role_key}", f"unknown role {role!r}; expected one of {', '.join(sorted(role_map))}",
+                       "unknown role")
+            continue
+        if role_map[role] == "system" and t.get(content_key) == "":
+            text: str | None = ""  # an empty system prompt is allowed: the data asks for one
+        else:
+            text = _need_text(t, content_key, f"{where}.{content_key}", issues)
+        if text is not None:
+            turns.append(_Turn(role_map[role], text, where))
+    return turns
 
 
-def check_order(msgs: list[dict[str, str]], where: str) -> None:
-    """system? then user/assistant alternating, starting with user, with at least one assistant turn."""
-    body = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
-    for i, m in enumerate(body):
-        if m["role"] == "system":
-            raise DataError(f"{where}: turn {i}: a system message is only allowed first")
+def _messages(d: dict, spec: DatasetSpec, issues: _Issues) -> list[_Turn]:
+    return _turn_list(d, "messages", "role", "content", {r: r for r in ROLES}, issues)
+
+
+def _sharegpt(d: dict, spec: DatasetSpec, issues: _Issues) -> list[_Turn]:
+    turns = _turn_list(d, "conversations", "from", "value", SHAREGPT_ROLES, issues)
+    system = d.get("system")
+    if system and not (turns and turns[0].role == "system"):
+        if isinstance(system, str):
+            turns.insert(0, _Turn("system", system, "system"))
+        else:
+            issues.add("system", f"expected a string, got {type(system).__name__}", "wrong type")
+    return turns
+
+
+def _alpaca(d: dict, spec: DatasetSpec, issues: _Issues) -> list[_Turn]:
+    instruction = _need_text(d, "instruction", "instruction", issues)
+    extra = d.get("input") or ""
+    if not isinstance(extra, str):
+        issues.add("input", f"expected a string, got {type(extra).__name__}", "wrong type")
+        extra = ""
+    output = _need_text(d, "output", "output", issues)
+    turns: list[_Turn] = []
+    if d.get("system"):
+        system = _need_text(d, "system", "system", issues)
+        if system is not None:
+            turns.append(_Turn("system", system, "system"))
+    history = d.get("history") or []
+    if not isinstance(history, list):
+        issues.add("history", "expected a list of [question, answer] pairs", "wrong type")
+        history = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            issues.add(f"history.{i}", "expected [question, answer]", "wrong type")
+            continue
+        for j, (role, text) in enumerate(zip(("user", "assistant"), pair)):
+            if not text.strip():
+                issues.add(f"history.{i}.{j}", "empty", "empty content")
+            turns.append(_Turn(role, text, f"history.{i}.{j}"))
+    if instruction is not None:
+        turns.append(_Turn("user", f"{instruction}\n\n{extra}" if extra.strip() else instruction, "instruction"))
+    if output is not None:
+        turns.append(_Turn("assistant", output, "output"))
+    return turns
+
+
+def template_columns(prompt_template: str) -> list[str]:
+    """Columns a prompt_template reads: '[{department}] {title}' -> ['department', 'title']."""
+    return [m.group(1).strip() for m in _TEMPLATE_FIELD.finditer(prompt_template)]
+
+
+def _from_template(d: dict, template: str, issues: _Issues) -> str | None:
+    ok = True
+    values: dict[str, str] = {}
+    for col in template_columns(template):
+        text = _need_text(d, col, col, issues, scalars=True) if d.get(col) != "" else ""
+        ok &= text is not None
+        values[col] = text or ""
+    if not ok:
+        return None
+    filled = _TEMPLATE_FIELD.sub(lambda m: values[m.group(1).strip()], template)
+    if not filled.strip():
+        issues.add("prompt_template", "empty after filling in the columns", "empty content")
+        return None
+    return filled
+
+
+def _columns(d: dict, spec: DatasetSpec, issues: _Issues) -> list[_Turn]:
+    cols = spec.columns
+    turns: list[_Turn] = []
+    system_col = cols.get("system")
+    if system_col and d.get(system_col) not in (None, ""):  # an empty system cell: no system prompt
+        system = _need_text(d, system_col, system_col, issues, scalars=True)
+        if system is not None:
+            turns.append(_Turn("system", system, system_col))
+    if spec.prompt_template:
+        user = _from_template(d, spec.prompt_template, issues)
+        user_field = "prompt_template"
+    else:
+        user_field = cols["user"]
+        user = _need_text(d, user_field, user_field, issues, scalars=True)
+    if user is not None:
+        turns.append(_Turn("user", user, user_field))
+    answer = _need_text(d, cols["assistant"], cols["assistant"], issues, scalars=True)
+    if answer is not None:
+        turns.append(_Turn("assistant", answer, cols["assistant"]))
+    return turns
+
+
+_BUILDERS = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca, "columns": _columns}
+
+
+def check_columns_spec(spec: DatasetSpec) -> None:
+    """Mistakes in a dataset's `columns`/`prompt_template` settings: one error, before any record is read."""
+    unknown = sorted(set(spec.columns) - set(COLUMN_ROLES))
+    if unknown:
+        raise DataError(f"{spec.path}: columns: unknown role(s) {unknown}; map system, user, assistant "
+                        "(or text) to columns, e.g. --columns user=ask,assistant=answer")
+    if spec.format == "columns" or (spec.format == "auto" and spec.columns and set(spec.columns) != {"text"}):
+        if "assistant" not in spec.columns:
+            raise DataError(f"{spec.path}: columns: no column for the assistant; e.g. --columns user=ask,assistant=answer")
+        if "user" not in spec.columns and not spec.prompt_template:
+            raise DataError(f"{spec.path}: columns: no column for the user and no prompt_template; "
+                            "e.g. --columns user=ask,assistant=answer")
+    if spec.prompt_template is not None and not template_columns(spec.prompt_template):
+        raise DataError(f"{spec.path}: prompt_template: names no column; write columns in braces, e.g. '{{title}}\\n{{ask}}'")
+
+
+def needed_columns(spec: DatasetSpec) -> list[str]:
+    """Columns a tabular file must have for this dataset's settings (empty when no mapping is set)."""
+    cols = [c for role, c in spec.columns.items() if not (role == "user" and spec.prompt_template)]
+    if spec.prompt_template:
+        cols += template_columns(spec.prompt_template)
+    return list(dict.fromkeys(cols))
+
+
+# ---------------------------------------------------------------------------------------------
+# Turn order and the public entry points
+
+
+def _order_problems(turns: list[_Turn], role_key: str, issues: _Issues) -> None:
+    """system? then user/assistant alternating, user first, at least one assistant turn, ending with one."""
+    body = turns[1:] if turns and turns[0].role == "system" else turns
+    for i, t in enumerate(body):
+        if t.role == "system":
+            issues.add(f"{t.field}.{role_key}" if role_key else t.field,
+                       "a system message is only allowed first", "wrong turn order")
+            return
         expected = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != expected:
-            raise DataError(f"{where}: turn {i}: expected a {expected} turn, got {m['role']} (turns must alternate, user first)")
-    if not any(m["role"] == "assistant" for m in body):
-        raise DataError(f"{where}: no assistant turn, nothing to train on")
+        if t.role != expected:
+            issues.add(f"{t.field}.{role_key}" if role_key else t.field,
+                       f"turn {i}: expected a {expected} turn, got {t.role} (turns must alternate, user first)",
+                       "wrong turn order")
+            return
+    if not any(t.role == "assistant" for t in body):
+        issues.add("", "no assistant turn, nothing to train on", "no assistant turn")
+    elif body[-1].role != "assistant":
+        issues.add(body[-1].field, "the conversation ends with a user turn that has no reply", "wrong turn order")
 
 
-def to_conversation(record: Record, fmt: str, variables: dict[str, str]) -> Conversation:
-    where = record.where
+_ROLE_KEYS = {"messages": "role", "sharegpt": "from"}
+
+
+def normalize(record: Record, spec: DatasetSpec, variables: dict[str, str]) -> Conversation | list[Problem]:
+    """The record as a Conversation, or every problem it has."""
+    issues = _Issues(record)
     d = record.data
     if not isinstance(d, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    if fmt == "auto":
-        fmt = detect_format(d) or ""
-        if not fmt:
-            raise DataError(
-                f"{where}: cannot tell the format from keys {sorted(d)[:6]}; expected 'messages', "
-                "'conversations', or 'instruction'+'output' (or set the dataset's format)"
-            )
-    if fmt == "alpaca":
-        msgs = _from_alpaca(d, where)
-    elif fmt == "messages":
-        msgs = _from_turns(d.get("messages"), where, "messages", "role", "content", {r: r for r in ROLES})
-    elif fmt == "sharegpt":
-        msgs = _from_turns(d.get("conversations"), where, "conversations", "from", "value", SHAREGPT_ROLES)
-    else:
-        raise DataError(f"{where}: unknown format {fmt!r}")
-    check_order(msgs, where)
-    for i, m in enumerate(msgs):
-        m["content"] = fill_placeholders(m["content"], variables, where, f"turn {i} ({m['role']})")
-    return Conversation(msgs, record.file, record.line)
+        issues.add("", f"expected a JSON object, got {type(d).__name__}", "not an object")
+        return issues.items
+    fmt = spec.format if spec.format != "auto" else detect_format(d, spec)
+    if fmt is None:
+        issues.add("", f"cannot tell the format from keys {sorted(map(str, d))[:6]}; expected 'messages', "
+                   "'conversations', 'instruction'+'output' or 'text' (or set the dataset's format and columns)",
+                   "unknown format")
+        return issues.items
+    missing: list[str] = []
+    if fmt == "text":
+        key = spec.columns.get("text", "text")
+        text = _need_text(d, key, key, issues, scalars=True)
+        if text is None:
+            return issues.items
+        filled = _fill(text, variables, missing)
+        _missing_placeholders(missing, key, issues)
+        return issues.items or Conversation([], record.file, record.line, text=filled)
+    turns = _BUILDERS[fmt](d, spec, issues)
+    if issues.items:
+        return issues.items
+    _order_problems(turns, _ROLE_KEYS.get(fmt, ""), issues)
+    messages = []
+    for t in turns:
+        content = _fill(t.content, variables, missing)
+        _missing_placeholders(missing, t.field, issues)
+        messages.append({"role": t.role, "content": content})
+    return issues.items or Conversation(messages, record.file, record.line)
+
+
+def _missing_placeholders(missing: list[str], fieldname: str, issues: _Issues) -> None:
+    for item in dict.fromkeys(missing):
+        shown, key = item.split("|")
+        issues.add(fieldname, f"placeholder {shown} has no value; set data.vars.{key}=...", "missing placeholder value")
+    missing.clear()
+
+
+def to_conversation(record: Record, fmt: str, variables: dict[str, str], spec: DatasetSpec | None = None) -> Conversation:
+    """Like normalize(), but a bad record raises a DataError listing its problems."""
+    spec = spec or DatasetSpec(path=record.file, format=fmt)  # type: ignore[arg-type]
+    result = normalize(record, spec, variables)
+    if isinstance(result, list):
+        raise DataError("\n".join(p.message for p in result))
+    return result
