@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qflash.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, overwrite=args.overwrite)
+    train(cfg, overwrite=args.overwrite, force=args.force)
     return 0
 
 
@@ -58,6 +58,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from qflash.data.commands import run_check
+
+    return run_check(
+        args.source, args.overrides, fmt=args.format, columns=args.columns, on_error=args.on_error,
+        model=args.model, skipped=args.skipped,
+    )
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from qflash.data.commands import run_preview
+
+    return run_preview(args.source, args.overrides, fmt=args.format, columns=args.columns, model=args.model, n=args.n)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from qflash.demo import compare_and_print
 
@@ -78,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a model with NF4 QLoRA")
     t.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 data.vars.name=Nova")
-    t.add_argument("--overwrite", action="store_true", help="replace an adapter already in output_dir")
+    t.add_argument("--overwrite", action="store_true", help="start over: delete the adapter, checkpoints and logs in output_dir")
+    t.add_argument("--force", action="store_true", help="resume even though the config, data or tokenizer changed")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("config", help="inspect configs")
@@ -87,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
     show.set_defaults(fn=cmd_config_show)
+
+    data = sub.add_parser("data", help="validate and inspect training data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    for name, fn, help_ in (
+        ("check", cmd_data_check, "validate a data file/directory or a config's datasets and print statistics"),
+        ("preview", cmd_data_preview, "show rendered samples: trained tokens highlighted, masked ones dimmed"),
+    ):
+        dp = dsub.add_parser(name, help=help_)
+        dp.add_argument("source", help="a data file or directory, or a YAML config")
+        dp.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.max_len=2048")
+        dp.add_argument("--format", help="force the record format (alpaca, messages, sharegpt, text, columns)")
+        dp.add_argument("--columns", help="role=column pairs for format columns, e.g. user=ask,assistant=answer")
+        dp.add_argument("--model", help="whose tokenizer and chat template to use (default: the config's, else the embedded model)")
+        if name == "check":
+            dp.add_argument("--on-error", choices=["fail", "skip"], help="fail (exit 2 on problems) or skip them")
+            dp.add_argument("--skipped", help="where skip mode writes the skipped records (JSONL)")
+        else:
+            dp.add_argument("-n", type=int, default=3, help="samples to show")
+        dp.set_defaults(fn=fn)
 
     ch = sub.add_parser("chat", help="talk to a base model or a fine-tuned run")
     ch.add_argument("--model", help="base model: HF directory, .gguf file or smollm2-135m-instruct (default: the run's)")

@@ -61,9 +61,13 @@ class LoraConfig:
 @dataclass
 class DatasetSpec:
     path: str = ""
-    """A data file (JSON array or JSONL)."""
-    format: Literal["auto", "alpaca", "messages"] = "auto"
+    """A data file (JSON, JSONL, CSV/TSV, Parquet) or a directory of them."""
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "columns"] = "auto"
     """Record format; auto detects it from the keys of each record."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """For format=columns: role -> column, e.g. {user: ask, assistant: answer} (system optional)."""
+    prompt_template: str | None = None
+    """For format=columns: the user turn built from several columns, e.g. '[{department}] {title}\\n{ask}'."""
     weight: float = 1.0
     """Sampling weight when several datasets are mixed (1.0 = each record once per epoch)."""
 
@@ -76,8 +80,18 @@ class DataConfig:
     """Held-out datasets (eval loss, identity questions)."""
     vars: dict[str, str] = field(default_factory=dict)
     """Values for placeholders in the data: {{name}} / <NAME> take vars.name, {{author}} / <AUTHOR> vars.author."""
+    eval_ratio: float = 0.0
+    """Share of the training records held out for evaluation (seeded), besides eval_datasets."""
     max_len: int = 1024
-    """Longest tokenized sample; longer ones are an error."""
+    """Longest tokenized sample, in tokens."""
+    too_long: Literal["truncate", "drop", "fail"] = "fail"
+    """A sample longer than max_len: truncate (keeps trained tokens and the final end-of-turn), drop (counted), fail."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """A bad record: fail (exit 2, list the problems) or skip (count per reason, write them to a JSONL)."""
+    num_proc: int = 1
+    """Worker processes for tokenizing large files."""
+    cache: bool = True
+    """Cache tokenized data (Arrow) under $QFLASH_HOME/data-cache, keyed by files + tokenizer + settings."""
     template: str | None = None
     """Chat template to use when the tokenizer has none: `chatml`."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
@@ -114,6 +128,14 @@ class TrainConfig:
     """Where to train; auto = cuda when available."""
     log_every: int = 1
     """Write metrics every N steps."""
+    save_every: int = 200
+    """Write a checkpoint every N optimizer steps (and always at the end)."""
+    keep: int = 2
+    """How many of the newest checkpoints to keep."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir; never: start fresh; or a checkpoint path."""
+    max_bad_steps: int = 5
+    """Abort after this many consecutive steps with a non-finite loss or gradient (each one is skipped)."""
 
 
 @dataclass
@@ -158,6 +180,8 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module or `all-linear`")
     need(cfg.data.max_len >= 8, "data.max_len", "must be >= 8 tokens")
     need(cfg.data.template in (None, "chatml"), "data.template", "known templates: chatml")
+    need(0.0 <= cfg.data.eval_ratio < 1.0, "data.eval_ratio", "must be in [0, 1)")
+    need(cfg.data.num_proc >= 1, "data.num_proc", "must be >= 1")
     for i, ds in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
         name = f"data.datasets.{i}" if i < len(cfg.data.datasets) else f"data.eval_datasets.{i - len(cfg.data.datasets)}"
         need(bool(ds.path), f"{name}.path", "is required")
@@ -172,6 +196,10 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(t.epochs > 0, "train.epochs", "must be > 0")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(t.save_every >= 1, "train.save_every", "must be >= 1")
+    need(t.keep >= 1, "train.keep", "must be >= 1")
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    need(bool(t.resume), "train.resume", "must be auto, never or a checkpoint path")
     need(cfg.eval.identity_samples >= 0, "eval.identity_samples", "must be >= 0")
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     need(bool(cfg.output_dir), "output_dir", "must not be empty")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,14 +26,29 @@ from qflash.config import Config, check_paths
 from qflash.data.batching import Batch, SampleStream, step_micro_batches, trained_tokens
 from qflash.data.pipeline import DataStats, build_examples, data_fingerprint
 from qflash.data.template import IGNORE, ChatRenderer, Example
-from qflash.errors import ConfigError
+from qflash.errors import ConfigError, QflashError
 from qflash.model.loading import compute_dtype, enable_activation_checkpointing, load_base_model, load_tokenizer, pick_device, resolve_model_dir
 from qflash.model.lora import add_lora
+from qflash.paths import inside
+from qflash.train.checkpoint import (
+    CKPT_DIR,
+    complete_checkpoints,
+    load_checkpoint,
+    newest_complete,
+    remove_stale_temporaries,
+    restore_rng,
+    save_checkpoint,
+)
+from qflash.train.checkpoint import Loaded as LoadedCheckpoint
+from qflash.train.faults import Faults
 from qflash.train.metrics import MetricsWriter, StepProgress, console
+from qflash.train.resume import RunLock, differences, pick_checkpoint, run_identity
+from qflash.train.signals import StopRequests, TrainingInterrupted
 
 ADAPTER_DIR = "adapter"
 RUN_CONFIG = "qflash_config.yaml"
 FINGERPRINT = "data_fingerprint.json"
+SAMPLES_LOG = "samples.jsonl"
 
 
 @dataclass
@@ -127,24 +144,9 @@ def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
-def _prepare_output_dir(out: Path, overwrite: bool) -> None:
-    if (out / ADAPTER_DIR).exists() and not overwrite:
-        raise ConfigError(
-            f"output_dir: {out} already holds a trained adapter; pass --overwrite to replace it or choose another output_dir"
-        )
-    if overwrite:
-        for name in (ADAPTER_DIR, "metrics.jsonl", "tensorboard"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def save_adapter(setup: Setup, out: Path) -> Path:
     """Write the PEFT adapter plus run metadata to out/adapter, atomically (temp dir, then rename)."""
-    final = out / ADAPTER_DIR
+    final = inside(out, ADAPTER_DIR, "adapter directory")
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
     try:
         setup.model.save_pretrained(str(tmp), safe_serialization=True)
@@ -168,31 +170,165 @@ def save_adapter(setup: Setup, out: Path) -> Path:
 
 
 StepHook = Callable[[int, dict], None]
+RUN_FILES = (ADAPTER_DIR, CKPT_DIR, "metrics.jsonl", SAMPLES_LOG, "tensorboard")
 
 
-def run_training(setup: Setup, *, overwrite: bool = False, on_step: StepHook | None = None, quiet: bool = False) -> TrainResult:
-    from accelerate import Accelerator
+class TrainingAborted(QflashError):
+    """The run cannot go on (e.g. repeated non-finite losses); the last good checkpoint is kept."""
 
+    exit_code = 1
+
+
+def _prepare_output_dir(out: Path, overwrite: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir: {out}: cannot write there ({e.strerror or e})") from None
+    for name in RUN_FILES:
+        inside(out, name, "output_dir")  # a symlinked checkpoints/ or adapter/ must not lead elsewhere
+    if overwrite:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    for stale in out.glob(".adapter.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Keep the lines of a JSONL log up to `last_step`, so a resumed run logs each step exactly once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if rec.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(ckpt: LoadedCheckpoint, model, optimizer, scheduler) -> None:
+    params = _trainable(model)
+    if set(params) != set(ckpt.trainable):
+        raise ConfigError("train.resume: the checkpoint's LoRA tensors do not match this model's (different targets?)")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != ckpt.trainable[name].shape:
+                raise ConfigError(f"train.resume: {name} has shape {tuple(ckpt.trainable[name].shape)} in the checkpoint, "
+                                  f"{tuple(p.shape)} here (lora.r changed?)")
+            p.copy_(ckpt.trainable[name])
+    optimizer.load_state_dict(ckpt.optimizer)
+    scheduler.load_state_dict(ckpt.scheduler)
+    restore_rng(ckpt.state["rng"], ckpt.rng)
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads))
+
+
+def run_training(
+    setup: Setup,
+    *,
+    overwrite: bool = False,
+    force: bool = False,
+    on_step: StepHook | None = None,
+    quiet: bool = False,
+    faults: Faults | None = None,
+) -> TrainResult:
     cfg = setup.cfg
     out = Path(cfg.output_dir)
     _prepare_output_dir(out, overwrite)
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    with RunLock(out):
+        return _run_locked(setup, out, force=force, on_step=on_step, quiet=quiet, faults=faults or Faults.from_env())
 
+
+def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | None, quiet: bool, faults: Faults) -> TrainResult:
+    from accelerate import Accelerator
+
+    cfg = setup.cfg
+    say = (lambda msg: None) if quiet else console.print
     accelerator = Accelerator(cpu=setup.device.type == "cpu", mixed_precision="no")
     model = setup.model
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = _trainable(model)
+    params = list(named.values())
     optimizer = build_optimizer(params, cfg, setup.device)
     steps = total_steps(cfg, len(setup.examples))
     scheduler = build_scheduler(optimizer, cfg, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
+    identity = run_identity(cfg.to_dict(), setup.fingerprint, {n: list(p.shape) for n, p in named.items()})
+
+    # ---- where to start: a fresh run, or the newest complete checkpoint ----
+    ckpt_path, notes = pick_checkpoint(out, cfg.train.resume)
+    for note in notes:
+        say(f"[yellow]{note}[/]")
+    remove_stale_temporaries(out)
+    if cfg.train.resume == "never" and complete_checkpoints(out):
+        raise ConfigError(f"train.resume=never but {out / CKPT_DIR} holds checkpoints; pass --overwrite to discard them")
+    if ckpt_path is None and (out / ADAPTER_DIR).exists():
+        raise ConfigError(f"output_dir: {out} already holds a trained adapter; pass --overwrite to replace it or choose another output_dir")
+    start, consecutive_bad, bad_total = 0, 0, 0
+    torch.manual_seed(cfg.train.seed)  # LoRA dropout
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed % 2**32)
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, map_location=setup.device)
+        diffs = differences(ckpt.state.get("identity", {}), identity)
+        if diffs and not force:
+            raise ConfigError(
+                f"train.resume: {ckpt_path} belongs to a different run: " + "; ".join(diffs[:6])
+                + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+                + ". Pass --force to resume anyway, --overwrite to start over, or choose another output_dir"
+            )
+        _restore(ckpt, model, optimizer, scheduler)
+        start = ckpt.step
+        consecutive_bad, bad_total = ckpt.state.get("consecutive_bad", 0), ckpt.state.get("bad_total", 0)
+        say(f"resuming from {ckpt_path} (step {start}, {start * ckpt.state['samples_per_step']} samples consumed)")
+    _trim_log(out / "metrics.jsonl", start)
+    _trim_log(out / SAMPLES_LOG, start)
+    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+
+    result = TrainResult(out, out / ADAPTER_DIR, start, 0, 0, 0, 0.0)
+    if start >= steps:
+        if not (out / ADAPTER_DIR).exists():
+            result.adapter_dir = save_adapter(setup, out)
+        say(f"nothing to do: {out} is complete at step {start} (raise train.max_steps to continue, or --overwrite to start over)")
+        return result
 
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     stream = SampleStream(len(setup.examples), cfg.train.seed, per_step)
     pad_id = setup.tokenizer.pad_token_id
-    metrics = MetricsWriter(out)
-    progress = StepProgress(steps) if not quiet else None
-    torch.manual_seed(cfg.train.seed)  # LoRA dropout
+
+    def checkpoint(step: int) -> Path:
+        state = {
+            "step": step,
+            "samples_per_step": per_step,
+            "consumed_samples": step * per_step,
+            "epoch": stream.epoch_of(step),
+            "seed": cfg.train.seed,
+            "total_steps": steps,
+            "consecutive_bad": consecutive_bad,
+            "bad_total": bad_total,
+            "identity": identity,
+        }
+        return save_checkpoint(out, step, named, optimizer, scheduler, state, cfg.train.keep, faults)
+
     if not quiet:
         console.print(
             f"[bold]qflash train[/]: {len(setup.examples)} samples ({setup.stats.tokens:,} tokens, "
@@ -200,64 +336,98 @@ def run_training(setup: Setup, *, overwrite: bool = False, on_step: StepHook | N
             f"device {setup.device.type}, compute {str(setup.dtype).replace('torch.', '')}, "
             f"quant {cfg.quant.mode}, LoRA r={cfg.lora.r}"
         )
-
-    result = TrainResult(out, out / ADAPTER_DIR, 0, 0, 0, 0, 0.0)
+    metrics = MetricsWriter(out, purge_step=start + 1 if start else None)
+    samples_log = open(out / SAMPLES_LOG, "a", encoding="utf-8")
+    progress = StepProgress(steps, start=start) if not quiet else None
+    model.train()
     t_start = time.perf_counter()
+    last_saved = start
     try:
-        for step in range(steps):
-            t0 = time.perf_counter()
-            ids = stream.ids(step)
-            micro = step_micro_batches(setup.examples, ids, cfg.train.micro_batch_size, pad_id)
-            n_trained = sum(trained_tokens(b) for b in micro)
-            step_loss = 0.0
-            for b in micro:
-                b = b.to(setup.device)
-                loss = loss_sum(model, b) / n_trained
-                accelerator.backward(loss)
-                step_loss += loss.item()
-            grad_norm = None
-            if cfg.train.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        with StopRequests() as stop:
+            for step in range(start, steps):
+                t0 = time.perf_counter()
+                ids = stream.ids(step)
+                micro = step_micro_batches(setup.examples, ids, cfg.train.micro_batch_size, pad_id)
+                n_trained = sum(trained_tokens(b) for b in micro)
+                step_loss = 0.0
+                for b in micro:
+                    b = b.to(setup.device)
+                    loss = loss_sum(model, b) / n_trained
+                    if faults.loss_is_nan(step + 1):
+                        loss = loss * float("nan")
+                    accelerator.backward(loss)
+                    step_loss += loss.item()
+                if cfg.train.max_grad_norm > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                else:
+                    grad_norm = _grad_norm(params)
+                lr = scheduler.get_last_lr()[0]
+                finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                    scheduler.step()
+                    consecutive_bad = 0
+                else:
+                    # Skip: no optimizer or scheduler step, so weights, moments and LR stay as they were.
+                    consecutive_bad += 1
+                    bad_total += 1
+                    console.print(f"[red]step {step + 1}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
+                                  f"skipped ({consecutive_bad} in a row, {bad_total} in all)[/]")
+                optimizer.zero_grad(set_to_none=True)
 
-            dt = time.perf_counter() - t0
-            real = sum(b.real_tokens for b in micro)
-            result.steps = step + 1
-            result.samples += len(ids)
-            result.tokens += real
-            result.trained_tokens += n_trained
-            result.losses.append(step_loss)
-            values = {
-                "loss": step_loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "trained_tokens": n_trained,
-                "tokens": real,
-                "tokens_per_s": real / dt,
-                "epoch": stream.epoch_of(step + 1),
-                "sample_ids": ids,
-            }
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
-                metrics.write(step + 1, values)
-            if progress is not None:
-                progress.update(step + 1, step_loss, lr, real / dt)
-            if on_step is not None:
-                on_step(step + 1, values)
+                dt = time.perf_counter() - t0
+                real = sum(b.real_tokens for b in micro)
+                result.steps = step + 1
+                result.samples += len(ids)
+                result.tokens += real
+                result.trained_tokens += n_trained
+                result.losses.append(step_loss)
+                values = {
+                    "loss": step_loss if finite else None,
+                    "lr": lr,
+                    "grad_norm": grad_norm if finite else None,
+                    "skipped": not finite,
+                    "trained_tokens": n_trained,
+                    "tokens": real,
+                    "tokens_per_s": real / dt,
+                    "epoch": stream.epoch_of(step + 1),
+                }
+                samples_log.write(json.dumps({"step": step + 1, "sample_ids": ids}) + "\n")
+                samples_log.flush()
+                if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                    metrics.write(step + 1, values)
+                if progress is not None:
+                    progress.update(step + 1, step_loss, lr, real / dt)
+                if on_step is not None:
+                    on_step(step + 1, values)
+                if consecutive_bad >= cfg.train.max_bad_steps:
+                    good = newest_complete(out)
+                    raise TrainingAborted(
+                        f"{consecutive_bad} consecutive steps (up to step {step + 1}) had a non-finite loss or gradient; "
+                        f"stopped. Last good checkpoint: {good or 'none'}. Lower train.lr, check the data "
+                        "with `qflash data check`, or raise train.max_bad_steps"
+                    )
+                # A periodic save waits for a good step, so the newest checkpoint never sits inside a bad streak.
+                periodic = (step + 1) % cfg.train.save_every == 0 and finite
+                if periodic or step + 1 == steps or stop.signum is not None:
+                    path = checkpoint(step + 1)
+                    last_saved = step + 1
+                    if stop.signum is not None:
+                        raise TrainingInterrupted(stop.signum, step + 1, str(path))
     finally:
+        samples_log.close()
         metrics.close()
         if progress is not None:
             progress.close()
+    assert last_saved == steps
     result.seconds = time.perf_counter() - t_start
     result.adapter_dir = save_adapter(setup, out)
     return result
 
 
-def train(cfg: Config, *, overwrite: bool = False, quiet: bool = False) -> TrainResult:
+def train(cfg: Config, *, overwrite: bool = False, force: bool = False, quiet: bool = False) -> TrainResult:
     setup = build_setup(cfg)
-    result = run_training(setup, overwrite=overwrite, quiet=quiet)
+    result = run_training(setup, overwrite=overwrite, force=force, quiet=quiet)
     if not quiet:
         print_summary(result, setup)
     return result

@@ -10,13 +10,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class MetricsWriter:
     """Appends one JSON line per logged step and mirrors scalars to TensorBoard."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, tensorboard: bool = True, purge_step: int | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         self._file = open(self.path, "a", encoding="utf-8")
@@ -24,14 +24,15 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            # purge_step: a resumed run hides the events an interrupted attempt wrote past its checkpoint
+            self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, step: int, values: dict) -> None:
         self._file.write(json.dumps({"step": step, **values}) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"train/{k}", v, step)
 
     def close(self) -> None:

@@ -1,0 +1,20 @@
+"""Paths built from names that come from configs or data must stay inside their root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qflash.errors import ConfigError
+
+
+def inside(root: Path, name: str | Path, what: str = "path") -> Path:
+    """root/name, refusing absolute names, `..`, and symlinks that lead out of root."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ConfigError(f"{what}: '{name}' must be a plain name inside {root} (no absolute path, no '..')")
+    target = root / rel
+    real_root = root.resolve()
+    real = target.resolve()  # follows symlinks, also of components that exist already
+    if real != real_root and real_root not in real.parents:
+        raise ConfigError(f"{what}: '{name}' leads outside {root} (to {real}) through a symlink; refusing to write there")
+    return target

@@ -1,0 +1,95 @@
+"""Deciding whether and from where a run resumes, and refusing a resume that would mix two runs."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from qflash.errors import ConfigError, QflashError
+from qflash.train.checkpoint import find_resumable
+
+# Settings that only say how long or how often: changing them between attempts is a continuation.
+RUN_LENGTH_KEYS = {
+    "train.max_steps", "train.epochs", "train.save_every", "train.keep", "train.resume", "train.log_every",
+    "train.max_bad_steps", "output_dir",
+}
+RUN_LENGTH_PREFIXES = ("eval.",)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            flat.update(flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def run_identity(cfg_dict: dict, fingerprint: dict, lora_shapes: dict[str, list[int]]) -> dict:
+    """What must be equal for a checkpoint to continue this run."""
+    config = {
+        k: v for k, v in flatten(cfg_dict).items()
+        if k not in RUN_LENGTH_KEYS and not k.startswith(RUN_LENGTH_PREFIXES)
+    }
+    return {
+        "config": config,
+        "data_fingerprint": fingerprint.get("fingerprint"),
+        "tokenizer": fingerprint.get("tokenizer"),
+        "lora_shapes": lora_shapes,
+    }
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    diffs = []
+    old_cfg, new_cfg = saved.get("config", {}), current["config"]
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key) != new_cfg.get(key):
+            diffs.append(f"{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
+    if saved.get("data_fingerprint") != current["data_fingerprint"]:
+        diffs.append("the training data changed (data fingerprint differs)")
+    if saved.get("tokenizer") != current["tokenizer"]:
+        diffs.append("the tokenizer changed")
+    if saved.get("lora_shapes") != current["lora_shapes"]:
+        diffs.append("the LoRA tensor shapes changed")
+    return diffs
+
+
+def pick_checkpoint(out: Path, resume: str) -> tuple[Path | None, list[str]]:
+    """train.resume -> the checkpoint to load (or None) and notes to show."""
+    if resume == "never":
+        return None, []
+    if resume == "auto":
+        return find_resumable(out)
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"train.resume: {path}: no such checkpoint directory")
+    return path, []
+
+
+class RunLock:
+    """One training process per output_dir: a second one would interleave checkpoints."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".qflash.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            raise QflashError(f"output_dir: {self.path.parent} is in use by another qflash run (pid {holder or '?'})") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
