@@ -95,6 +95,8 @@ class DataConfig:
     template: str | None = None
     """Chat template to use when the tokenizer has none: `chatml`."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    packing: bool = True
+    """Pack samples best-fit-decreasing into bins of max_len tokens; documents never attend to each other."""
     """Which tokens carry loss: every assistant turn (with its end-of-turn token), only the last one, or all."""
 
 
@@ -139,6 +141,12 @@ class TrainConfig:
 
 
 @dataclass
+class AttentionConfig:
+    backend: Literal["auto", "flash_attn", "torch_varlen", "sdpa", "eager"] = "auto"
+    """auto: flash-attn if installed, else PyTorch's varlen FlashAttention-2 on GPU, else SDPA (CPU)."""
+
+
+@dataclass
 class EvalConfig:
     identity_samples: int = 5
     """How many held-out identity questions the demo and `qflash compare` ask."""
@@ -153,6 +161,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
     """Where checkpoints, the adapter, logs and metrics go."""

@@ -42,19 +42,36 @@ class SampleStream:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (batch, seq)
-    labels: torch.Tensor  # (batch, seq), IGNORE where no loss
-    attention_mask: torch.Tensor  # (batch, seq), 1 = real token
-    sample_ids: list[int]
+    """One micro-batch. Padded: rows with an attention mask. Packed: documents back to back, with
+    position_ids restarting at 0 per document and, for varlen kernels, cu_seqlens."""
 
-    @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    input_ids: torch.Tensor  # (rows, seq)
+    labels: torch.Tensor  # (rows, seq), IGNORE where no loss
+    sample_ids: list[int]
+    attention_mask: torch.Tensor | None = None  # (rows, seq), 1 = real token; padded batches only
+    position_ids: torch.Tensor | None = None  # (rows, seq); packed batches only
+    cu_seqlens: torch.Tensor | None = None  # (documents + 1,) int32; varlen packed batches only
+    max_seqlen: int = 0
+    real_tokens: int = 0
 
     def to(self, device: torch.device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
-            self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device), self.sample_ids
+            move(self.input_ids), move(self.labels), self.sample_ids, move(self.attention_mask),
+            move(self.position_ids), move(self.cu_seqlens), self.max_seqlen, self.real_tokens,
         )
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for the model's forward: computed once per batch, shared by every layer."""
+        kw: dict = {"input_ids": self.input_ids, "use_cache": False}
+        if self.attention_mask is not None:
+            kw["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            kw["position_ids"] = self.position_ids
+        if self.cu_seqlens is not None:
+            kw.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                      max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+        return kw
 
 
 def pad_batch(examples: list[Example], sample_ids: list[int], pad_id: int) -> Batch:
@@ -65,10 +82,10 @@ def pad_batch(examples: list[Example], sample_ids: list[int], pad_id: int) -> Ba
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
+        ids[row, :n] = torch.as_tensor(e.input_ids)
+        labels[row, :n] = torch.as_tensor(e.labels)
         mask[row, :n] = 1
-    return Batch(ids, labels, mask, sample_ids)
+    return Batch(ids, labels, sample_ids, attention_mask=mask, real_tokens=int(mask.sum()))
 
 
 def step_micro_batches(
@@ -84,6 +101,62 @@ def step_micro_batches(
         pad_batch([examples[i] for i in chunk], chunk, pad_id)
         for chunk in (order[k : k + micro_batch_size] for k in range(0, len(order), micro_batch_size))
     ]
+
+
+def pack_rows(examples: list[Example], sample_ids: list[int], *, varlen: bool) -> Batch:
+    """Documents back to back in one row, position_ids restarting at 0 for each.
+
+    varlen: the row holds real tokens only and carries cu_seqlens for the varlen kernels.
+    The first token of every document gets no label: nothing before it in the row may predict it.
+    """
+    docs = [examples[i] for i in sample_ids]
+    ids = torch.cat([torch.as_tensor(d.input_ids, dtype=torch.long) for d in docs])
+    labels = torch.cat([torch.as_tensor(d.labels, dtype=torch.long) for d in docs]).clone()
+    lengths = torch.tensor([len(d.input_ids) for d in docs])
+    starts = torch.cumsum(lengths, 0) - lengths
+    labels[starts] = IGNORE
+    positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    cu = torch.zeros(len(docs) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return Batch(
+        ids[None], labels[None], sample_ids, position_ids=positions[None],
+        cu_seqlens=cu if varlen else None, max_seqlen=int(lengths.max()), real_tokens=int(lengths.sum()),
+    )
+
+
+def stack_rows(rows: list[Batch], pad_id: int) -> Batch:
+    """Packed rows (each one bin) padded to one (rows, width) tensor for SDPA/eager."""
+    width = max(r.input_ids.shape[1] for r in rows)
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    # Padding continues the last document's positions: it sits after every real token of the row,
+    # so causal attention never lets a real token see it.
+    positions = torch.arange(width).repeat(n, 1)
+    for k, r in enumerate(rows):
+        w = r.input_ids.shape[1]
+        ids[k, :w], labels[k, :w], positions[k, :w] = r.input_ids[0], r.labels[0], r.position_ids[0]
+        positions[k, w:] = r.position_ids[0, -1] + 1 + torch.arange(width - w)
+    return Batch(ids, labels, [i for r in rows for i in r.sample_ids], position_ids=positions,
+                 max_seqlen=max(r.max_seqlen for r in rows), real_tokens=sum(r.real_tokens for r in rows))
+
+
+def packed_micro_batches(
+    examples: list[Example], sample_ids: list[int], micro_batch_size: int, capacity: int, pad_id: int, *, varlen: bool
+) -> list[Batch]:
+    """One step's samples, best-fit-decreasing into bins of `capacity` tokens, `micro_batch_size` bins per micro-batch."""
+    from qflash.data.stats import best_fit_decreasing
+
+    bins = best_fit_decreasing([len(examples[i].input_ids) for i in sample_ids], capacity)
+    bins = [[sample_ids[j] for j in sorted(b)] for b in bins]
+    out = []
+    for k in range(0, len(bins), micro_batch_size):
+        group = bins[k : k + micro_batch_size]
+        if varlen:
+            out.append(pack_rows(examples, [i for b in group for i in b], varlen=True))
+        else:
+            out.append(stack_rows([pack_rows(examples, b, varlen=False) for b in group], pad_id))
+    return out
 
 
 def trained_tokens(batch: Batch) -> int:

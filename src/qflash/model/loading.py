@@ -141,11 +141,23 @@ def load_base_model(
     dtype: torch.dtype,
     device: torch.device,
     trust_remote_code: bool = False,
+    attention: str = "auto",
 ):
-    """Load the base model, frozen: NF4 via bitsandbytes (double quant optional) or unquantized in `dtype`."""
+    """Load the base model, frozen: NF4 via bitsandbytes (double quant optional) or unquantized in `dtype`.
+
+    Attention goes through qflash's facade (model/attention.py), registered with transformers.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "device_map": {"": str(device)}}
+    from qflash.model.attention import NAME, activate
+
+    activate(attention)
+    kwargs: dict = {
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+        "device_map": {"": str(device)},
+        "attn_implementation": NAME,
+    }
     if quant_mode == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

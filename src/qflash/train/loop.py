@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from qflash.config import Config, check_paths
-from qflash.data.batching import Batch, SampleStream, step_micro_batches, trained_tokens
+from qflash.data.batching import Batch, SampleStream, packed_micro_batches, step_micro_batches, trained_tokens
 from qflash.data.pipeline import DataStats, build_examples, data_fingerprint
 from qflash.data.template import IGNORE, ChatRenderer, Example
 from qflash.errors import ConfigError, QflashError
 from qflash.model.loading import compute_dtype, enable_activation_checkpointing, load_base_model, load_tokenizer, pick_device, resolve_model_dir
+from qflash.model.attention import uses_varlen
 from qflash.model.lora import add_lora
 from qflash.paths import inside
 from qflash.train.checkpoint import (
@@ -99,6 +100,7 @@ def build_setup(cfg: Config) -> Setup:
         dtype=dtype,
         device=device,
         trust_remote_code=cfg.model.trust_remote_code,
+        attention=cfg.attention.backend,
     )
     model.config.use_cache = False  # a KV cache is useless in training and unsafe with packed batches
     if cfg.train.gradient_checkpointing:
@@ -136,9 +138,19 @@ def total_steps(cfg: Config, n_examples: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * n_examples / per_step))
 
 
+def micro_batches(setup: "Setup", sample_ids: list[int]) -> list[Batch]:
+    """One step's samples as micro-batches: packed (bins of data.max_len) or padded, grouped by length."""
+    cfg = setup.cfg
+    pad_id = setup.tokenizer.pad_token_id
+    if cfg.data.packing:
+        return packed_micro_batches(setup.examples, sample_ids, cfg.train.micro_batch_size, cfg.data.max_len,
+                                    pad_id, varlen=uses_varlen())
+    return step_micro_batches(setup.examples, sample_ids, cfg.train.micro_batch_size, pad_id)
+
+
 def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Sum of next-token cross-entropy over the batch's trained tokens (fp32)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    out = model(**batch.model_inputs())
     logits = out.logits[:, :-1, :].float()  # (batch, seq-1, vocab): position t predicts token t+1
     labels = batch.labels[:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -313,7 +325,6 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
 
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     stream = SampleStream(len(setup.examples), cfg.train.seed, per_step)
-    pad_id = setup.tokenizer.pad_token_id
 
     def checkpoint(step: int) -> Path:
         state = {
@@ -347,7 +358,7 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
             for step in range(start, steps):
                 t0 = time.perf_counter()
                 ids = stream.ids(step)
-                micro = step_micro_batches(setup.examples, ids, cfg.train.micro_batch_size, pad_id)
+                micro = micro_batches(setup, ids)
                 n_trained = sum(trained_tokens(b) for b in micro)
                 step_loss = 0.0
                 for b in micro:

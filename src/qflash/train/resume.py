@@ -14,7 +14,8 @@ RUN_LENGTH_KEYS = {
     "train.max_steps", "train.epochs", "train.save_every", "train.keep", "train.resume", "train.log_every",
     "train.max_bad_steps", "output_dir",
 }
-RUN_LENGTH_PREFIXES = ("eval.",)
+# ... and settings that change how, not what, is computed.
+RUN_LENGTH_PREFIXES = ("eval.", "attention.")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

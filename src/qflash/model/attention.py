@@ -1,0 +1,179 @@
+"""One attention facade for every model, registered through transformers' public AttentionInterface.
+
+Models load with `attn_implementation="qattn"`; each attention layer then calls `qflash_attention`,
+which dispatches to the backend chosen once per process:
+
+  flash_attn    the flash-attn package's flash_attn_varlen_func (FA3's flash_attn_interface on Hopper)
+  torch_varlen  PyTorch's bundled FlashAttention-2 kernel, torch.nn.attention.varlen.varlen_attn (GPU)
+  sdpa          torch SDPA: padded batches, or a block-diagonal causal mask for packed ones (CPU, fallback)
+  eager         transformers' reference implementation (same masks as sdpa)
+
+Packed batches carry `cu_seq_lens_q/k` and `max_length_q/k`, computed once per batch by the
+collator and passed through the model's **kwargs to every layer. A backend that was asked for and
+is missing is an error naming what to install; `auto` picks the fastest available and says which.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import sys
+from typing import Callable
+
+import torch
+
+from qflash.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Not "qflash": transformers treats any implementation name containing "flash" as a flash-attn kernel.
+NAME = "qattn"
+BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa", "eager")
+VARLEN = ("flash_attn", "torch_varlen")
+
+_active = "sdpa"
+
+
+class PackingError(RuntimeError):
+    """Packed documents would see each other: refuse instead of training on the wrong attention."""
+
+
+def available(backend: str) -> str | None:
+    """None when usable here, else what is missing."""
+    if backend in ("sdpa", "eager"):
+        return None
+    if not torch.cuda.is_available():
+        return "a CUDA GPU"
+    if backend == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None and importlib.util.find_spec("flash_attn_interface") is None:
+            return "the flash-attn package (pip install flash-attn --no-build-isolation)"
+        return None
+    if backend == "torch_varlen":
+        try:
+            from torch.nn.attention import varlen  # noqa: F401
+        except ImportError:
+            return f"torch.nn.attention.varlen (PyTorch >= 2.10; this is {torch.__version__})"
+        return None
+    return f"a known backend (one of {', '.join(BACKENDS)})"
+
+
+def resolve(backend: str) -> str:
+    """The backend to use for `attention.backend`; raises when an explicit choice is unavailable."""
+    if backend == "auto":
+        for candidate in ("flash_attn", "torch_varlen", "sdpa"):
+            if available(candidate) is None:
+                return candidate
+    missing = available(backend)
+    if missing:
+        raise ConfigError(f"attention.backend={backend} needs {missing}; use attention.backend=auto or sdpa")
+    return backend
+
+
+def activate(backend: str) -> str:
+    """Register the facade with transformers (idempotent) and select the backend for this process."""
+    global _active
+    chosen = resolve(backend)
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, qflash_attention)
+    AttentionMaskInterface.register(NAME, _mask)
+    if chosen != _active or backend == "auto":
+        reason = " (auto: fastest available)" if backend == "auto" else ""
+        log.info("attention backend: %s%s", chosen, reason)
+    _active = chosen
+    return chosen
+
+
+def active() -> str:
+    return _active
+
+
+def uses_varlen() -> bool:
+    return _active in VARLEN
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks: varlen kernels need none (cu_seqlens say where documents end); sdpa/eager get transformers'
+# own masks, which are block-diagonal when position_ids restart inside a row.
+
+def _mask(*args, **kwargs):
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    if _active in VARLEN and kwargs.get("attention_mask") is None:
+        return None
+    return (eager_mask if _active == "eager" else sdpa_mask)(*args, **kwargs)
+
+
+def _restarts(position_ids: torch.Tensor) -> bool:
+    return bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())
+
+
+# ---------------------------------------------------------------------------------------------
+
+_varlen_kwargs: dict | None = None
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
+    """q (tokens, heads, dim), k/v (tokens, kv_heads, dim)."""
+    global _varlen_kwargs
+    from torch.nn.attention.varlen import varlen_attn
+
+    if _varlen_kwargs is None:
+        params = inspect.signature(varlen_attn).parameters
+        _varlen_kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        if "enable_gqa" in params:
+            _varlen_kwargs["enable_gqa"] = True
+    if q.shape[1] != k.shape[1] and "enable_gqa" not in _varlen_kwargs:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **_varlen_kwargs)
+
+
+def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
+    try:
+        from flash_attn_interface import flash_attn_varlen_func  # FA3 (Hopper)
+    except ImportError:
+        from flash_attn import flash_attn_varlen_func
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+_KERNELS: dict[str, Callable] = {"torch_varlen": _torch_varlen, "flash_attn": _flash_attn}
+
+
+def qflash_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (batch, heads, seq, head_dim)
+    key: torch.Tensor,  # (batch, kv_heads, seq_k, head_dim)
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Returns (batch, seq, heads, head_dim) like every transformers attention function."""
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None and kwargs.get("use_cache"):
+        raise PackingError("a packed batch was run with use_cache=True; pass use_cache=False when training on packed data")
+    if _active in VARLEN and cu_q is not None:
+        if query.shape[0] != 1:
+            raise PackingError("varlen attention expects a packed batch of one row")
+        q = query[0].transpose(0, 1)  # (tokens, heads, head_dim)
+        k = key[0].transpose(0, 1)
+        v = value[0].transpose(0, 1)
+        out = _KERNELS[_active](q, k, v, cu_q, kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"], scaling)
+        return out.unsqueeze(0), None
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is None and position_ids is not None and query.shape[2] > 1 and _restarts(position_ids):
+        # The mask builder skipped packing detection (it does when a KV cache is passed): every
+        # document would see the ones before it. Stock transformers trains on that silently.
+        raise PackingError("position_ids restart inside a row but no block-diagonal mask was built; "
+                           "run packed batches with use_cache=False")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    # eager: the reference function of the model's own modeling file (every architecture ships one)
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward") if _active == "eager" else sdpa_attention_forward
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
