@@ -29,9 +29,9 @@ test: setup
 demo: setup
 	$(BIN)/qflash demo $(ARGS)
 
-# Run on the GPU machine: the device lacks bitsandbytes/datasets/gguf, see README "GPU".
+# The GPU tier. On the lent GPU machine (no venv, packages from .device/): see README "GPU".
 gpu-test:
-	$(PY) -m pytest -m gpu -q tests/gpu
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m pytest -m gpu -q -p no:cacheprovider tests/gpu
 
 clean:
 	rm -rf $(VENV) runs

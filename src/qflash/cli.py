@@ -86,6 +86,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.config, args.overrides)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qflash.bench.runner import run_bench
+    from qflash.model.loading import qflash_home
+
+    run_bench(
+        args.shape, args.workload.split(","), against=args.against, steps=args.steps, warmup=args.warmup,
+        dropout=args.dropout, attention=args.attention, out_dir=Path(args.out), parity_steps=args.parity,
+        cache=Path(args.cache) if args.cache else qflash_home() / "bench-models",
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qflash", description="QLoRA fine-tuning with FlashAttention and packed sequences.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("-n", type=int, default=None, help="questions to ask (default: the run's eval.identity_samples)")
     cmp_.add_argument("--max-new-tokens", type=int, default=None)
     cmp_.set_defaults(fn=cmd_compare)
+
+    b = sub.add_parser("bench", help="training throughput and memory on a named model shape (GPU)")
+    b.add_argument("--shape", default="qwen2.5-7b", help="qwen2.5-0.5b, qwen2.5-3b, qwen2.5-7b, llama3-8b")
+    b.add_argument("--workload", default="fixed,varlen", help="comma-separated: fixed, varlen, maxlen")
+    b.add_argument("--against", choices=["reference"], help="also run the seeds' recipe in the same process")
+    b.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout, both recipes")
+    b.add_argument("--attention", default="auto", choices=["auto", "flash_attn", "torch_varlen", "sdpa", "eager"])
+    b.add_argument("--parity", type=int, default=0, help="also compare per-step losses for N steps (dropout 0)")
+    b.add_argument("--out", default="bench/results", help="where the JSON results go")
+    b.add_argument("--cache", help="where random-weight models are written (default $QFLASH_HOME/bench-models)")
+    b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="fine-tune the embedded model on the identity set and compare before/after")
     d.add_argument("--config", default="configs/demo.yaml")

@@ -7,6 +7,7 @@ every trained token of the step however the samples are split into micro-batches
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,12 +21,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from qflash.config import Config, check_paths
 from qflash.data.batching import Batch, SampleStream, packed_micro_batches, step_micro_batches, trained_tokens
 from qflash.data.pipeline import DataStats, build_examples, data_fingerprint
-from qflash.data.template import IGNORE, ChatRenderer, Example
+from qflash.data.template import ChatRenderer, Example
 from qflash.errors import ConfigError, QflashError
 from qflash.model.loading import compute_dtype, enable_activation_checkpointing, load_base_model, load_tokenizer, pick_device, resolve_model_dir
 from qflash.model.attention import uses_varlen
@@ -42,6 +42,7 @@ from qflash.train.checkpoint import (
 )
 from qflash.train.checkpoint import Loaded as LoadedCheckpoint
 from qflash.train.faults import Faults
+from qflash.train.loss import loss_sum
 from qflash.train.metrics import MetricsWriter, StepProgress, console
 from qflash.train.resume import RunLock, differences, pick_checkpoint, run_identity
 from qflash.train.signals import StopRequests, TrainingInterrupted
@@ -146,14 +147,6 @@ def micro_batches(setup: "Setup", sample_ids: list[int]) -> list[Batch]:
         return packed_micro_batches(setup.examples, sample_ids, cfg.train.micro_batch_size, cfg.data.max_len,
                                     pad_id, varlen=uses_varlen())
     return step_micro_batches(setup.examples, sample_ids, cfg.train.micro_batch_size, pad_id)
-
-
-def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the batch's trained tokens (fp32)."""
-    out = model(**batch.model_inputs())
-    logits = out.logits[:, :-1, :].float()  # (batch, seq-1, vocab): position t predicts token t+1
-    labels = batch.labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
 def save_adapter(setup: Setup, out: Path) -> Path:
@@ -351,6 +344,9 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
     samples_log = open(out / SAMPLES_LOG, "a", encoding="utf-8")
     progress = StepProgress(steps, start=start) if not quiet else None
     model.train()
+    # Master LoRA weights stay fp32; on GPU their matmuls run in the compute dtype like the base's.
+    autocast = (torch.autocast(device_type="cuda", dtype=setup.dtype) if setup.device.type == "cuda"
+                and setup.dtype != torch.float32 else contextlib.nullcontext())
     t_start = time.perf_counter()
     last_saved = start
     try:
@@ -363,7 +359,8 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
                 step_loss = 0.0
                 for b in micro:
                     b = b.to(setup.device)
-                    loss = loss_sum(model, b) / n_trained
+                    with autocast:
+                        loss = loss_sum(model, b) / n_trained
                     if faults.loss_is_nan(step + 1):
                         loss = loss * float("nan")
                     accelerator.backward(loss)

@@ -1,0 +1,361 @@
+"""`qflash bench`: training-step throughput and memory on a named shape, against the seeds' recipe.
+
+qflash side: the training code itself (NF4 via load_base_model, LoRA via add_lora, packed batches,
+the attention facade, the chunked loss, the optimizer of build_optimizer, autocast bf16).
+Reference side (the seeds' recipe): transformers + bitsandbytes NF4 double quant,
+peft.prepare_model_for_kbit_training, SDPA, gradient checkpointing, paged AdamW 32-bit, the HF
+loss on full logits; varlen batches padded in groups of 4 sorted by length.
+
+Throughput counts real tokens only. MFU uses FLOPs/token = 4*N + attention, where N is every
+parameter that does matmul work per token (all but the input embedding; LoRA training needs the
+forward and the input gradients, not weight gradients) and attention = 6 * layers * hidden * n for a
+causal document of n tokens (forward QK^T and AV, backward twice that), averaged over tokens.
+Recomputation from activation checkpointing is not counted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qflash.bench.shapes import model_config, param_counts, random_model_dir
+from qflash.data.batching import Batch, packed_micro_batches
+from qflash.data.template import IGNORE, Example
+
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Measured:
+    recipe: str
+    tokens_per_s: float | None = None
+    step_s: float | None = None
+    peak_mem_gb: float | None = None
+    losses: list[float] = field(default_factory=list)
+    error: str | None = None
+    max_tokens: int | None = None  # maxlen workload
+
+
+def workload_docs(name: str, vocab: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if name == "fixed":
+        return [rng.integers(0, vocab, 2048) for _ in range(4)]
+    if name == "varlen":
+        lengths = np.clip(rng.lognormal(mean=math.log(500), sigma=0.8, size=32).round().astype(int), 32, 2048)
+        return [rng.integers(0, vocab, int(n)) for n in lengths]
+    raise KeyError(name)
+
+
+def flops_per_token(shape: str, docs: list[np.ndarray]) -> float:
+    cfg = model_config(shape)
+    _, n_compute = param_counts(shape)
+    lengths = np.array([len(d) for d in docs], dtype=np.float64)
+    attn = 6 * cfg.num_hidden_layers * cfg.hidden_size * float((lengths * lengths).sum() / lengths.sum())
+    return 4 * n_compute + attn
+
+
+# ------------------------------------------------------------------------------------------------
+# qflash
+
+def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, seed: int):
+    from qflash.config import Config
+    from qflash.model.loading import enable_activation_checkpointing, load_base_model
+    from qflash.model.lora import add_lora
+    from qflash.train.loop import build_optimizer
+
+    cfg = Config()
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules = 64, 16.0, dropout, list(TARGETS)
+    cfg.train.lr = lr
+    device = torch.device("cuda")
+    model = load_base_model(model_dir, quant_mode="nf4", double_quant=True, dtype=torch.bfloat16, device=device,
+                            attention=attention)
+    model.config.use_cache = False
+    enable_activation_checkpointing(model)
+    model = add_lora(model, cfg.lora, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, build_optimizer(params, cfg, device), params
+
+
+def qflash_batches(docs: list[np.ndarray], capacity: int) -> list[Batch]:
+    from qflash.model.attention import uses_varlen
+
+    examples = [Example(d, d) for d in docs]
+    # micro-batch: 4 bins of `capacity` tokens, like the fixed workload's 4 x 2048
+    return [b.to(torch.device("cuda")) for b in
+            packed_micro_batches(examples, list(range(len(docs))), 4, capacity, 0, varlen=uses_varlen())]
+
+
+def qflash_step(model, optimizer, params, batches: list[Batch]) -> float:
+    from qflash.data.batching import trained_tokens
+    from qflash.train.loss import loss_sum
+
+    n = sum(trained_tokens(b) for b in batches)
+    total = 0.0
+    for b in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_sum(model, b) / n
+        loss.backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# the seeds' recipe
+
+def reference_model(model_dir: Path, dropout: float, lr: float):
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=quant, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": 0})
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
+                                             bias="none", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, bnb.optim.PagedAdamW32bit(params, lr=lr), params
+
+
+def reference_batches(docs: list[np.ndarray]) -> list[dict]:
+    """Padded batches of 4, sorted by length (the seeds' group_by_length)."""
+    order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
+    out = []
+    for k in range(0, len(order), 4):
+        group = [docs[i] for i in order[k : k + 4]]
+        width = max(len(d) for d in group)
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, IGNORE)
+        for r, d in enumerate(group):
+            ids[r, : len(d)] = torch.as_tensor(d)
+            labels[r, : len(d)] = torch.as_tensor(d)
+            mask[r, : len(d)] = 1
+        out.append({"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": labels.cuda()})
+    return out
+
+
+def reference_step(model, optimizer, params, batches: list[dict]) -> float:
+    total = 0.0
+    for b in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**b).loss / len(batches)
+        loss.backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _timed(step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    losses, times = [], []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses.append(step())
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return losses, times
+
+
+def measure(recipe: str, model_dir: Path, docs: list[np.ndarray], *, warmup: int, steps: int, dropout: float,
+            attention: str, seed: int = 0) -> Measured:
+    real = sum(len(d) for d in docs)
+    out = Measured(recipe)
+    model = optimizer = None
+    try:
+        if recipe == "qflash":
+            model, optimizer, params = qflash_model(model_dir, dropout, 2e-4, attention, seed)
+            batches = qflash_batches(docs, 2048)
+            step = lambda: qflash_step(model, optimizer, params, batches)  # noqa: E731
+        else:
+            model, optimizer, params = reference_model(model_dir, dropout, 2e-4)
+            batches = reference_batches(docs)
+            step = lambda: reference_step(model, optimizer, params, batches)  # noqa: E731
+        torch.cuda.reset_peak_memory_stats()
+        out.losses, times = _timed(step, warmup, steps)
+        out.step_s = statistics.median(times)
+        out.tokens_per_s = real / out.step_s
+        out.peak_mem_gb = torch.cuda.max_memory_allocated() / 1e9
+    except torch.OutOfMemoryError as e:
+        out.error = f"out of memory: {str(e).splitlines()[0]}"
+    finally:
+        del model, optimizer
+        _free()
+    return out
+
+
+def measure_maxlen(recipe: str, model_dir: Path, vocab: int, attention: str, limit: int = 262144) -> Measured:
+    """Longest single sequence that trains one step, doubling from 8k."""
+    out = Measured(recipe)
+    if recipe == "qflash":
+        model, optimizer, params = qflash_model(model_dir, 0.0, 2e-4, attention, 0)
+    else:
+        model, optimizer, params = reference_model(model_dir, 0.0, 2e-4)
+    rng = np.random.default_rng(0)
+    n = 8192
+    try:
+        while n <= limit:
+            doc = rng.integers(0, vocab, n)
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                if recipe == "qflash":
+                    batches = qflash_batches([doc], n)
+                    qflash_step(model, optimizer, params, batches)
+                else:
+                    reference_step(model, optimizer, params, reference_batches([doc]))
+                out.max_tokens, out.peak_mem_gb = n, torch.cuda.max_memory_allocated() / 1e9
+                print(f"  maxlen {recipe}: {n} tokens ok, peak {out.peak_mem_gb:.1f} GB", flush=True)
+            except torch.OutOfMemoryError:
+                print(f"  maxlen {recipe}: {n} tokens out of memory", flush=True)
+                optimizer.zero_grad(set_to_none=True)
+                break
+            finally:
+                _free()
+            n *= 2
+    finally:
+        del model, optimizer
+        _free()
+    return out
+
+
+def parity(model_dir: Path, vocab: int, steps: int, attention: str) -> dict:
+    """Per-step loss of qflash vs the reference, dropout 0, same data and same initial LoRA weights."""
+    rng = np.random.default_rng(1)
+    data = [[rng.integers(0, vocab, 2048) for _ in range(4)] for _ in range(2)]  # two batches, alternating
+    model, optimizer, params = qflash_model(model_dir, 0.0, 1e-4, attention, 0)
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    q_batches = [qflash_batches(d, 2048) for d in data]
+    ours = [qflash_step(model, optimizer, params, q_batches[i % 2]) for i in range(steps)]
+    del model, optimizer, params, q_batches
+    _free()
+    model, optimizer, params = reference_model(model_dir, 0.0, 1e-4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(init[n])
+    r_batches = [reference_batches(d) for d in data]
+    theirs = [reference_step(model, optimizer, params, r_batches[i % 2]) for i in range(steps)]
+    del model, optimizer, params
+    _free()
+    rel = [abs(a - b) / abs(b) for a, b in zip(ours, theirs)]
+    return {"qflash_losses": ours, "reference_losses": theirs, "max_rel_diff": max(rel)}
+
+
+def versions() -> dict:
+    import accelerate
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: int, warmup: int, dropout: float,
+              attention: str, out_dir: Path, parity_steps: int, cache: Path) -> list[dict]:
+    from qflash.model.attention import activate
+
+    if not torch.cuda.is_available():
+        raise SystemExit("qflash bench needs a CUDA GPU")
+    backend = activate(attention)
+    device = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
+    t0 = time.perf_counter()
+    model_dir = random_model_dir(shape, cache)
+    print(f"random {shape} weights ready in {time.perf_counter() - t0:.0f}s at {model_dir}", flush=True)
+    vocab = model_config(shape).vocab_size
+    results = []
+    common = {
+        "device": device, "shape": shape, "lora_r": 64, "lora_alpha": 16, "lora_dropout": dropout,
+        "quant": "nf4 double-quant, bf16 compute", "attention_backend": backend,
+        "git_commit": os.environ.get("QFLASH_GIT_COMMIT"), "versions": versions(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "flops_basis": "4N + 6*layers*hidden*n per token (N = params except input embedding; no recompute)",
+    }
+    for wl in workloads:
+        if wl == "maxlen":
+            ours = measure_maxlen("qflash", model_dir, vocab, attention)
+            ref = measure_maxlen("reference", model_dir, vocab, attention) if against else None
+            rec = {**common, "workload": wl, "max_tokens": ours.max_tokens, "peak_mem_gb": ours.peak_mem_gb,
+                   "reference_max_tokens": ref.max_tokens if ref else None,
+                   "reference_peak_mem_gb": ref.peak_mem_gb if ref else None,
+                   "tokens_per_s": None, "mfu": None, "reference_tokens_per_s": None}
+        else:
+            docs = workload_docs(wl, vocab)
+            ours = measure("qflash", model_dir, docs, warmup=warmup, steps=steps, dropout=dropout, attention=attention)
+            ref = (measure("reference", model_dir, docs, warmup=warmup, steps=steps, dropout=dropout, attention=attention)
+                   if against else None)
+            fpt = flops_per_token(shape, docs)
+            rec = {**common, "workload": wl, "real_tokens_per_step": int(sum(len(d) for d in docs)),
+                   "steps_timed": steps, "warmup_steps": warmup,
+                   "tokens_per_s": ours.tokens_per_s, "step_s": ours.step_s, "peak_mem_gb": ours.peak_mem_gb,
+                   "mfu": (ours.tokens_per_s * fpt / peak) if (peak and ours.tokens_per_s) else None,
+                   "flops_per_token": fpt, "error": ours.error,
+                   "reference_tokens_per_s": ref.tokens_per_s if ref else None,
+                   "reference_step_s": ref.step_s if ref else None,
+                   "reference_peak_mem_gb": ref.peak_mem_gb if ref else None,
+                   "reference_error": ref.error if ref else None,
+                   "speedup": (ours.tokens_per_s / ref.tokens_per_s) if (ref and ref.tokens_per_s and ours.tokens_per_s) else None,
+                   "losses": ours.losses, "reference_losses": ref.losses if ref else None}
+        results.append(rec)
+        _print(rec)
+    if parity_steps:
+        p = parity(model_dir, vocab, parity_steps, attention)
+        rec = {**common, "workload": "parity", "lora_dropout": 0.0, "steps": parity_steps, **p,
+               "tokens_per_s": None, "peak_mem_gb": None, "mfu": None, "reference_tokens_per_s": None,
+               "reference_peak_mem_gb": None}
+        results.append(rec)
+        print(f"parity over {parity_steps} steps: max relative loss difference {p['max_rel_diff']:.4%}", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    tag = device.replace(" ", "-").replace("/", "-")
+    for rec in results:
+        (out_dir / f"{stamp}_{shape}_{rec['workload']}_{tag}.json").write_text(json.dumps(rec, indent=1))
+    return results
+
+
+def _print(rec: dict) -> None:
+    if rec["workload"] == "maxlen":
+        print(f"{rec['shape']} maxlen: qflash {rec['max_tokens']} tokens (peak {rec['peak_mem_gb']:.1f} GB)"
+              + (f"; reference {rec['reference_max_tokens']} tokens" if rec.get("reference_max_tokens") is not None else ""),
+              flush=True)
+        return
+    line = (f"{rec['shape']} {rec['workload']}: qflash {rec['tokens_per_s'] or 0:,.0f} tok/s, "
+            f"peak {rec['peak_mem_gb'] or 0:.1f} GB, MFU {rec['mfu'] or 0:.1%}")
+    if rec.get("reference_tokens_per_s"):
+        line += (f" | reference {rec['reference_tokens_per_s']:,.0f} tok/s, peak {rec['reference_peak_mem_gb']:.1f} GB"
+                 f" | ratio {rec['speedup']:.2f}x")
+    if rec.get("error") or rec.get("reference_error"):
+        line += f" | errors: {rec.get('error')} / {rec.get('reference_error')}"
+    print(line, flush=True)
+
