@@ -112,7 +112,7 @@ def test_assistant_only_labels_with_end_of_turn(smol_tokenizer):
     last = ChatRenderer(smol_tokenizer, train_on="last_assistant").encode(conv)
     assert _trained_text(smol_tokenizer, last) == "我叫Zyxo。<|im_end|>"
     every = ChatRenderer(smol_tokenizer, train_on="all").encode(conv)
-    assert every.labels == every.input_ids
+    assert list(every.labels) == list(every.input_ids)
 
 
 def test_chatml_template_for_tokenizer_without_one(smol_tokenizer):
