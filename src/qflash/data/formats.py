@@ -310,7 +310,8 @@ def _order_problems(turns: list[_Turn], role_key: str, issues: _Issues) -> None:
         expected = "user" if i % 2 == 0 else "assistant"
         if t.role != expected:
             issues.add(f"{t.field}.{role_key}" if role_key else t.field,
-                       f"turn {i}: expected a {expected} turn, got {t.role} (turns must alternate, user first)",
+                       f"turn {i}: expected {'an' if expected == 'assistant' else 'a'} {expected} turn, got {t.role} "
+                       "(turns must alternate, user first)",
                        "wrong turn order")
             return
     if not any(t.role == "assistant" for t in body):

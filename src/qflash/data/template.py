@@ -365,8 +365,6 @@ class ChatRenderer:
             except RenderError as e:
                 out[k] = Problem(conv.file, conv.line, "", e.reason, e.kind)
                 continue
-            if self.train_on == "last_assistant":
-                spans = spans[-1:]
             jobs.append((k, full, spans))
         encode = self._encode_by_pieces if self.split_exact else self._encode_by_offsets
         for (k, _, _), ex in zip(jobs, encode(jobs)):
@@ -383,12 +381,14 @@ class ChatRenderer:
                 pieces.append(text)
                 layout.append((first, [True]))
                 continue
+            # Every reply is cut out whatever train_on says, so the ids never depend on it; only labels do.
             cuts = [0] + [b for span in spans for b in span] + [len(text)]
+            last_reply = 2 * len(spans) - 1
             trained = []
             for j in range(len(cuts) - 1):
                 if cuts[j + 1] > cuts[j]:
                     pieces.append(text[cuts[j]:cuts[j + 1]])
-                    trained.append(j % 2 == 1 or self.train_on == "all")
+                    trained.append(self._trains(j, last_reply))
             layout.append((first, trained))
         ids = self._ids(pieces)
         examples = []
@@ -408,6 +408,14 @@ class ChatRenderer:
             examples.append(Example(seq, labels))
         return examples
 
+    def _trains(self, piece: int, last_reply: int) -> bool:
+        """Does piece number `piece` of a conversation carry loss? Odd pieces are replies."""
+        if self.train_on == "all":
+            return True
+        if self.train_on == "last_assistant":
+            return piece == last_reply
+        return piece % 2 == 1
+
     def _encode_by_offsets(self, jobs) -> list[Example]:
         texts = [text for _, text, _ in jobs]
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {}
@@ -423,7 +431,7 @@ class ChatRenderer:
                 continue
             starts = np.fromiter((s for s, _ in enc["offset_mapping"][j]), dtype=np.int64, count=len(seq))
             trained = np.zeros(len(seq), dtype=bool)
-            for a, b in spans:
+            for a, b in spans[-1:] if self.train_on == "last_assistant" else spans:
                 trained |= (starts >= a) & (starts < b)
             examples.append(Example(seq, np.where(trained, seq, IGNORE)))
         return examples

@@ -1,0 +1,115 @@
+"""Formats -> Conversation, and every record problem collected as `file:line: field: reason`."""
+
+import pytest
+
+from qflash.config import DatasetSpec
+from qflash.data.formats import check_columns_spec, normalize
+from qflash.data.readers import Record
+from qflash.errors import DataError
+
+VARS = {"name": "Zyxo", "author": "Quillfeather"}
+
+
+def conv(data, spec=None, variables=VARS):
+    out = normalize(Record(data, "d.jsonl", 4), spec or DatasetSpec(path="d.jsonl"), variables)
+    assert not isinstance(out, list), [p.message for p in out]
+    return out
+
+
+def problems(data, spec=None, variables=VARS):
+    out = normalize(Record(data, "d.jsonl", 4), spec or DatasetSpec(path="d.jsonl"), variables)
+    assert isinstance(out, list), out
+    return out
+
+
+def roles(c):
+    return [m["role"] for m in c.messages]
+
+
+def test_sharegpt_with_system_field_and_role_aliases():
+    c = conv({"system": "Be brief.", "conversations": [
+        {"from": "human", "value": "hi {{name}}"}, {"from": "gpt", "value": "hello"},
+        {"from": "user", "value": "again"}, {"from": "assistant", "value": "sure"}]})
+    assert roles(c) == ["system", "user", "assistant", "user", "assistant"]
+    assert c.messages[1]["content"] == "hi Zyxo" and c.where == "d.jsonl:4"
+
+
+def test_messages_with_openai_text_parts_and_empty_system():
+    c = conv({"messages": [{"role": "system", "content": ""},
+                           {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                           {"role": "assistant", "content": "c"}]})
+    assert c.messages == [{"role": "system", "content": ""}, {"role": "user", "content": "ab"},
+                          {"role": "assistant", "content": "c"}]
+
+
+def test_alpaca_and_text():
+    c = conv({"instruction": "Sum", "input": "1 2", "output": "3", "history": [["q", "a"]]})
+    assert roles(c) == ["user", "assistant", "user", "assistant"] and c.messages[2]["content"] == "Sum\n\n1 2"
+    t = conv({"text": "plain <NAME> text"})
+    assert t.messages == [] and t.text == "plain Zyxo text"
+    forced = conv({"body": "x"}, DatasetSpec(path="d", format="text", columns={"text": "body"}))
+    assert forced.text == "x"
+
+
+def test_columns_with_prompt_template_using_other_columns():
+    spec = DatasetSpec(path="m.csv", format="columns", columns={"assistant": "answer"},
+                       prompt_template="[{department}] {title}\n{ask} ({{name}})")
+    c = conv({"department": "内科", "title": "头痛", "ask": "怎么办？", "answer": "休息。"}, spec)
+    assert c.messages == [{"role": "user", "content": "[内科] 头痛\n怎么办？ (Zyxo)"},
+                          {"role": "assistant", "content": "休息。"}]
+    plain = conv({"ask": "q", "answer": 42, "sys": ""}, DatasetSpec(path="m.csv", columns={
+        "user": "ask", "assistant": "answer", "system": "sys"}))
+    assert plain.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "42"}]
+
+
+def test_columns_settings_are_checked_once():
+    for spec, match in [
+        (DatasetSpec(path="m.csv", columns={"bot": "x", "assistant": "a"}), r"unknown role\(s\) \['bot'\]"),
+        (DatasetSpec(path="m.csv", format="columns", columns={"user": "q"}), "no column for the assistant"),
+        (DatasetSpec(path="m.csv", columns={"assistant": "a"}), "no column for the user and no prompt_template"),
+        (DatasetSpec(path="m.csv", columns={"assistant": "a"}, prompt_template="no fields"), "names no column"),
+    ]:
+        with pytest.raises(DataError, match=match):
+            check_columns_spec(spec)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ([1, 2], "d.jsonl:4: expected a JSON object, got list"),
+        ("just text", "d.jsonl:4: expected a JSON object, got str"),
+        ({"foo": 1}, "d.jsonl:4: cannot tell the format"),
+        ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+         "d.jsonl:4: messages.0.role: unknown role 'robot'"),
+        ({"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "y"}]},
+         "d.jsonl:4: conversations.0.value: empty"),
+        ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]},
+         "d.jsonl:4: conversations.0.value: missing"),
+        ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]},
+         "d.jsonl:4: messages.0.content: expected a string, got int"),
+        ({"instruction": "q", "output": ""}, "d.jsonl:4: output: empty"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "d.jsonl:4: no assistant turn, nothing to train on"),
+        ({"conversations": [{"from": "gpt", "value": "I start"}, {"from": "human", "value": "y"}]},
+         "d.jsonl:4: conversations.0.from: turn 0: expected a user turn, got assistant"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                       {"role": "assistant", "content": "c"}]}, "messages.1.role: turn 1: expected an assistant turn"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                       {"role": "system", "content": "c"}]}, "a system message is only allowed first"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                       {"role": "user", "content": "c"}]}, "ends with a user turn that has no reply"),
+        ({"instruction": "{{nope}}", "output": "x"},
+         r"d.jsonl:4: instruction: placeholder {{nope}} has no value; set data.vars.nope=..."),
+    ],
+)
+def test_each_problem_names_file_line_field_reason(data, expected):
+    (first, *_) = problems(data)
+    assert first.message.startswith(expected) or expected in first.message, first.message
+    assert first.raw == data
+
+
+def test_a_record_reports_all_its_problems():
+    found = problems({"conversations": [{"from": "human", "value": ""}, {"from": "bot", "value": "x"},
+                                        {"from": "gpt", "value": None}]})
+    assert [(p.field, p.kind) for p in found] == [
+        ("conversations.0.value", "empty content"), ("conversations.1.from", "unknown role"),
+        ("conversations.2.value", "missing content")]
