@@ -63,7 +63,7 @@ def check_exact(tok, template, conv: Conversation) -> None:
     assert np.array_equal(last.input_ids, ex.input_ids)
 
 
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY

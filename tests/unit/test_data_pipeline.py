@@ -1,0 +1,229 @@
+"""The pipeline: problems under fail/skip, too_long, eval split, weights, cache, workers, fingerprint."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qflash.config import DatasetSpec, load_config
+from qflash.data import pipeline
+from qflash.data.lengths import fit_to_max_len, truncate_left
+from qflash.data.pipeline import build_examples, data_fingerprint, load_conversations
+from qflash.data.stats import best_fit_decreasing, estimate_packing, length_histogram
+from qflash.data.template import IGNORE, ChatRenderer, Example
+from qflash.errors import DataError
+
+EOT = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def renderer(smol_tokenizer):
+    return ChatRenderer(smol_tokenizer)
+
+
+def data_cfg(path, *overrides, cache=False):
+    return load_config(None, [f"data.datasets=[{json.dumps({'path': str(path)})}]", f"data.cache={str(cache).lower()}",
+                              *overrides]).data
+
+
+def sharegpt(user, reply, *more):
+    turns = [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]
+    for u, a in zip(more[::2], more[1::2]):
+        turns += [{"from": "human", "value": u}, {"from": "gpt", "value": a}]
+    return {"conversations": turns}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+def trained_text(tok, ex):
+    return tok.decode([int(i) for i, label in zip(ex.input_ids, ex.labels) if label != IGNORE])
+
+
+MESSY = [
+    sharegpt("hi", "hello"),
+    "{not json",
+    [1, 2],
+    {"conversations": [{"from": "gpt", "value": "I speak first"}, {"from": "human", "value": "ok"}]},
+    {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
+    {"messages": [{"role": "user", "content": "only a question"}]},
+    {"instruction": "q", "output": "   "},
+    sharegpt("good", "one"),
+]
+
+
+def test_fail_mode_lists_every_problem_as_file_line_field_reason(tmp_path, renderer):
+    p = write_jsonl(tmp_path / "messy.jsonl", MESSY + ["{bad"] * 20)
+    with pytest.raises(DataError) as e:
+        build_examples(data_cfg(p), renderer)
+    msg = str(e.value)
+    assert msg.startswith("26 data problem(s) in 26 record(s) (malformed JSON: 21, not an object: 1, wrong turn order: 1")
+    lines = msg.splitlines()
+    assert lines[1] == f"{p}:2: malformed JSON: Expecting property name enclosed in double quotes (column 2)"
+    assert lines[2] == f"{p}:3: expected a JSON object, got list"
+    assert lines[3].startswith(f"{p}:4: conversations.0.from: turn 0: expected a user turn, got assistant")
+    assert lines[4].startswith(f"{p}:5: conversations.1.from: unknown role 'robot'")
+    assert lines[5] == f"{p}:6: no assistant turn, nothing to train on"
+    assert lines[6] == f"{p}:7: output: empty"
+    assert len(lines) == 22 and lines[-1] == "... and 6 more"
+
+
+def test_skip_mode_counts_per_reason_and_writes_the_records(tmp_path, renderer):
+    p = write_jsonl(tmp_path / "messy.jsonl", MESSY)
+    skipped = tmp_path / "out" / "skipped.jsonl"
+    examples, stats = build_examples(data_cfg(p, "data.on_error=skip"), renderer, skipped_path=skipped)
+    assert len(examples) == 2 and stats.records == 8 and stats.skipped == 6
+    assert stats.problems == {"malformed JSON": 1, "not an object": 1, "wrong turn order": 1, "unknown role": 1,
+                              "no assistant turn": 1, "empty content": 1}
+    rows = [json.loads(line) for line in skipped.read_text(encoding="utf-8").splitlines()]
+    assert [(r["line"], r["kind"]) for r in rows][:2] == [(2, "malformed JSON"), (3, "not an object")]
+    assert rows[0]["record"] == "{not json" and rows[1]["record"] == [1, 2] and rows[2]["file"] == str(p)
+    assert stats.skipped_path == str(skipped)
+
+
+def test_too_long_truncate_keeps_the_last_reply_and_its_end_of_turn(tmp_path, renderer, smol_tokenizer):
+    long_context = " ".join(["context"] * 300)
+    first_reply = " ".join(["first"] * 60)  # longer than the window: cut at its start, so it becomes context
+    p = write_jsonl(tmp_path / "long.jsonl", [sharegpt(long_context, first_reply, "and now?", "the last reply")])
+    examples, stats = build_examples(data_cfg(p, "data.max_len=40", "data.too_long=truncate"), renderer)
+    (ex,) = examples
+    assert len(ex.input_ids) == 40 and stats.truncated == 1
+    assert trained_text(smol_tokenizer, ex) == "the last reply" + EOT
+    assert int(ex.input_ids[-1]) == renderer.eot_id
+
+
+def test_too_long_drop_fail_and_impossible_truncation(tmp_path, renderer):
+    p = write_jsonl(tmp_path / "long.jsonl", [sharegpt("q " * 100, "a"), sharegpt("q", "short")])
+    examples, stats = build_examples(data_cfg(p, "data.max_len=40", "data.too_long=drop"), renderer,
+                                     skipped_path=tmp_path / "s.jsonl")
+    assert len(examples) == 1 and stats.dropped_too_long == 1
+    assert json.loads((tmp_path / "s.jsonl").read_text(encoding="utf-8"))["kind"] == "too long"
+    with pytest.raises(DataError, match=r"long.jsonl:1: sample is \d+ tokens, longer than data.max_len=40"):
+        build_examples(data_cfg(p, "data.max_len=40"), renderer)
+    q = write_jsonl(tmp_path / "reply.jsonl", [sharegpt("q", "a " * 100)])
+    with pytest.raises(DataError, match="its last assistant reply alone is longer than data.max_len=40"):
+        build_examples(data_cfg(q, "data.max_len=40", "data.too_long=truncate"), renderer)
+
+
+def test_truncate_left_masks_a_reply_cut_at_its_start():
+    ids = np.arange(10)
+    labels = np.array([IGNORE, 1, 2, 3, IGNORE, IGNORE, 6, 7, 8, IGNORE])  # reply, context, last reply, trailer
+    cut = truncate_left(Example(ids, labels), 7)
+    assert list(cut.input_ids) == [2, 3, 4, 5, 6, 7, 8]
+    assert list(cut.labels) == [IGNORE, IGNORE, IGNORE, IGNORE, 6, 7, 8]
+    everything = truncate_left(Example(ids, ids.copy()), 4)
+    assert list(everything.input_ids) == [6, 7, 8, 9]
+    assert fit_to_max_len(Example(ids, labels), 2, "truncate").example is None
+
+
+def test_eval_ratio_split_is_seeded_and_complementary(tmp_path, renderer):
+    p = write_jsonl(tmp_path / "d.jsonl", [sharegpt(f"q{i}", f"a{i}") for i in range(20)])
+    cfg = data_cfg(p, "data.eval_ratio=0.25")
+    train, stats = build_examples(cfg, renderer, split="train", seed=7)
+    evals, _ = build_examples(cfg, renderer, split="eval", seed=7)
+    assert len(train) == 15 and len(evals) == 5 and stats.held_out == 5
+    assert {ex.line for ex in train} | {ex.line for ex in evals} == set(range(1, 21))
+    again, _ = build_examples(cfg, renderer, split="eval", seed=7)
+    assert [ex.line for ex in again] == [ex.line for ex in evals]
+    other, _ = build_examples(cfg, renderer, split="eval", seed=8)
+    assert [ex.line for ex in other] != [ex.line for ex in evals]
+
+
+def test_eval_datasets_and_weights(tmp_path, renderer):
+    a = write_jsonl(tmp_path / "a.jsonl", [sharegpt(f"q{i}", f"a{i}") for i in range(4)])
+    b = write_jsonl(tmp_path / "b.jsonl", [sharegpt("held", "out")])
+    cfg = load_config(None, [f"data.datasets=[{{path: '{a}', weight: 2.5}}]", f"data.eval_datasets=[{{path: '{b}'}}]",
+                             "data.cache=false"]).data
+    train, stats = build_examples(cfg, renderer)
+    assert len(train) == 10 and stats.per_file == {str(a): 10}
+    evals, _ = build_examples(cfg, renderer, split="eval")
+    assert [ex.file for ex in evals] == [str(b)]
+
+
+def test_gb18030_medical_csv_with_columns_and_prompt_template(tmp_path, renderer, smol_tokenizer):
+    from test_data_readers import MEDICAL_ROWS, write_csv
+
+    p = write_csv(tmp_path / "medical.csv", MEDICAL_ROWS, encoding="gb18030")
+    spec = {"path": str(p), "columns": {"assistant": "answer"}, "prompt_template": "[{department}] {title}\n{ask}"}
+    cfg = load_config(None, [f"data.datasets={json.dumps([spec])}", "data.cache=false"]).data
+    examples, stats = build_examples(cfg, renderer)
+    assert [ex.line for ex in examples] == [2, 3]
+    assert trained_text(smol_tokenizer, examples[1]) == "可以物理降温，超过三十八度五可服退烧药。" + EOT
+    assert "[儿科] 孩子发烧\n孩子发烧三十八度五" in smol_tokenizer.decode(list(examples[1].input_ids))
+    bad = load_config(None, [f"data.datasets=[{{path: '{p}', columns: {{user: question, assistant: answer}}}}]"]).data
+    with pytest.raises(DataError, match=r"no column\(s\) \['question'\]; the file has \['department'"):
+        build_examples(bad, renderer)
+    with pytest.raises(DataError, match="cannot tell the format of its records"):
+        build_examples(data_cfg(p), renderer)
+
+
+def test_cache_hit_gives_the_same_examples(tmp_path, renderer):
+    p = write_jsonl(tmp_path / "d.jsonl", [sharegpt(f"q{i}", f"回答 {i}") for i in range(30)] + ["{bad"])
+    cfg = data_cfg(p, "data.on_error=skip", cache=True)
+    first, s1 = build_examples(cfg, renderer, cache_dir=tmp_path / "cache", skipped_path=tmp_path / "s1.jsonl")
+    second, s2 = build_examples(cfg, renderer, cache_dir=tmp_path / "cache", skipped_path=tmp_path / "s2.jsonl")
+    assert s1.cache == {str(p): "written"} and s2.cache == {str(p): "hit"}
+    assert [(list(a.input_ids), list(a.labels), a.line) for a in first] == \
+        [(list(b.input_ids), list(b.labels), b.line) for b in second]
+    assert s2.skipped == 1 and (tmp_path / "s2.jsonl").read_text() == (tmp_path / "s1.jsonl").read_text()
+    assert not list((tmp_path / "cache").glob(".*tmp*"))  # written atomically, nothing left behind
+    _, s3 = build_examples(data_cfg(p, "data.on_error=skip", "data.max_len=512", cache=True), renderer,
+                           cache_dir=tmp_path / "cache", skipped_path=tmp_path / "s3.jsonl")
+    assert s3.cache == {str(p): "written"}  # another setting, another entry
+
+
+def test_worker_processes_give_the_same_examples(tmp_path, renderer, monkeypatch):
+    p = write_jsonl(tmp_path / "d.jsonl", [sharegpt(f"q{i}", f"a{i}", "more", "好") for i in range(40)] + ["{bad"])
+    one, _ = build_examples(data_cfg(p, "data.on_error=skip"), renderer, skipped_path=tmp_path / "s.jsonl")
+    monkeypatch.setattr(pipeline, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(pipeline, "CHUNK", 7)
+    two, stats = build_examples(data_cfg(p, "data.on_error=skip", "data.num_proc=2"), renderer,
+                                skipped_path=tmp_path / "s.jsonl")
+    assert [list(a.input_ids) for a in one] == [list(b.input_ids) for b in two] and stats.skipped == 1
+
+
+def test_text_format_and_directories(tmp_path, renderer, smol_tokenizer):
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "a.jsonl", [{"text": "raw text one"}])
+    write_jsonl(tmp_path / "d" / "b.jsonl", [sharegpt("q", "a")])
+    examples, stats = build_examples(data_cfg(tmp_path / "d"), renderer)
+    assert trained_text(smol_tokenizer, examples[0]) == "raw text one" + smol_tokenizer.eos_token
+    assert stats.records == 2 and stats.trained_tokens == sum(ex.n_trained for ex in examples)
+
+
+def test_load_conversations_and_fingerprint(tmp_path, smol_tokenizer):
+    from conftest import DEMO
+
+    convs = load_conversations(DatasetSpec(path=str(DEMO / "identity.json")), {"name": "Z", "author": "A"})
+    assert len(convs) > 10 and convs[0].messages[-1]["role"] == "assistant"
+    p = write_jsonl(tmp_path / "bad.jsonl", [sharegpt("q", "a"), "{oops"])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+        load_conversations(DatasetSpec(path=str(p)), {})
+    fp = data_fingerprint(data_cfg(p), smol_tokenizer)
+    assert fp["files"] == {str(p): pipeline.cache.sha256_file(p)}
+    assert data_fingerprint(data_cfg(p, "data.max_len=64"), smol_tokenizer)["fingerprint"] != fp["fingerprint"]
+
+
+def test_qflash_home_matches_the_model_loader(monkeypatch, tmp_path):
+    from qflash.model.loading import qflash_home
+
+    for env in ({"QFLASH_HOME": str(tmp_path / "h")}, {"XDG_CACHE_HOME": str(tmp_path / "x")}, {}):
+        monkeypatch.delenv("QFLASH_HOME", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert pipeline.qflash_home() == qflash_home()
+
+
+def test_best_fit_decreasing_and_histogram():
+    lengths = [700, 300, 500, 200, 100, 1024, 24]
+    bins = best_fit_decreasing(lengths, 1024)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins) and len(bins) == 3
+    assert estimate_packing(lengths, 1024).efficiency == pytest.approx(2848 / 3072)
+    with pytest.raises(ValueError):
+        best_fit_decreasing([2000], 1024)
+    assert length_histogram(np.array([1, 128, 129, 1024]), 1024, buckets=8)[:2] == [(1, 128, 2), (129, 256, 1)]
