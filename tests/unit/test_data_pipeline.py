@@ -227,3 +227,19 @@ def test_best_fit_decreasing_and_histogram():
     with pytest.raises(ValueError):
         best_fit_decreasing([2000], 1024)
     assert length_histogram(np.array([1, 128, 129, 1024]), 1024, buckets=8)[:2] == [(1, 128, 2), (129, 256, 1)]
+
+
+@pytest.mark.parametrize("name, spec", [
+    ("sharegpt.jsonl", {}), ("messages.jsonl", {}), ("alpaca.json", {}), ("text.jsonl", {}),
+    ("medical_gb18030.csv", {"columns": {"assistant": "answer"}, "prompt_template": "[{department}] {title}\n{ask}"}),
+    ("qa.tsv", {"columns": {"user": "question", "assistant": "answer"}}),
+])
+def test_demo_samples_of_every_format_are_clean(name, spec, renderer):
+    from conftest import DEMO
+
+    path = DEMO / "formats" / name
+    cfg = load_config(None, [f"data.datasets={json.dumps([{'path': str(path), **spec}], ensure_ascii=False)}",
+                             "data.cache=false", "data.vars.name=Nova", "data.vars.author=Acme"]).data
+    examples, stats = build_examples(cfg, renderer)
+    assert len(examples) == stats.records >= 2 and not stats.problems
+    assert all(ex.n_trained > 0 for ex in examples)

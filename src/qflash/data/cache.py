@@ -29,7 +29,7 @@ from qflash.data.problems import Problem
 from qflash.data.table import ExampleTable
 from qflash.data.template import TEMPLATES
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -122,6 +122,7 @@ class CachedDataset:
     truncated: int
     encodings: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    formats: dict[str, int] = field(default_factory=dict)
 
 
 def save(cache_dir: Path, key: str, data: CachedDataset) -> Path:
@@ -145,6 +146,7 @@ def save(cache_dir: Path, key: str, data: CachedDataset) -> Path:
         meta = {
             "version": CACHE_VERSION, "records": data.records, "truncated": data.truncated, "files": t.files,
             "encodings": data.encodings, "ignored": data.ignored, "problems": len(data.problems),
+            "formats": data.formats,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         with open(tmp / PROBLEMS_FILE, "w", encoding="utf-8", errors="backslashreplace") as f:
@@ -186,4 +188,4 @@ def load(cache_dir: Path, key: str) -> CachedDataset | None:
     )
     n = meta["problems"]
     return CachedDataset(examples, meta["records"], problems[:n], problems[n:], meta["truncated"],
-                         meta["encodings"], meta["ignored"])
+                         meta["encodings"], meta["ignored"], meta.get("formats", {}))

@@ -176,8 +176,10 @@ class ProgressReport:
 def _print_datasets(out: Console, results: list[DatasetResult]) -> None:
     for r in results:
         encodings = ", ".join(sorted(set(r.encodings.values()))) or "-"
+        detected = ", ".join(f"{fmt} {n:,}" if len(r.formats) > 1 else fmt for fmt, n in r.formats.items())
+        fmt = f"{r.spec.format} ({detected})" if r.spec.format == "auto" and detected else r.spec.format
         out.print(
-            f"  {escape(r.spec.path)}  [dim]format {r.spec.format}, encoding {encodings}, cache {r.cache}[/]\n"
+            f"  {escape(r.spec.path)}  [dim]format {fmt}, encoding {encodings}, cache {r.cache}[/]\n"
             f"    {r.records:,} records -> {len(r.examples):,} samples"
             + (f", {len(r.problems):,} problems" if r.problems else "")
             + (f", {len(r.dropped):,} dropped (too long)" if r.dropped else "")

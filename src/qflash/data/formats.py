@@ -344,7 +344,7 @@ def normalize(record: Record, spec: DatasetSpec, variables: dict[str, str]) -> C
             return issues.items
         filled = _fill(text, variables, missing)
         _missing_placeholders(missing, key, issues)
-        return issues.items or Conversation([], record.file, record.line, text=filled)
+        return issues.items or Conversation([], record.file, record.line, {"format": fmt}, text=filled)
     turns = _BUILDERS[fmt](d, spec, issues)
     if issues.items:
         return issues.items
@@ -354,7 +354,7 @@ def normalize(record: Record, spec: DatasetSpec, variables: dict[str, str]) -> C
         content = _fill(t.content, variables, missing)
         _missing_placeholders(missing, t.field, issues)
         messages.append({"role": t.role, "content": content})
-    return issues.items or Conversation(messages, record.file, record.line)
+    return issues.items or Conversation(messages, record.file, record.line, {"format": fmt})
 
 
 def _missing_placeholders(missing: list[str], fieldname: str, issues: _Issues) -> None:

@@ -91,6 +91,8 @@ class DatasetResult:
     encodings: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     cache: str = "off"
+    formats: dict[str, int] = field(default_factory=dict)
+    """format -> records read as that format."""
 
 
 class LazyRenderer:
@@ -134,6 +136,8 @@ class EncodedChunk:
     truncated: int = 0
     unknown_format: dict[str, int] = field(default_factory=dict)
     """file -> records whose format could not be told."""
+    formats: dict[str, int] = field(default_factory=dict)
+    """format -> records read as that format (auto detects per record)."""
 
 
 def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfig,
@@ -143,6 +147,7 @@ def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfi
     raws: list[object] = []
     problems: list[Problem] = []
     unknown: dict[str, int] = {}
+    formats: dict[str, int] = {}
     for rec in records:
         res = normalize(rec, spec, cfg.vars)
         if isinstance(res, list):
@@ -152,6 +157,7 @@ def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfi
         else:
             convs.append(res)
             raws.append(rec.data)
+            formats[res.meta["format"]] = formats.get(res.meta["format"], 0) + 1
     kept: list[Example] = []
     dropped: list[Problem] = []
     truncated = 0
@@ -171,7 +177,7 @@ def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfi
         else:
             (dropped if cfg.too_long == "drop" else problems).append(
                 Problem(conv.file, conv.line, "", fitted.reason, "too long", raw))
-    return EncodedChunk(ExampleTable.from_examples(kept), problems, dropped, truncated, unknown)
+    return EncodedChunk(ExampleTable.from_examples(kept), problems, dropped, truncated, unknown, formats)
 
 
 def examples_of(chunks: Sequence[EncodedChunk]) -> ExampleTable:
@@ -278,7 +284,7 @@ def encode_dataset(
         hit = cache.load(cache_dir, key)
         if hit is not None:
             return DatasetResult(spec, hit.examples, hit.records, hit.problems, hit.dropped, hit.truncated,
-                                 hit.encodings, hit.ignored, cache="hit")
+                                 hit.encodings, hit.ignored, cache="hit", formats=hit.formats)
     reads: list[FileRead] = []
     for i, f in enumerate(files):
         progress(f"reading {f.name}", i, len(files))
@@ -300,10 +306,13 @@ def encode_dataset(
         spec, examples_of(chunks), len(records) + unreadable, problems, [p for c in chunks for p in c.dropped],
         sum(c.truncated for c in chunks), {fr.path: fr.encoding for fr in reads}, [str(p) for p in ignored],
     )
+    for c in chunks:
+        for fmt, n in c.formats.items():
+            result.formats[fmt] = result.formats.get(fmt, 0) + n
     if key is not None:
         cache.save(cache_dir, key, cache.CachedDataset(  # type: ignore[arg-type]
             result.examples, result.records, result.problems, result.dropped, result.truncated,
-            result.encodings, result.ignored))
+            result.encodings, result.ignored, result.formats))
         result.cache = "written"
     return result
 
