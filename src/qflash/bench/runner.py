@@ -69,6 +69,9 @@ def flops_per_token(shape: str, docs: list[np.ndarray]) -> float:
 # ------------------------------------------------------------------------------------------------
 # qflash
 
+RESIDUAL = {"dtype": "fp32"}  # bench-wide choice of quant.residual_dtype (set by run_bench)
+
+
 def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, seed: int):
     from qflash.config import Config
     from qflash.model.loading import enable_activation_checkpointing, load_base_model
@@ -78,12 +81,14 @@ def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, see
     cfg = Config()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules = 64, 16.0, dropout, list(TARGETS)
     cfg.train.lr = lr
+    cfg.quant.residual_dtype = RESIDUAL["dtype"]
     device = torch.device("cuda")
     model = load_base_model(model_dir, quant_mode="nf4", double_quant=True, dtype=torch.bfloat16, device=device,
-                            attention=attention)
+                            attention=attention, residual_dtype=cfg.quant.residual_dtype)
     model.config.use_cache = False
     enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=seed)
+    model.train()  # transformers checkpoints activations only in training mode
     params = [p for p in model.parameters() if p.requires_grad]
     return model, build_optimizer(params, cfg, device), params
 
@@ -130,6 +135,7 @@ def reference_model(model_dir: Path, dropout: float, lr: float):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
                                              bias="none", task_type="CAUSAL_LM"))
+    model.train()  # as the HF Trainer does
     params = [p for p in model.parameters() if p.requires_grad]
     return model, bnb.optim.PagedAdamW32bit(params, lr=lr), params
 
@@ -184,35 +190,44 @@ def _timed(step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
     return losses, times
 
 
+def _measure_once(recipe: str, model_dir: Path, docs: list[np.ndarray], warmup: int, steps: int, dropout: float,
+                  attention: str, seed: int) -> Measured:
+    out = Measured(recipe)
+    if recipe == "qflash":
+        model, optimizer, params = qflash_model(model_dir, dropout, 2e-4, attention, seed)
+        batches = qflash_batches(docs, 2048)
+        step = lambda: qflash_step(model, optimizer, params, batches)  # noqa: E731
+    else:
+        model, optimizer, params = reference_model(model_dir, dropout, 2e-4)
+        batches = reference_batches(docs)
+        step = lambda: reference_step(model, optimizer, params, batches)  # noqa: E731
+    torch.cuda.reset_peak_memory_stats()
+    out.losses, times = _timed(step, warmup, steps)
+    out.step_s = statistics.median(times)
+    out.tokens_per_s = sum(len(d) for d in docs) / out.step_s
+    out.peak_mem_gb = torch.cuda.max_memory_allocated() / 1e9
+    return out  # the model, optimizer and batches die with this frame
+
+
 def measure(recipe: str, model_dir: Path, docs: list[np.ndarray], *, warmup: int, steps: int, dropout: float,
             attention: str, seed: int = 0) -> Measured:
-    real = sum(len(d) for d in docs)
-    out = Measured(recipe)
-    model = optimizer = None
     try:
-        if recipe == "qflash":
-            model, optimizer, params = qflash_model(model_dir, dropout, 2e-4, attention, seed)
-            batches = qflash_batches(docs, 2048)
-            step = lambda: qflash_step(model, optimizer, params, batches)  # noqa: E731
-        else:
-            model, optimizer, params = reference_model(model_dir, dropout, 2e-4)
-            batches = reference_batches(docs)
-            step = lambda: reference_step(model, optimizer, params, batches)  # noqa: E731
-        torch.cuda.reset_peak_memory_stats()
-        out.losses, times = _timed(step, warmup, steps)
-        out.step_s = statistics.median(times)
-        out.tokens_per_s = real / out.step_s
-        out.peak_mem_gb = torch.cuda.max_memory_allocated() / 1e9
+        return _measure_once(recipe, model_dir, docs, warmup, steps, dropout, attention, seed)
     except torch.OutOfMemoryError as e:
-        out.error = f"out of memory: {str(e).splitlines()[0]}"
+        return Measured(recipe, error=f"out of memory: {str(e).splitlines()[0]}")
     finally:
-        del model, optimizer
         _free()
-    return out
 
 
 def measure_maxlen(recipe: str, model_dir: Path, vocab: int, attention: str, limit: int = 262144) -> Measured:
     """Longest single sequence that trains one step, doubling from 8k."""
+    try:
+        return _maxlen_once(recipe, model_dir, vocab, attention, limit)
+    finally:
+        _free()
+
+
+def _maxlen_once(recipe: str, model_dir: Path, vocab: int, attention: str, limit: int) -> Measured:
     out = Measured(recipe)
     if recipe == "qflash":
         model, optimizer, params = qflash_model(model_dir, 0.0, 2e-4, attention, 0)
@@ -220,49 +235,53 @@ def measure_maxlen(recipe: str, model_dir: Path, vocab: int, attention: str, lim
         model, optimizer, params = reference_model(model_dir, 0.0, 2e-4)
     rng = np.random.default_rng(0)
     n = 8192
-    try:
-        while n <= limit:
-            doc = rng.integers(0, vocab, n)
-            try:
-                torch.cuda.reset_peak_memory_stats()
-                if recipe == "qflash":
-                    batches = qflash_batches([doc], n)
-                    qflash_step(model, optimizer, params, batches)
-                else:
-                    reference_step(model, optimizer, params, reference_batches([doc]))
-                out.max_tokens, out.peak_mem_gb = n, torch.cuda.max_memory_allocated() / 1e9
-                print(f"  maxlen {recipe}: {n} tokens ok, peak {out.peak_mem_gb:.1f} GB", flush=True)
-            except torch.OutOfMemoryError:
-                print(f"  maxlen {recipe}: {n} tokens out of memory", flush=True)
-                optimizer.zero_grad(set_to_none=True)
-                break
-            finally:
-                _free()
-            n *= 2
-    finally:
-        del model, optimizer
-        _free()
+    while n <= limit:
+        doc = rng.integers(0, vocab, n)
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            if recipe == "qflash":
+                qflash_step(model, optimizer, params, qflash_batches([doc], n))
+            else:
+                reference_step(model, optimizer, params, reference_batches([doc]))
+            out.max_tokens, out.peak_mem_gb = n, torch.cuda.max_memory_allocated() / 1e9
+            print(f"  maxlen {recipe}: {n} tokens ok, peak {out.peak_mem_gb:.1f} GB", flush=True)
+        except torch.OutOfMemoryError:
+            print(f"  maxlen {recipe}: {n} tokens out of memory", flush=True)
+            optimizer.zero_grad(set_to_none=True)
+            break
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+        n *= 2
     return out
+
+
+def _losses(recipe: str, model_dir: Path, data, steps: int, attention: str, init: dict | None):
+    if recipe == "qflash":
+        model, optimizer, params = qflash_model(model_dir, 0.0, 1e-4, attention, 0)
+        batches = [qflash_batches(d, 2048) for d in data]
+        step = lambda i: qflash_step(model, optimizer, params, batches[i % len(batches)])  # noqa: E731
+    else:
+        model, optimizer, params = reference_model(model_dir, 0.0, 1e-4)
+        batches = [reference_batches(d) for d in data]
+        step = lambda i: reference_step(model, optimizer, params, batches[i % len(batches)])  # noqa: E731
+    if init is None:
+        init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(init[n])
+    return [step(i) for i in range(steps)], init
 
 
 def parity(model_dir: Path, vocab: int, steps: int, attention: str) -> dict:
     """Per-step loss of qflash vs the reference, dropout 0, same data and same initial LoRA weights."""
     rng = np.random.default_rng(1)
     data = [[rng.integers(0, vocab, 2048) for _ in range(4)] for _ in range(2)]  # two batches, alternating
-    model, optimizer, params = qflash_model(model_dir, 0.0, 1e-4, attention, 0)
-    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    q_batches = [qflash_batches(d, 2048) for d in data]
-    ours = [qflash_step(model, optimizer, params, q_batches[i % 2]) for i in range(steps)]
-    del model, optimizer, params, q_batches
+    ours, init = _losses("qflash", model_dir, data, steps, attention, None)
     _free()
-    model, optimizer, params = reference_model(model_dir, 0.0, 1e-4)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(init[n])
-    r_batches = [reference_batches(d) for d in data]
-    theirs = [reference_step(model, optimizer, params, r_batches[i % 2]) for i in range(steps)]
-    del model, optimizer, params
+    theirs, _ = _losses("reference", model_dir, data, steps, attention, init)
     _free()
     rel = [abs(a - b) / abs(b) for a, b in zip(ours, theirs)]
     return {"qflash_losses": ours, "reference_losses": theirs, "max_rel_diff": max(rel)}
@@ -282,9 +301,10 @@ def versions() -> dict:
 
 
 def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: int, warmup: int, dropout: float,
-              attention: str, out_dir: Path, parity_steps: int, cache: Path) -> list[dict]:
+              attention: str, out_dir: Path, parity_steps: int, cache: Path, residual_dtype: str = "fp32") -> list[dict]:
     from qflash.model.attention import activate
 
+    RESIDUAL["dtype"] = residual_dtype
     if not torch.cuda.is_available():
         raise SystemExit("qflash bench needs a CUDA GPU")
     backend = activate(attention)
@@ -297,7 +317,7 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
     results = []
     common = {
         "device": device, "shape": shape, "lora_r": 64, "lora_alpha": 16, "lora_dropout": dropout,
-        "quant": "nf4 double-quant, bf16 compute", "attention_backend": backend,
+        "quant": "nf4 double-quant, bf16 compute", "attention_backend": backend, "residual_dtype": residual_dtype,
         "git_commit": os.environ.get("QFLASH_GIT_COMMIT"), "versions": versions(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "flops_basis": "4N + 6*layers*hidden*n per token (N = params except input embedding; no recompute)",

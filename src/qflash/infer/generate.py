@@ -64,6 +64,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, dev
         device=dev,
         trust_remote_code=cfg.model.trust_remote_code,
         attention=cfg.attention.backend,
+        residual_dtype=cfg.quant.residual_dtype,
     )
     net = load_adapter(base, adapter_dir) if adapter_dir is not None else base
     net.eval()

@@ -160,11 +160,14 @@ def qflash_attention(
     if _active in VARLEN and cu_q is not None:
         if query.shape[0] != 1:
             raise PackingError("varlen attention expects a packed batch of one row")
-        q = query[0].transpose(0, 1)  # (tokens, heads, head_dim)
-        k = key[0].transpose(0, 1)
-        v = value[0].transpose(0, 1)
+        # FlashAttention kernels take fp16/bf16 only; fp32 q/k/v appear when norms or RoPE run in fp32.
+        kernel_dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else (
+            torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16)
+        q = query[0].transpose(0, 1).to(kernel_dtype)  # (tokens, heads, head_dim)
+        k = key[0].transpose(0, 1).to(kernel_dtype)
+        v = value[0].transpose(0, 1).to(kernel_dtype)
         out = _KERNELS[_active](q, k, v, cu_q, kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"], scaling)
-        return out.unsqueeze(0), None
+        return out.unsqueeze(0).to(query.dtype), None
     position_ids = kwargs.get("position_ids")
     if attention_mask is None and position_ids is not None and query.shape[2] > 1 and _restarts(position_ids):
         # The mask builder skipped packing detection (it does when a KV cache is passed): every

@@ -142,6 +142,7 @@ def load_base_model(
     device: torch.device,
     trust_remote_code: bool = False,
     attention: str = "auto",
+    residual_dtype: str = "fp32",
 ):
     """Load the base model, frozen: NF4 via bitsandbytes (double quant optional) or unquantized in `dtype`.
 
@@ -170,7 +171,22 @@ def load_base_model(
     except ImportError as e:
         raise ModelError(f"quant.mode={quant_mode}: {e}. Install bitsandbytes>=0.48 or set quant.mode=none") from None
     model.requires_grad_(False)
+    if residual_dtype == "fp32" and dtype != torch.float32:
+        upcast_residual_path(model)
     return model
+
+
+def upcast_residual_path(model: torch.nn.Module) -> None:
+    """Embeddings and norms to fp32: the residual stream they feed stays fp32 under autocast.
+
+    Matmuls (NF4 base, LoRA, lm_head) still run in the compute dtype through autocast; only the
+    elementwise path is fp32. Without this, bf16 rounding of the residual swallows the small updates
+    LoRA makes early in training.
+    """
+    model.get_input_embeddings().float()
+    for module in model.modules():
+        if "Norm" in type(module).__name__:
+            module.float()
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -102,6 +102,7 @@ def build_setup(cfg: Config) -> Setup:
         device=device,
         trust_remote_code=cfg.model.trust_remote_code,
         attention=cfg.attention.backend,
+        residual_dtype=cfg.quant.residual_dtype,
     )
     model.config.use_cache = False  # a KV cache is useless in training and unsafe with packed batches
     if cfg.train.gradient_checkpointing:
