@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
 from qflash.config import DataConfig, DatasetSpec
 from qflash.data import cache
 from qflash.data.formats import Conversation, check_columns_spec, needed_columns, normalize
@@ -406,7 +404,8 @@ def build_examples(
     eval_results = encode_datasets(cfg, cfg.eval_datasets if split == "eval" else [], renderer,
                                    cache_dir=cache_dir, progress=progress)
     results = train_results + eval_results
-    if skipped_path is None and any(r.problems or r.dropped for r in results) and cfg.on_error == "skip":
+    left_out = any(r.dropped or (r.problems and cfg.on_error == "skip") for r in results)
+    if skipped_path is None and left_out:
         skipped_path = _default_skipped_path(results, split)
     settled = settle_problems(results, cfg.on_error, skipped_path)
 
@@ -509,7 +508,4 @@ def data_fingerprint(cfg: DataConfig, tok) -> dict:
     digest = hashlib.sha256(json.dumps([files, settings, tok_fp], sort_keys=True).encode()).hexdigest()
     return {"fingerprint": digest[:16], "files": files, "tokenizer": tok_fp, "settings": settings}
 
-
-def lengths_of(examples: Sequence[Example]) -> np.ndarray:
-    return np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
 
