@@ -131,3 +131,13 @@ def test_unknown_template_name(smol_tokenizer, bad):
 
     with pytest.raises(DataError, match="unknown template"):
         ChatRenderer(smol_tokenizer, template=bad)
+
+
+def test_offsets_fallback_for_tokenizers_whose_pieces_do_not_concatenate(smol_tokenizer):
+    r = ChatRenderer(smol_tokenizer)
+    r.split_exact = False  # as for a SentencePiece tokenizer that prefixes every piece with a space
+    conv = Conversation([{"role": "user", "content": "q"}, {"role": "assistant", "content": "an answer"},
+                         {"role": "user", "content": "again"}, {"role": "assistant", "content": "好的"}])
+    assert trained_text(smol_tokenizer, r.encode(conv)) == "an answer" + EOT + "好的" + EOT
+    r.train_on = "last_assistant"
+    assert trained_text(smol_tokenizer, r.encode(conv)) == "好的" + EOT
