@@ -74,7 +74,7 @@ RESIDUAL = {"dtype": "fp32"}  # bench-wide choice of quant.residual_dtype (set b
 
 def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, seed: int):
     from qflash.config import Config
-    from qflash.model.loading import enable_activation_checkpointing, load_base_model
+    from qflash.model.loading import enable_activation_checkpointing, load_configured_base
     from qflash.model.lora import add_lora
     from qflash.train.loop import build_optimizer
 
@@ -83,8 +83,8 @@ def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, see
     cfg.train.lr = lr
     cfg.quant.residual_dtype = RESIDUAL["dtype"]
     device = torch.device("cuda")
-    model = load_base_model(model_dir, quant_mode="nf4", double_quant=True, dtype=torch.bfloat16, device=device,
-                            attention=attention, residual_dtype=cfg.quant.residual_dtype)
+    cfg.attention.backend = attention
+    model = load_configured_base(cfg, model_dir, device, torch.bfloat16)
     model.config.use_cache = False
     enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=seed)

@@ -11,7 +11,7 @@ import yaml
 from qflash.config import Config, config_from_dict
 from qflash.data.template import ChatRenderer
 from qflash.errors import ConfigError
-from qflash.model.loading import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model_dir
+from qflash.model.loading import compute_dtype, load_configured_base, load_tokenizer, pick_device, resolve_model_dir
 from qflash.model.lora import load_adapter
 from qflash.train.loop import ADAPTER_DIR, RUN_CONFIG
 
@@ -56,16 +56,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, dev
     model_dir = resolve_model_dir(cfg.model.path)
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     renderer = ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
-    base = load_base_model(
-        model_dir,
-        quant_mode=cfg.quant.mode,
-        double_quant=cfg.quant.double_quant,
-        dtype=dtype,
-        device=dev,
-        trust_remote_code=cfg.model.trust_remote_code,
-        attention=cfg.attention.backend,
-        residual_dtype=cfg.quant.residual_dtype,
-    )
+    base = load_configured_base(cfg, model_dir, dev, dtype)
     net = load_adapter(base, adapter_dir) if adapter_dir is not None else base
     net.eval()
     return Loaded(net, tok, renderer, cfg, adapter_dir is not None, dev)

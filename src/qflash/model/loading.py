@@ -176,6 +176,20 @@ def load_base_model(
     return model
 
 
+def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype):
+    """load_base_model with the quant/model/attention settings of a qflash Config."""
+    return load_base_model(
+        model_dir,
+        quant_mode=cfg.quant.mode,
+        double_quant=cfg.quant.double_quant,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attention=cfg.attention.backend,
+        residual_dtype=cfg.quant.residual_dtype,
+    )
+
+
 def upcast_residual_path(model: torch.nn.Module) -> None:
     """Embeddings and norms to fp32: the residual stream they feed stays fp32 under autocast.
 

@@ -27,7 +27,14 @@ from qflash.data.batching import Batch, SampleStream, packed_micro_batches, step
 from qflash.data.pipeline import DataStats, build_examples, data_fingerprint
 from qflash.data.template import ChatRenderer, Example
 from qflash.errors import ConfigError, QflashError
-from qflash.model.loading import compute_dtype, enable_activation_checkpointing, load_base_model, load_tokenizer, pick_device, resolve_model_dir
+from qflash.model.loading import (
+    compute_dtype,
+    enable_activation_checkpointing,
+    load_configured_base,
+    load_tokenizer,
+    pick_device,
+    resolve_model_dir,
+)
 from qflash.model.attention import uses_varlen
 from qflash.model.lora import add_lora
 from qflash.paths import inside
@@ -94,16 +101,7 @@ def build_setup(cfg: Config) -> Setup:
     renderer = ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
     examples, stats = build_examples(cfg.data, renderer, split="train", seed=cfg.train.seed)
     fp = data_fingerprint(cfg.data, tok)
-    model = load_base_model(
-        model_dir,
-        quant_mode=cfg.quant.mode,
-        double_quant=cfg.quant.double_quant,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=cfg.model.trust_remote_code,
-        attention=cfg.attention.backend,
-        residual_dtype=cfg.quant.residual_dtype,
-    )
+    model = load_configured_base(cfg, model_dir, device, dtype)
     model.config.use_cache = False  # a KV cache is useless in training and unsafe with packed batches
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
