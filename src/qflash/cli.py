@@ -62,15 +62,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from qflash.data.commands import run_check
 
     return run_check(
-        args.source, args.overrides, fmt=args.format, columns=args.columns, on_error=args.on_error,
-        model=args.model, skipped=args.skipped,
+        args.source, args.overrides, fmt=args.format, columns=args.columns, prompt_template=args.prompt_template,
+        on_error=args.on_error, model=args.model, skipped=args.skipped,
     )
 
 
 def cmd_data_preview(args: argparse.Namespace) -> int:
     from qflash.data.commands import run_preview
 
-    return run_preview(args.source, args.overrides, fmt=args.format, columns=args.columns, model=args.model, n=args.n)
+    return run_preview(args.source, args.overrides, fmt=args.format, columns=args.columns,
+                       prompt_template=args.prompt_template, model=args.model, n=args.n)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         dp.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.max_len=2048")
         dp.add_argument("--format", help="force the record format (alpaca, messages, sharegpt, text, columns)")
         dp.add_argument("--columns", help="role=column pairs for format columns, e.g. user=ask,assistant=answer")
+        dp.add_argument("--prompt-template", help="format columns: the user turn from several columns, e.g. '{title}\\n{ask}'")
         dp.add_argument("--model", help="whose tokenizer and chat template to use (default: the config's, else the embedded model)")
         if name == "check":
             dp.add_argument("--on-error", choices=["fail", "skip"], help="fail (exit 2 on problems) or skip them")
@@ -174,7 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow flags (`data check f.csv --columns user=ask data.max_len=512`): argparse
+    # leaves those as unknown; they are overrides when they look like KEY=VALUE.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     _quiet_libraries()
     try:
         return args.fn(args)

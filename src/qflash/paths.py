@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from qflash.errors import ConfigError
+
+
+def qflash_home() -> Path:
+    """$QFLASH_HOME, else $XDG_CACHE_HOME/qflash, else ~/.cache/qflash (models, data cache, bench models).
+
+    Here, not in model/, so that a cached `qflash data check` never imports torch.
+    """
+    if os.environ.get("QFLASH_HOME"):
+        return Path(os.environ["QFLASH_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "qflash"
 
 
 def inside(root: Path, name: str | Path, what: str = "path") -> Path:

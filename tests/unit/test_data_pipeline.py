@@ -207,15 +207,18 @@ def test_load_conversations_and_fingerprint(tmp_path, smol_tokenizer):
     assert data_fingerprint(data_cfg(p, "data.max_len=64"), smol_tokenizer)["fingerprint"] != fp["fingerprint"]
 
 
-def test_qflash_home_matches_the_model_loader(monkeypatch, tmp_path):
-    from qflash.model.loading import qflash_home
+def test_qflash_home_follows_the_environment(monkeypatch, tmp_path):
+    from qflash.model import loading
+    from qflash.paths import qflash_home
 
-    for env in ({"QFLASH_HOME": str(tmp_path / "h")}, {"XDG_CACHE_HOME": str(tmp_path / "x")}, {}):
+    assert loading.qflash_home is qflash_home and pipeline.qflash_home is qflash_home  # one definition
+    for env, expected in (({"QFLASH_HOME": str(tmp_path / "h")}, tmp_path / "h"),
+                          ({"XDG_CACHE_HOME": str(tmp_path / "x")}, tmp_path / "x" / "qflash")):
         monkeypatch.delenv("QFLASH_HOME", raising=False)
         monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        assert pipeline.qflash_home() == qflash_home()
+        assert qflash_home() == expected
 
 
 def test_best_fit_decreasing_and_histogram():

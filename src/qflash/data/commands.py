@@ -60,7 +60,7 @@ def parse_columns(text: str | None) -> dict[str, str]:
 
 
 def command_config(source: str, overrides: list[str] | tuple[str, ...], *, fmt: str | None,
-                   columns: str | None) -> Config:
+                   columns: str | None, prompt_template: str | None = None) -> Config:
     """The Config of a config file, or a default one whose only dataset is the data file/directory."""
     if fmt is not None and fmt not in FORMATS:
         raise ConfigError(f"--format: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -71,29 +71,13 @@ def command_config(source: str, overrides: list[str] | tuple[str, ...], *, fmt: 
         for spec in cfg.data.datasets + cfg.data.eval_datasets:
             spec.format = fmt or spec.format  # type: ignore[assignment]
             spec.columns = mapping or spec.columns
+            spec.prompt_template = prompt_template or spec.prompt_template
         return cfg
     if not path.exists():
         raise DataError(f"{source}: no such data file, directory or config")
-    dataset = {"path": str(path), "format": fmt or "auto", "columns": mapping}
+    dataset = {"path": str(path), "format": fmt or "auto", "columns": mapping, "prompt_template": prompt_template}
     # JSON is YAML: the dataset goes through the same validation as any override.
     return load_config(None, [f"data.datasets={json.dumps([dataset], ensure_ascii=False)}", *overrides])
-
-
-def _num_proc_was_set(source: str, overrides: list[str] | tuple[str, ...]) -> bool:
-    if any(o.split("=", 1)[0].strip() in ("data.num_proc", "data") for o in overrides):
-        return True
-    path = Path(source)
-    if path.suffix.lower() in CONFIG_SUFFIXES and path.is_file():
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return isinstance(tree.get("data"), dict) and "num_proc" in tree["data"]
-    return False
-
-
-def _use_all_cores_unless_set(cfg: Config, source: str, overrides: list[str] | tuple[str, ...]) -> None:
-    # A check is run by hand and waited for: unless told otherwise, tokenize on every core
-    # (pipeline.PARALLEL_MIN keeps small datasets in one process).
-    if not _num_proc_was_set(source, overrides):
-        cfg.data.num_proc = max(1, min(os.cpu_count() or 1, 8))
 
 
 def _model_dir(cfg: Config, model: str | None) -> Path:
@@ -220,16 +204,16 @@ def _print_problems(out: Console, problems: list[Problem], dropped: list[Problem
 
 
 def run_check(source: str, overrides, *, fmt: str | None = None, columns: str | None = None,
+              prompt_template: str | None = None,
               on_error: str | None = None, model: str | None = None, skipped: str | None = None,
               console: Console | None = None) -> int:
     """Validate the data and print statistics. 0: usable (problems skipped under skip), 2: problems under fail."""
     t0 = time.perf_counter()
     out = console or Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True) if console is None else console
-    cfg = command_config(source, overrides or [], fmt=fmt, columns=columns)
+    cfg = command_config(source, overrides or [], fmt=fmt, columns=columns, prompt_template=prompt_template)
     if on_error:
         cfg.data.on_error = on_error  # type: ignore[assignment]
-    _use_all_cores_unless_set(cfg, source, overrides or [])
     model_dir = _model_dir(cfg, model)
     identity = cache.tokenizer_identity_for_dir(model_dir, cfg.data.template)
     specs = cfg.data.datasets + cfg.data.eval_datasets
@@ -295,10 +279,11 @@ def sample_text(tok, ex: Example) -> Text:
 
 
 def run_preview(source: str, overrides, *, fmt: str | None = None, columns: str | None = None,
+                prompt_template: str | None = None,
                 model: str | None = None, n: int = 3, console: Console | None = None) -> int:
     """Show the first n samples as the model will see them. 0 when at least one could be shown."""
     out = console or Console(highlight=False, soft_wrap=True)
-    cfg = command_config(source, overrides or [], fmt=fmt, columns=columns)
+    cfg = command_config(source, overrides or [], fmt=fmt, columns=columns, prompt_template=prompt_template)
     model_dir = _model_dir(cfg, model)
     renderer = _renderer_factory(cfg, model_dir)()
     out.print(f"[bold]qflash data preview[/] {source}  [dim](tokenizer {model_dir.name}, train_on "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from qflash.paths import qflash_home
 from qflash.config import DataConfig, DatasetSpec
 from qflash.data import cache
 from qflash.data.formats import Conversation, check_columns_spec, needed_columns, normalize
@@ -104,15 +105,6 @@ class LazyRenderer:
         if self._renderer is None:
             self._renderer = self._source()  # type: ignore[operator]
         return self._renderer
-
-
-def qflash_home() -> Path:
-    """Same as qflash.model.loading.qflash_home (a test keeps them equal), without importing torch:
-    that module imports it at load, which alone would take ~2 s of a cached `data check`."""
-    if os.environ.get("QFLASH_HOME"):
-        return Path(os.environ["QFLASH_HOME"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "qflash"
 
 
 def default_cache_dir() -> Path:
@@ -204,12 +196,13 @@ def process_all(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfig, r
     out: list[EncodedChunk] = []
     done = 0
     progress("tokenizing", 0, len(records))
-    if cfg.num_proc > 1 and len(records) >= PARALLEL_MIN:
+    workers = cfg.num_proc or min(os.cpu_count() or 1, 8)  # 0 = one per core
+    if workers > 1 and len(records) >= PARALLEL_MIN:
         # Forked workers must not inherit a half-used Rust thread pool; the processes are the parallelism.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        log.info("tokenizing %d records of %s in %d processes", len(records), spec.path, cfg.num_proc)
-        with ctx.Pool(cfg.num_proc, initializer=_init_worker, initargs=(renderer, spec, cfg)) as pool:
+        log.info("tokenizing %d records of %s in %d processes", len(records), spec.path, workers)
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(renderer, spec, cfg)) as pool:
             for chunk, part in zip(chunks, pool.imap(_process_in_worker, chunks)):
                 out.append(part)
                 done += len(chunk)

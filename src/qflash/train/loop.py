@@ -99,7 +99,9 @@ def build_setup(cfg: Config) -> Setup:
     model_dir = resolve_model_dir(cfg.model.path)
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     renderer = ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
-    examples, stats = build_examples(cfg.data, renderer, split="train", seed=cfg.train.seed)
+    # Records skipped (data.on_error=skip) or dropped (data.too_long=drop) are written beside the run.
+    examples, stats = build_examples(cfg.data, renderer, split="train", seed=cfg.train.seed,
+                                     skipped_path=Path(cfg.output_dir) / "skipped-train.jsonl")
     fp = data_fingerprint(cfg.data, tok)
     model = load_configured_base(cfg, model_dir, device, dtype)
     model.config.use_cache = False  # a KV cache is useless in training and unsafe with packed batches
@@ -339,6 +341,13 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
             f"device {setup.device.type}, compute {str(setup.dtype).replace('torch.', '')}, "
             f"quant {cfg.quant.mode}, LoRA r={cfg.lora.r}"
         )
+        st = setup.stats
+        if st.skipped or st.dropped_too_long or st.truncated or st.held_out:
+            console.print(
+                f"  data: {st.skipped} records skipped {dict(st.problems)}, {st.dropped_too_long} dropped and "
+                f"{st.truncated} truncated for data.max_len, {st.held_out} held out for eval"
+                + (f"; left-out records in {st.skipped_path}" if st.skipped_path else "")
+            )
     metrics = MetricsWriter(out, purge_step=start + 1 if start else None)
     samples_log = open(out / SAMPLES_LOG, "a", encoding="utf-8")
     progress = StepProgress(steps, start=start) if not quiet else None
