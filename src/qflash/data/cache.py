@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qflash.paths import sha256_file
 from qflash.config import DataConfig, DatasetSpec
 from qflash.data.problems import Problem
 from qflash.data.table import ExampleTable
@@ -37,14 +38,6 @@ TOKENIZER_FILES = (
 ARROW_FILE = "examples.arrow"
 META_FILE = "meta.json"
 PROBLEMS_FILE = "problems.jsonl"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
