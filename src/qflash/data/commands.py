@@ -8,14 +8,12 @@ results go to stdout.
 from __future__ import annotations
 
 import json
-import os
 import time
 import typing
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text

@@ -195,10 +195,7 @@ def verify(path: Path) -> str | None:
 
 
 def newest_complete(out: Path) -> Path | None:
-    for _, path in reversed(complete_checkpoints(out)):
-        if verify(path) is None:
-            return path
-    return None
+    return find_resumable(out)[0]
 
 
 def find_resumable(out: Path) -> tuple[Path | None, list[str]]:
