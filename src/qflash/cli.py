@@ -96,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_bench(
         args.shape, args.workload.split(","), against=args.against, steps=args.steps, warmup=args.warmup,
         dropout=args.dropout, attention=args.attention, out_dir=Path(args.out), parity_steps=args.parity,
-        cache=Path(args.cache) if args.cache else qflash_home() / "bench-models", residual_dtype=args.residual_dtype,
+        cache=Path(args.cache) if args.cache else qflash_home() / "bench-models", overrides=args.set,
     )
     return 0
 
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout, both recipes")
     b.add_argument("--attention", default="auto", choices=["auto", "flash_attn", "torch_varlen", "sdpa", "eager"])
     b.add_argument("--parity", type=int, default=0, help="also compare per-step losses for N steps (dropout 0)")
-    b.add_argument("--residual-dtype", default="fp32", choices=["fp32", "compute"], help="quant.residual_dtype for qflash")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="qflash config override for the qflash side, repeatable (e.g. --set lora.fused=false)")
     b.add_argument("--out", default="bench/results", help="where the JSON results go")
     b.add_argument("--cache", help="where random-weight models are written (default $QFLASH_HOME/bench-models)")
     b.set_defaults(fn=cmd_bench)

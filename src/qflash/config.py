@@ -60,6 +60,9 @@ class LoraConfig:
     """Rank-stabilized scaling alpha/sqrt(r)."""
     dora: bool = False
     """Weight-decomposed LoRA (DoRA)."""
+    fused: bool = True
+    """NF4 base + LoRA in one autograd function (the update added inside the base GEMM's epilogue);
+    false = PEFT's own 4-bit LoRA layers. DoRA always uses PEFT's."""
 
 
 @dataclass
@@ -125,7 +128,7 @@ class TrainConfig:
     seed: int = 42
     """Seed of LoRA init, data order and dropout."""
     optimizer: Literal["auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "auto"
-    """auto = bitsandbytes paged AdamW 32-bit on GPU, torch AdamW on CPU."""
+    """auto = torch AdamW (fused on GPU); paged_adamw_* = bitsandbytes paged optimizers (GPU only)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm; 0 disables."""
     gradient_checkpointing: bool = True
@@ -151,6 +154,17 @@ class AttentionConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Speed switches that leave the math unchanged (each has a plain PyTorch twin tested on CPU)."""
+
+    fused_norm: bool = True
+    """RMSNorm that reads the (fp32) residual and writes the compute dtype in one fused kernel
+    (torch.compile on CUDA, the same PyTorch code eagerly on CPU); false = transformers' own norm."""
+    compile_layers: bool = False
+    """torch.compile every decoder layer (CUDA only; experimental: fuses RoPE, SwiGLU, residual adds)."""
+
+
+@dataclass
 class EvalConfig:
     identity_samples: int = 5
     """How many held-out identity questions the demo and `qflash compare` ask."""
@@ -166,6 +180,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
     """Where checkpoints, the adapter, logs and metrics go."""

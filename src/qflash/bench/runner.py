@@ -69,25 +69,33 @@ def flops_per_token(shape: str, docs: list[np.ndarray]) -> float:
 # ------------------------------------------------------------------------------------------------
 # qflash
 
-RESIDUAL = {"dtype": "fp32"}  # bench-wide choice of quant.residual_dtype (set by run_bench)
+QFLASH_OVERRIDES: list[str] = []  # bench-wide qflash config overrides (`qflash bench --set key=value`)
+
+
+def qflash_config(dropout: float, lr: float, attention: str):
+    from qflash.config import load_config
+
+    cfg = load_config(None, list(QFLASH_OVERRIDES))
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules = 64, 16.0, dropout, list(TARGETS)
+    cfg.train.lr = lr
+    cfg.attention.backend = attention
+    return cfg
 
 
 def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, seed: int):
-    from qflash.config import Config
+    from qflash.kernels.compile import compile_decoder_layers
     from qflash.model.loading import enable_activation_checkpointing, load_configured_base
     from qflash.model.lora import add_lora
     from qflash.train.loop import build_optimizer
 
-    cfg = Config()
-    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules = 64, 16.0, dropout, list(TARGETS)
-    cfg.train.lr = lr
-    cfg.quant.residual_dtype = RESIDUAL["dtype"]
+    cfg = qflash_config(dropout, lr, attention)
     device = torch.device("cuda")
-    cfg.attention.backend = attention
     model = load_configured_base(cfg, model_dir, device, torch.bfloat16)
     model.config.use_cache = False
     enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=seed)
+    if cfg.kernels.compile_layers:
+        compile_decoder_layers(model)
     model.train()  # transformers checkpoints activations only in training mode
     params = [p for p in model.parameters() if p.requires_grad]
     return model, build_optimizer(params, cfg, device), params
@@ -301,10 +309,11 @@ def versions() -> dict:
 
 
 def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: int, warmup: int, dropout: float,
-              attention: str, out_dir: Path, parity_steps: int, cache: Path, residual_dtype: str = "fp32") -> list[dict]:
+              attention: str, out_dir: Path, parity_steps: int, cache: Path, overrides: list[str] | None = None) -> list[dict]:
     from qflash.model.attention import activate
 
-    RESIDUAL["dtype"] = residual_dtype
+    QFLASH_OVERRIDES[:] = overrides or []
+    qcfg = qflash_config(dropout, 2e-4, attention)  # validates the overrides before any work
     if not torch.cuda.is_available():
         raise SystemExit("qflash bench needs a CUDA GPU")
     backend = activate(attention)
@@ -317,7 +326,9 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
     results = []
     common = {
         "device": device, "shape": shape, "lora_r": 64, "lora_alpha": 16, "lora_dropout": dropout,
-        "quant": "nf4 double-quant, bf16 compute", "attention_backend": backend, "residual_dtype": residual_dtype,
+        "quant": "nf4 double-quant, bf16 compute", "attention_backend": backend,
+        "residual_dtype": qcfg.quant.residual_dtype, "lora_fused": qcfg.lora.fused, "kernels": dict(vars(qcfg.kernels)),
+        "optimizer": qcfg.train.optimizer, "overrides": list(QFLASH_OVERRIDES),
         "git_commit": os.environ.get("QFLASH_GIT_COMMIT"), "versions": versions(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "flops_basis": "4N + 6*layers*hidden*n per token (N = params except input embedding; no recompute)",

@@ -28,12 +28,21 @@ def peft_lora_config(cfg: LoraConfig):
 
 
 def add_lora(model, cfg: LoraConfig, *, seed: int):
-    """Wrap `model` with fresh LoRA weights initialized from `seed`. PEFT keeps them in fp32 (master weights)."""
+    """Wrap `model` with fresh LoRA weights initialized from `seed`. PEFT keeps them in fp32 (master weights).
+
+    With `cfg.fused` (and not DoRA) the 4-bit layers get qflash's fused forward (model/fused_lora.py);
+    parameter names, initialization and the saved adapter are PEFT's either way.
+    """
     from peft import get_peft_model
 
+    peft_cfg = peft_lora_config(cfg)
+    if cfg.fused and not cfg.dora:
+        from qflash.model.fused_lora import register_fused
+
+        register_fused(peft_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, peft_lora_config(cfg))
+        peft_model = get_peft_model(model, peft_cfg)
     return peft_model
 
 

@@ -113,10 +113,11 @@ def build_setup(cfg: Config) -> Setup:
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     kind = cfg.train.optimizer
-    if kind == "auto":
-        kind = "paged_adamw_32bit" if device.type == "cuda" else "adamw"
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if kind in ("auto", "adamw"):
+        # LoRA states are small: paging buys nothing, and torch's fused AdamW (one kernel for all
+        # tensors, same math) costs ~2 ms a step where bnb's paged one launches per tensor (~50 ms, 7B).
+        fused = device.type == "cuda"
+        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
     if device.type != "cuda":
         raise ConfigError(f"train.optimizer={kind} needs a CUDA GPU; use train.optimizer=adamw on CPU")
     import bitsandbytes as bnb

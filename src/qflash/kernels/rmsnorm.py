@@ -1,0 +1,65 @@
+"""RMSNorm that reads the fp32 residual stream and writes the compute dtype, fused.
+
+transformers' Llama/Qwen2 RMSNorm with an fp32 residual (quant.residual_dtype: fp32) runs five
+separate kernels (cast, square, mean, rsqrt-multiply, weight-multiply) and returns fp32, which every
+projection then casts to bf16 again (q, k and v each cast the same tensor). `rms_norm` computes the
+same values — fp32 statistics, fp32 weight multiply — and rounds once to the dtype the matmuls use.
+On CUDA it is compiled (torch.compile -> one Triton kernel forward, one backward); on the CPU the
+same function runs eagerly: it is its own pure-PyTorch twin.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# The norms this replaces: y = w * x / rms(x) (Gemma's (1 + w) variant is different math: left alone).
+PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Qwen2MoeRMSNorm")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    xf = x.float()
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * (xf * inv)).to(out_dtype)
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(rms_norm, dynamic=True)
+
+
+class FusedRMSNorm(torch.nn.Module):
+    """Drop-in for a plain RMSNorm module: same `weight` parameter (shared, not copied), same eps."""
+
+    def __init__(self, weight: torch.nn.Parameter, eps: float, compiled: bool):
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+        self.compiled = compiled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        fn = _compiled() if (self.compiled and x.is_cuda) else rms_norm
+        return fn(x, self.weight, self.variance_epsilon, out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, compiled={self.compiled}"
+
+
+def swap_rms_norms(model: torch.nn.Module, compiled: bool) -> int:
+    """Replace every plain RMSNorm submodule by FusedRMSNorm in place; returns how many were replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ in PLAIN_RMS_NORMS:
+                eps = getattr(child, "variance_epsilon", getattr(child, "eps", None))
+                if eps is None:
+                    continue
+                setattr(parent, name, FusedRMSNorm(child.weight, float(eps), compiled))
+                replaced += 1
+    return replaced

@@ -1,0 +1,115 @@
+"""NF4 base + LoRA in one autograd function: the LoRA update rides in the base GEMM's epilogue.
+
+PEFT's 4-bit LoRA layer runs, per projection and pass: the bnb matmul (dequantize + GEMM, its
+output cast back to the input dtype), a defensive clone of that output, lora_A, lora_B, a scaling
+multiply and an add — five full passes over a (tokens x out_features) activation besides the GEMM.
+Here the same math is
+
+    y = x W^T + b  (+)=  s * (x A^T) B^T          one GEMM, then one in-place addmm of rank r
+
+so the activation is written once by the base GEMM and read+written once by the rank-r addmm
+(its add and scale happen inside cuBLAS). Backward is the same shape:
+grad_x = g W (+)= s * (g B) A, grad_A = s * (g B)^T x, grad_B = s * g^T (x A^T).
+
+Math unchanged: the same NF4 dequantization (bitsandbytes), GEMMs in the compute dtype with fp32
+accumulation; the scale is applied in fp32 inside the epilogue instead of on a bf16 product (one
+rounding fewer). Used for plain LoRA with one active adapter; DoRA, several adapters, merged or
+disabled adapters go through PEFT's own forward. `lora.fused: false` turns it off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # PEFT's 4-bit LoRA layer exists only when bitsandbytes is installed
+    from peft.tuners.lora.bnb import Linear4bit as _PeftLinear4bit
+except ImportError:  # pragma: no cover - qflash requires bitsandbytes; keep imports of this module safe
+    _PeftLinear4bit = None
+
+
+def _dequantize(weight: torch.Tensor, quant_state) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight, quant_state)  # (out_features, in_features), quant_state.dtype
+
+
+class NF4LoraLinear(torch.autograd.Function):
+    """y = x W^T + bias + s (x_lora A^T) B^T with W stored as NF4; gradients for x, x_lora, A and B."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, quant_state, bias, lora_a, lora_b, scaling, compute_dtype):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(compute_dtype)  # (tokens, in)
+        same_input = x_lora is None
+        xl = x2 if same_input else x_lora.reshape(-1, shape[-1]).to(compute_dtype)
+        a, b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)  # (r, in), (out, r)
+        w = _dequantize(weight, quant_state).to(compute_dtype)
+        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(compute_dtype))
+        xa = xl @ a.t()  # (tokens, r)
+        y.addmm_(xa, b.t(), alpha=scaling)  # the LoRA update, added and scaled inside the GEMM
+        ctx.save_for_backward(x2 if same_input else xl, xa, weight, lora_a, lora_b)
+        ctx.quant_state, ctx.scaling, ctx.compute_dtype = quant_state, scaling, compute_dtype
+        ctx.same_input, ctx.x_dtype, ctx.shape = same_input, x.dtype, shape
+        ctx.xl_dtype = None if same_input else x_lora.dtype
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xl, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        cdt, s = ctx.compute_dtype, ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(cdt)  # (tokens, out)
+        a, b = lora_a.to(cdt), lora_b.to(cdt)
+        gb = g @ b  # (tokens, r)
+        grad_x = grad_xl = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ _dequantize(weight, ctx.quant_state).to(cdt)  # (tokens, in)
+            if ctx.same_input:
+                grad_x.addmm_(gb, a, alpha=s)
+            grad_x = grad_x.reshape(ctx.shape).to(ctx.x_dtype)
+        if not ctx.same_input and ctx.needs_input_grad[1]:
+            grad_xl = (torch.mm(gb, a) * s).reshape(ctx.shape).to(ctx.xl_dtype)
+        # Like autocast would: GEMMs in the compute dtype, the result cast to the fp32 master weights.
+        grad_a = torch.mm(gb.t(), xl).mul_(s).to(lora_a.dtype) if ctx.needs_input_grad[5] else None
+        grad_b = torch.mm(g.t(), xa).mul_(s).to(lora_b.dtype) if ctx.needs_input_grad[6] else None
+        return grad_x, grad_xl, None, None, None, grad_a, grad_b, None, None
+
+
+if _PeftLinear4bit is not None:
+
+    class FusedLoraLinear4bit(_PeftLinear4bit):
+        """PEFT's 4-bit LoRA layer (same parameters, names and state dict) with a fused training forward."""
+
+        def _fusable(self, args, kwargs) -> bool:
+            if args or kwargs or self.disable_adapters or self.merged:
+                return False
+            active = [a for a in self.active_adapters if a in self.lora_A]
+            return len(active) == 1 and active[0] not in self.lora_variant
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if not self._fusable(args, kwargs):
+                return super().forward(x, *args, **kwargs)
+            name = next(a for a in self.active_adapters if a in self.lora_A)
+            base = self.base_layer
+            dropout = self.lora_dropout[name]
+            x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
+            if torch.is_autocast_enabled(x.device.type):
+                compute_dtype = torch.get_autocast_dtype(x.device.type)
+            else:
+                compute_dtype = base.compute_dtype or x.dtype
+            return NF4LoraLinear.apply(
+                x, x_lora, base.weight, base.weight.quant_state, base.bias,
+                self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), compute_dtype,
+            )
+
+else:  # pragma: no cover
+    FusedLoraLinear4bit = None
+
+
+def register_fused(peft_config) -> bool:
+    """Have PEFT build FusedLoraLinear4bit for every bitsandbytes 4-bit linear it adapts."""
+    if FusedLoraLinear4bit is None:
+        return False
+    import bitsandbytes as bnb
+
+    peft_config._register_custom_module({bnb.nn.Linear4bit: FusedLoraLinear4bit})
+    return True

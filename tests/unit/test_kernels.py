@@ -1,0 +1,50 @@
+"""Kernels' pure-PyTorch twins against the transformers modules they replace (CPU)."""
+
+import pytest
+import torch
+
+from qflash.kernels.rmsnorm import FusedRMSNorm, swap_rms_norms
+
+
+@pytest.mark.parametrize("cls_name", ["Qwen2RMSNorm", "LlamaRMSNorm"])
+def test_fused_rms_norm_equals_transformers_norm_then_cast(cls_name):
+    """fp32 residual in: the output is exactly transformers' fp32 norm output rounded to the compute dtype
+    (what autocast would hand to the next matmul), and the input gradient matches."""
+    import transformers.models.llama.modeling_llama as llama
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    cls = getattr(qwen2 if cls_name.startswith("Qwen2") else llama, cls_name)
+    torch.manual_seed(0)
+    ref = cls(64, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(64) * 0.3 + 1)
+    ours = FusedRMSNorm(ref.weight, ref.variance_epsilon, compiled=False)
+    x = (torch.randn(3, 7, 64) * 4).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    g = torch.randn(3, 7, 64)
+
+    want = ref(x)  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(x2)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.to(torch.bfloat16))
+    # Gradients: ours receives the bf16-rounded upstream gradient (as autocast's cast would pass on).
+    want.backward(g.to(torch.bfloat16).float())
+    got.backward(g.to(torch.bfloat16))
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
+
+    # Without autocast (the CPU's fp32 path) it is the transformers norm itself.
+    torch.testing.assert_close(ours(x.detach()), ref(x.detach()), rtol=1e-6, atol=1e-6)
+
+
+def test_swap_shares_weights_and_keeps_state_dict(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2"]), dtype=torch.float32)
+    keys = list(model.state_dict())
+    ids = torch.randint(0, 100, (2, 9))
+    before = model(ids).logits
+    n = swap_rms_norms(model, compiled=False)
+    assert n == 2 * 2 + 1  # two per layer and the final norm
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
