@@ -44,18 +44,52 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    from qflash.infer.generate import answer, load_for_inference
+def _sampling(args: argparse.Namespace):
+    from qflash.infer.options import SamplingOptions
 
-    if args.prompt is None:
-        raise QflashError("chat: interactive chat is not there yet; pass --prompt \"...\"")
-    loaded = load_for_inference(args.model, args.adapter, args.device)
-    conv = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}
-    ]
-    (text, _stopped), = answer(loaded, [conv], max_new_tokens=args.max_new_tokens)
-    print(text)
+    return SamplingOptions(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    ).checked(lambda f: "--" + f.replace("_", "-"))
+
+
+def _engine(args: argparse.Namespace):
+    from qflash.infer.engine import Engine
+    from qflash.infer.generate import load_target
+
+    return Engine(load_target(args.target, args.model, args.adapter, args.device, args.quant))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qflash.infer.chat import run_one_shot, run_repl
+
+    opts = _sampling(args)
+    engine = _engine(args)
+    if args.prompt is not None:
+        return run_one_shot(engine, opts, args.prompt, args.system)
+    return run_repl(engine, opts, args.system)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qflash.infer.batch import run_generate
+
+    opts = _sampling(args)
+    run_generate(lambda: _engine(args), Path(args.input), Path(args.output), opts, batch_size=args.batch_size,
+                 overwrite=args.overwrite)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qflash.infer.serve import check_bind, resolve_api_key, serve
+
+    opts = _sampling(args)
+    api_key = resolve_api_key(args.api_key)
+    check_bind(args.host, api_key)  # before the model loads: a refused bind should not wait for it
+    engine = _engine(args)
+    return serve(engine, host=args.host, port=args.port, model_id=args.model_name or engine.loaded.name,
+                 defaults=opts, api_key=api_key)
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -72,6 +106,14 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 
     return run_preview(args.source, args.overrides, fmt=args.format, columns=args.columns,
                        prompt_template=args.prompt_template, model=args.model, n=args.n)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from qflash.export.merge import MergeOptions, merge
+
+    merge(MergeOptions(args.source, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, base=args.base,
+                       overwrite=args.overwrite, check=not args.no_check, check_samples=args.check_samples))
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -99,6 +141,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cache=Path(args.cache) if args.cache else qflash_home() / "bench-models", overrides=args.set,
     )
     return 0
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    """What chat, generate and serve share: what to load, and the sampling options."""
+    from qflash.infer.options import SamplingOptions, option_help
+
+    p.add_argument("target", nargs="?", metavar="MODEL_OR_RUN",
+                   help="a run or adapter directory (base model from its config), or a model: HF directory, "
+                        ".gguf file or smollm2-135m-instruct (the default)")
+    p.add_argument("--model", help="base model for --adapter (default: the run's)")
+    p.add_argument("--adapter", help="a run directory or an adapter directory")
+    p.add_argument("--quant", default="auto", choices=["auto", "nf4", "none"],
+                   help="auto: a run's base as it was trained (NF4), a plain model unquantized")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    doc, d = option_help(), SamplingOptions()
+    p.add_argument("--temperature", type=float, default=d.temperature, help=doc["temperature"])
+    p.add_argument("--top-p", type=float, default=d.top_p, help=doc["top_p"])
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=doc["max_new_tokens"])
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help=doc["repetition_penalty"])
+    p.add_argument("--seed", type=int, default=d.seed, help=doc["seed"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,14 +201,38 @@ def build_parser() -> argparse.ArgumentParser:
             dp.add_argument("-n", type=int, default=3, help="samples to show")
         dp.set_defaults(fn=fn)
 
-    ch = sub.add_parser("chat", help="talk to a base model or a fine-tuned run")
-    ch.add_argument("--model", help="base model: HF directory, .gguf file or smollm2-135m-instruct (default: the run's)")
-    ch.add_argument("--adapter", help="a run directory or an adapter directory")
+    ch = sub.add_parser("chat", help="talk to a model or a fine-tuned run (streamed, multi-turn; --prompt: one reply)")
+    _add_inference_args(ch)
     ch.add_argument("--prompt", help="ask one question, print the reply and exit")
     ch.add_argument("--system", help="system prompt")
-    ch.add_argument("--max-new-tokens", type=int, default=128)
-    ch.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ch.set_defaults(fn=cmd_chat)
+
+    gen = sub.add_parser("generate", help="answer a JSONL file of prompts in batches (resumable)")
+    _add_inference_args(gen)
+    gen.add_argument("--input", required=True, help='JSONL: {"prompt": ...} or {"messages": [...]} per line, "id" optional')
+    gen.add_argument("--output", required=True, help="JSONL of answers; ids already in it are skipped (resume)")
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (sorted by length)")
+    gen.add_argument("--overwrite", action="store_true", help="start --output over instead of resuming it")
+    gen.set_defaults(fn=cmd_generate)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)")
+    _add_inference_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --api-key")
+    sv.add_argument("--port", type=int, default=8000, help="port (0 = any free one, printed at start)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $QFLASH_API_KEY)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the run's or the model's name)")
+    sv.set_defaults(fn=cmd_serve)
+
+    mg = sub.add_parser("merge", help="merge a run's LoRA adapter into the 16-bit base model (sharded safetensors)")
+    mg.add_argument("source", metavar="RUN_OR_ADAPTER_DIR", help="a run directory or a PEFT adapter directory")
+    mg.add_argument("--output", required=True, help="directory for the merged model (created; must be empty)")
+    mg.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the merged weights")
+    mg.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB")
+    mg.add_argument("--base", help="the base model (HF dir, .gguf, smollm2-135m-instruct); default: the run's model.path")
+    mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    mg.add_argument("--check-samples", type=int, default=4, help="held-out samples for the fidelity check")
+    mg.add_argument("--no-check", action="store_true", help="skip the fidelity check (logits vs base+adapter)")
+    mg.set_defaults(fn=cmd_merge)
 
     cmp_ = sub.add_parser("compare", help="held-out identity questions: base model vs fine-tuned, side by side")
     cmp_.add_argument("run", help="run directory (output_dir of qflash train)")
