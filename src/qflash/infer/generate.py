@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
 
-from qflash.config import Config, config_from_dict
+from qflash.config import EMBEDDED_MODEL, Config, config_from_dict
 from qflash.data.template import ChatRenderer
 from qflash.errors import ConfigError
 from qflash.model.loading import compute_dtype, load_configured_base, load_tokenizer, pick_device, resolve_model_dir
@@ -39,10 +40,22 @@ class Loaded:
     cfg: Config
     has_adapter: bool
     device: torch.device
+    name: str = ""
+    """A short name for what was loaded: the run's directory name, else the model's."""
 
 
-def load_for_inference(model: str | None = None, adapter: str | None = None, device: str = "auto") -> Loaded:
-    """The base model quantized as it was trained (NF4 unless the run said none), plus the adapter."""
+QuantChoice = Literal["auto", "nf4", "none"]
+
+
+def load_for_inference(
+    model: str | None = None, adapter: str | None = None, device: str = "auto", quant: QuantChoice | None = None
+) -> Loaded:
+    """The base model quantized as it was trained (NF4 unless the run said none), plus the adapter.
+
+    quant: None = the run config's quant.mode (NF4 for a plain model: how training would load it);
+    auto = as trained with an adapter, unquantized without one (a merged 16-bit model stays 16-bit);
+    nf4 / none force it.
+    """
     cfg = Config()
     adapter_dir = None
     if adapter:
@@ -51,6 +64,10 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, dev
             cfg = run_cfg
     if model:
         cfg.model.path = model
+    if quant == "auto":
+        quant = cfg.quant.mode if adapter_dir is not None else "none"
+    if quant is not None:
+        cfg.quant.mode = quant
     dev = pick_device(device)
     dtype = compute_dtype(cfg.quant.compute_dtype, dev)
     model_dir = resolve_model_dir(cfg.model.path)
@@ -59,10 +76,51 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, dev
     base = load_configured_base(cfg, model_dir, dev, dtype)
     net = load_adapter(base, adapter_dir) if adapter_dir is not None else base
     net.eval()
-    return Loaded(net, tok, renderer, cfg, adapter_dir is not None, dev)
+    return Loaded(net, tok, renderer, cfg, adapter_dir is not None, dev, _display_name(cfg.model.path, adapter_dir))
 
 
-@torch.inference_mode()
+def _display_name(model_path: str, adapter_dir: Path | None) -> str:
+    if adapter_dir is not None:
+        p = adapter_dir.resolve()
+        return p.parent.name if p.name == ADAPTER_DIR else p.name
+    return Path(model_path).stem if model_path.endswith(".gguf") else Path(model_path).name or EMBEDDED_MODEL
+
+
+def is_adapter_path(path: str | Path) -> bool:
+    """A run directory (with or without its adapter yet) or an adapter directory."""
+    p = Path(path)
+    if (p / "adapter_config.json").is_file() or (p / ADAPTER_DIR / "adapter_config.json").is_file():
+        return True
+    return (p / "config.yaml").is_file() and not (p / "config.json").is_file()
+
+
+def split_target(target: str | None, model: str | None, adapter: str | None) -> tuple[str | None, str | None]:
+    """MODEL_OR_RUN (positional) with --model/--adapter -> (model, adapter) for load_for_inference."""
+    if not target:
+        return model, adapter
+    if is_adapter_path(target):
+        if adapter:
+            raise ConfigError(f"MODEL_OR_RUN {target} is a run/adapter and --adapter {adapter} too: give one of them")
+        return model, target
+    if model:
+        raise ConfigError(f"MODEL_OR_RUN {target} is a model and --model {model} too: give one of them")
+    if target != EMBEDDED_MODEL and not Path(target).expanduser().exists():
+        raise ConfigError(
+            f"MODEL_OR_RUN {target}: no such file or directory; give a run directory, an adapter directory, "
+            f"a model directory, a .gguf file or {EMBEDDED_MODEL}"
+        )
+    return target, adapter
+
+
+def load_target(
+    target: str | None, model: str | None = None, adapter: str | None = None, device: str = "auto",
+    quant: QuantChoice = "auto",
+) -> Loaded:
+    """What the chat/generate/serve commands load: MODEL_OR_RUN and/or --model/--adapter."""
+    model, adapter = split_target(target, model, adapter)
+    return load_for_inference(model, adapter, device, quant)
+
+
 def answer(
     loaded: Loaded,
     conversations: list[list[dict[str, str]]],
@@ -71,29 +129,13 @@ def answer(
     batch_size: int = 8,
 ) -> list[tuple[str, bool]]:
     """Greedy replies to each conversation: (text, stopped) where stopped = ended with the end-of-turn token."""
-    tok, r = loaded.tokenizer, loaded.renderer
-    stop_ids = sorted({r.eot_id, tok.eos_token_id} - {None})
+    from qflash.infer.engine import Engine, SamplingOptions
+
+    engine = Engine(loaded)
+    opts = SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens)
     results: list[tuple[str, bool]] = []
     for k in range(0, len(conversations), batch_size):
-        prompts = [r.prompt_ids(c) for c in conversations[k : k + batch_size]]
-        width = max(len(p) for p in prompts)
-        # Left padding: every prompt ends at the same position, where generation starts.
-        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        out = loaded.model.generate(
-            input_ids=ids.to(loaded.device),
-            attention_mask=mask.to(loaded.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=tok.pad_token_id,
-        )
-        for row in out[:, width:].tolist():
-            stopped = any(t in stop_ids for t in row)
-            if stopped:
-                row = row[: min(row.index(t) for t in stop_ids if t in row)]
-            results.append((tok.decode(row, skip_special_tokens=True).strip(), stopped))
+        prompts = [engine.prompt_ids(c) for c in conversations[k : k + batch_size]]
+        for c in engine.complete_batch(prompts, opts):
+            results.append((c.text.strip(), c.finish_reason == "stop"))
     return results
