@@ -57,7 +57,7 @@ def run(variant, model_dir, data, steps, init):
         make = runner.reference_model if variant == "reference" else reference_bf16
         model, opt, params = make(model_dir, 0.0, 1e-4)
         batches = [runner.reference_batches(d) for d in data]
-        step = lambda i: runner.reference_step(model, opt, params, batches[i % 2])  # noqa: E731
+        step = lambda i: runner.reference_step(model, opt, params, batches[i % 2], True)  # noqa: E731
     if init is None:
         init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():

@@ -4,7 +4,12 @@ qflash side: the training code itself (NF4 via load_base_model, LoRA via add_lor
 the attention facade, the chunked loss, the optimizer of build_optimizer, autocast bf16).
 Reference side (the seeds' recipe): transformers + bitsandbytes NF4 double quant,
 peft.prepare_model_for_kbit_training, SDPA, gradient checkpointing, paged AdamW 32-bit, the HF
-loss on full logits; varlen batches padded in groups of 4 sorted by length.
+loss on full logits; varlen batches padded in groups of 4 sorted by length. Two variants:
+  reference      as the seeds' TrainingArguments have it (fp16=False, bf16=False): no mixed
+                 precision, so after prepare_model_for_kbit_training's fp32 upcast the LoRA
+                 matmuls, lm_head and logits run in fp32; only the NF4 matmuls use the bf16
+                 compute dtype.
+  reference-amp  the same plus bf16 autocast (TrainingArguments bf16=True): the stronger baseline.
 
 Throughput counts real tokens only. MFU uses FLOPs/token = 4*N + attention, where N is every
 parameter that does matmul work per token (all but the input embedding; LoRA training needs the
@@ -166,10 +171,13 @@ def reference_batches(docs: list[np.ndarray]) -> list[dict]:
     return out
 
 
-def reference_step(model, optimizer, params, batches: list[dict]) -> float:
+REFERENCES = ("reference", "reference-amp")
+
+
+def reference_step(model, optimizer, params, batches: list[dict], amp: bool) -> float:
     total = 0.0
     for b in batches:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             loss = model(**b).loss / len(batches)
         loss.backward()
         total += loss.item()
@@ -208,7 +216,7 @@ def _measure_once(recipe: str, model_dir: Path, docs: list[np.ndarray], warmup: 
     else:
         model, optimizer, params = reference_model(model_dir, dropout, 2e-4)
         batches = reference_batches(docs)
-        step = lambda: reference_step(model, optimizer, params, batches)  # noqa: E731
+        step = lambda: reference_step(model, optimizer, params, batches, recipe == "reference-amp")  # noqa: E731
     torch.cuda.reset_peak_memory_stats()
     out.losses, times = _timed(step, warmup, steps)
     out.step_s = statistics.median(times)
@@ -250,7 +258,7 @@ def _maxlen_once(recipe: str, model_dir: Path, vocab: int, attention: str, limit
             if recipe == "qflash":
                 qflash_step(model, optimizer, params, qflash_batches([doc], n))
             else:
-                reference_step(model, optimizer, params, reference_batches([doc]))
+                reference_step(model, optimizer, params, reference_batches([doc]), recipe == "reference-amp")
             out.max_tokens, out.peak_mem_gb = n, torch.cuda.max_memory_allocated() / 1e9
             print(f"  maxlen {recipe}: {n} tokens ok, peak {out.peak_mem_gb:.1f} GB", flush=True)
         except torch.OutOfMemoryError:
@@ -272,7 +280,8 @@ def _losses(recipe: str, model_dir: Path, data, steps: int, attention: str, init
     else:
         model, optimizer, params = reference_model(model_dir, 0.0, 1e-4)
         batches = [reference_batches(d) for d in data]
-        step = lambda i: reference_step(model, optimizer, params, batches[i % len(batches)])  # noqa: E731
+        amp = recipe == "reference-amp"
+        step = lambda i: reference_step(model, optimizer, params, batches[i % len(batches)], amp)  # noqa: E731
     if init is None:
         init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     else:
@@ -283,16 +292,20 @@ def _losses(recipe: str, model_dir: Path, data, steps: int, attention: str, init
     return [step(i) for i in range(steps)], init
 
 
-def parity(model_dir: Path, vocab: int, steps: int, attention: str) -> dict:
-    """Per-step loss of qflash vs the reference, dropout 0, same data and same initial LoRA weights."""
+def parity(model_dir: Path, vocab: int, steps: int, attention: str, references: list[str]) -> dict:
+    """Per-step loss of qflash vs each reference, dropout 0, same data and same initial LoRA weights."""
     rng = np.random.default_rng(1)
     data = [[rng.integers(0, vocab, 2048) for _ in range(4)] for _ in range(2)]  # two batches, alternating
     ours, init = _losses("qflash", model_dir, data, steps, attention, None)
     _free()
-    theirs, _ = _losses("reference", model_dir, data, steps, attention, init)
-    _free()
-    rel = [abs(a - b) / abs(b) for a, b in zip(ours, theirs)]
-    return {"qflash_losses": ours, "reference_losses": theirs, "max_rel_diff": max(rel)}
+    out: dict = {"qflash_losses": ours}
+    for recipe in references:
+        theirs, _ = _losses(recipe, model_dir, data, steps, attention, init)
+        _free()
+        key = recipe.replace("-", "_")
+        out[f"{key}_losses"] = theirs
+        out[f"{key}_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(ours, theirs))
+    return out
 
 
 def versions() -> dict:
@@ -333,40 +346,53 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "flops_basis": "4N + 6*layers*hidden*n per token (N = params except input embedding; no recompute)",
     }
+    refs = [r for r in (against or "").split(",") if r]
+    unknown = set(refs) - set(REFERENCES)
+    if unknown:
+        raise SystemExit(f"--against: unknown recipe(s) {sorted(unknown)}; choose from {', '.join(REFERENCES)}")
     for wl in workloads:
+        rec = {**common, "workload": wl}
         if wl == "maxlen":
             ours = measure_maxlen("qflash", model_dir, vocab, attention)
-            ref = measure_maxlen("reference", model_dir, vocab, attention) if against else None
-            rec = {**common, "workload": wl, "max_tokens": ours.max_tokens, "peak_mem_gb": ours.peak_mem_gb,
-                   "reference_max_tokens": ref.max_tokens if ref else None,
-                   "reference_peak_mem_gb": ref.peak_mem_gb if ref else None,
-                   "tokens_per_s": None, "mfu": None, "reference_tokens_per_s": None}
+            rec.update({"max_tokens": ours.max_tokens, "peak_mem_gb": ours.peak_mem_gb, "tokens_per_s": None, "mfu": None})
+            for recipe in REFERENCES:
+                key = recipe.replace("-", "_")
+                ref = measure_maxlen(recipe, model_dir, vocab, attention) if recipe in refs else None
+                rec.update({f"{key}_max_tokens": ref.max_tokens if ref else None,
+                            f"{key}_peak_mem_gb": ref.peak_mem_gb if ref else None, f"{key}_tokens_per_s": None})
         else:
             docs = workload_docs(wl, vocab)
             ours = measure("qflash", model_dir, docs, warmup=warmup, steps=steps, dropout=dropout, attention=attention)
-            ref = (measure("reference", model_dir, docs, warmup=warmup, steps=steps, dropout=dropout, attention=attention)
-                   if against else None)
             fpt = flops_per_token(shape, docs)
-            rec = {**common, "workload": wl, "real_tokens_per_step": int(sum(len(d) for d in docs)),
-                   "steps_timed": steps, "warmup_steps": warmup,
-                   "tokens_per_s": ours.tokens_per_s, "step_s": ours.step_s, "peak_mem_gb": ours.peak_mem_gb,
-                   "mfu": (ours.tokens_per_s * fpt / peak) if (peak and ours.tokens_per_s) else None,
-                   "flops_per_token": fpt, "error": ours.error,
-                   "reference_tokens_per_s": ref.tokens_per_s if ref else None,
-                   "reference_step_s": ref.step_s if ref else None,
-                   "reference_peak_mem_gb": ref.peak_mem_gb if ref else None,
-                   "reference_error": ref.error if ref else None,
-                   "speedup": (ours.tokens_per_s / ref.tokens_per_s) if (ref and ref.tokens_per_s and ours.tokens_per_s) else None,
-                   "losses": ours.losses, "reference_losses": ref.losses if ref else None}
+            rec.update({"real_tokens_per_step": int(sum(len(d) for d in docs)),
+                        "steps_timed": steps, "warmup_steps": warmup,
+                        "tokens_per_s": ours.tokens_per_s, "step_s": ours.step_s, "peak_mem_gb": ours.peak_mem_gb,
+                        "mfu": (ours.tokens_per_s * fpt / peak) if (peak and ours.tokens_per_s) else None,
+                        "flops_per_token": fpt, "error": ours.error, "losses": ours.losses})
+            for recipe in REFERENCES:
+                key = recipe.replace("-", "_")
+                ref = (measure(recipe, model_dir, docs, warmup=warmup, steps=steps, dropout=dropout, attention=attention)
+                       if recipe in refs else None)
+                ok = bool(ref and ref.tokens_per_s and ours.tokens_per_s)
+                rec.update({f"{key}_tokens_per_s": ref.tokens_per_s if ref else None,
+                            f"{key}_step_s": ref.step_s if ref else None,
+                            f"{key}_peak_mem_gb": ref.peak_mem_gb if ref else None,
+                            f"{key}_error": ref.error if ref else None,
+                            f"{key}_losses": ref.losses if ref else None,
+                            f"speedup_vs_{key}": ours.tokens_per_s / ref.tokens_per_s if ok else None})
+            rec["speedup"] = rec["speedup_vs_reference"]
         results.append(rec)
         _print(rec)
-    if parity_steps:
-        p = parity(model_dir, vocab, parity_steps, attention)
+    if parity_steps and refs:
+        p = parity(model_dir, vocab, parity_steps, attention, refs)
         rec = {**common, "workload": "parity", "lora_dropout": 0.0, "steps": parity_steps, **p,
                "tokens_per_s": None, "peak_mem_gb": None, "mfu": None, "reference_tokens_per_s": None,
                "reference_peak_mem_gb": None}
         results.append(rec)
-        print(f"parity over {parity_steps} steps: max relative loss difference {p['max_rel_diff']:.4%}", flush=True)
+        for recipe in refs:
+            key = recipe.replace("-", "_")
+            print(f"parity vs {recipe} over {parity_steps} steps: max relative loss difference "
+                  f"{p[f'{key}_max_rel_diff']:.4%}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     tag = device.replace(" ", "-").replace("/", "-")
@@ -377,16 +403,22 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
 
 def _print(rec: dict) -> None:
     if rec["workload"] == "maxlen":
-        print(f"{rec['shape']} maxlen: qflash {rec['max_tokens']} tokens (peak {rec['peak_mem_gb']:.1f} GB)"
-              + (f"; reference {rec['reference_max_tokens']} tokens" if rec.get("reference_max_tokens") is not None else ""),
-              flush=True)
+        line = f"{rec['shape']} maxlen: qflash {rec['max_tokens']} tokens (peak {rec['peak_mem_gb'] or 0:.1f} GB)"
+        for recipe in REFERENCES:
+            key = recipe.replace("-", "_")
+            if rec.get(f"{key}_max_tokens") is not None:
+                line += f"; {recipe} {rec[f'{key}_max_tokens']} tokens (peak {rec[f'{key}_peak_mem_gb']:.1f} GB)"
+        print(line, flush=True)
         return
     line = (f"{rec['shape']} {rec['workload']}: qflash {rec['tokens_per_s'] or 0:,.0f} tok/s, "
             f"peak {rec['peak_mem_gb'] or 0:.1f} GB, MFU {rec['mfu'] or 0:.1%}")
-    if rec.get("reference_tokens_per_s"):
-        line += (f" | reference {rec['reference_tokens_per_s']:,.0f} tok/s, peak {rec['reference_peak_mem_gb']:.1f} GB"
-                 f" | ratio {rec['speedup']:.2f}x")
-    if rec.get("error") or rec.get("reference_error"):
-        line += f" | errors: {rec.get('error')} / {rec.get('reference_error')}"
+    for recipe in REFERENCES:
+        key = recipe.replace("-", "_")
+        if rec.get(f"{key}_tokens_per_s"):
+            line += (f" | {recipe} {rec[f'{key}_tokens_per_s']:,.0f} tok/s, peak {rec[f'{key}_peak_mem_gb']:.1f} GB"
+                     f" -> {rec[f'speedup_vs_{key}']:.2f}x")
+        if rec.get(f"{key}_error"):
+            line += f" | {recipe} error: {rec[f'{key}_error']}"
+    if rec.get("error"):
+        line += f" | qflash error: {rec['error']}"
     print(line, flush=True)
-
