@@ -1,0 +1,274 @@
+"""qflash serve: the official openai client against a real server process; bad requests; keys; bugs."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from qflash.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, model: str):
+        self.proc, self.port, self.model = proc, port, model
+
+    def client(self, key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def start_server(args: list[str], timeout: float = 300) -> tuple[subprocess.Popen, int, str]:
+    """`qflash serve ... --port 0` in a subprocess; the port it bound, from its first line."""
+    proc = subprocess.Popen([sys.executable, "-m", "qflash.cli", "serve", *args, "--port", "0"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()
+            if line.startswith("qflash serve: "):
+                model, url = line.split()[2], line.split()[4]
+                return proc, int(url.rsplit(":", 1)[1].split("/")[0]), model
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError("the server did not start:\n" + proc.stderr.read()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def server(smol_dir):
+    proc, port, model = start_server([str(smol_dir), "--device", "cpu", "--max-new-tokens", "32"])
+    yield Server(proc, port, model)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def raw(port: int, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None):
+    """(status, headers, parsed JSON body) of one plain HTTP request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    if isinstance(body, str):
+        body = body.encode()
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), json.loads(data) if data else None
+
+
+def expected_prompt_tokens(smol_tokenizer, messages) -> int:
+    from qflash.data.template import ChatRenderer
+
+    return len(ChatRenderer(smol_tokenizer).prompt_ids(messages))
+
+
+def test_openai_client_models_and_chat(server, smol_tokenizer):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [server.model] == ["smollm2-135m-instruct"]
+    r = client.chat.completions.create(model=server.model, messages=FRANCE, max_tokens=16)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == "The capital of France is Paris."
+    assert choice.finish_reason == "stop"
+    assert r.usage.prompt_tokens == expected_prompt_tokens(smol_tokenizer, FRANCE)
+    assert r.usage.completion_tokens == 8  # 7 text tokens + the end-of-turn token
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    short = client.chat.completions.create(model=server.model, messages=FRANCE, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert choice.message.content.startswith(short.choices[0].message.content)
+
+
+def test_openai_client_streaming(server):
+    client = server.client()
+    stream = client.chat.completions.create(model=server.model, messages=FRANCE, max_tokens=16, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1, "streamed in pieces"
+    assert "".join(pieces) == "The capital of France is Paris."
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_sampling_with_a_seed_is_reproducible(server):
+    client = server.client()
+    ask = lambda: client.chat.completions.create(  # noqa: E731
+        model=server.model, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=12,
+        temperature=0.9, top_p=0.95, seed=7).choices[0].message.content
+    assert ask() == ask()
+
+
+def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server):
+    port, good = server.port, {"model": server.model, "messages": FRANCE, "max_tokens": 3}
+    cases = [
+        ("POST", "/v1/chat/completions", '{"model": "x", "messages": [', 400, "invalid_json"),
+        ("POST", "/v1/chat/completions", "[1, 2]", 400, "invalid_json"),
+        ("POST", "/v1/chat/completions", json.dumps({**good, "model": "gpt-4o"}), 404, "model_not_found"),
+        ("POST", "/v1/chat/completions", json.dumps({"model": server.model}), 400, "missing_field"),
+        ("POST", "/v1/chat/completions", json.dumps({**good, "messages": []}), 400, "invalid_messages"),
+        ("POST", "/v1/chat/completions", json.dumps({**good, "messages": [{"role": "user"}]}), 400, "invalid_messages"),
+        ("POST", "/v1/chat/completions",
+         json.dumps({**good, "messages": FRANCE + [{"role": "assistant", "content": "Paris"}]}), 400, "invalid_messages"),
+        ("POST", "/v1/chat/completions", json.dumps({**good, "temperature": "hot"}), 400, "invalid_type"),
+        ("POST", "/v1/chat/completions", json.dumps({**good, "temperature": 500}), 422, "invalid_value"),
+        ("POST", "/v1/chat/completions", json.dumps({**good, "max_tokens": 0}), 422, "invalid_value"),
+        ("POST", "/v1/chat/completions", json.dumps({**good, "n": 2}), 422, "unsupported_parameter"),
+        ("POST", "/v1/chat/completions", json.dumps({**good, "stream": "yes"}), 400, "invalid_type"),
+        ("GET", "/v1/chat/completions", None, 405, "method_not_allowed"),
+        ("POST", "/v1/completions", json.dumps(good), 404, "not_found"),
+        ("GET", "/v1/models/nope", None, 404, "model_not_found"),
+    ]
+    for method, path, body, status, code in cases:
+        got, headers, payload = raw(port, method, path, body, {"Content-Type": "application/json"})
+        assert (got, payload["error"]["code"]) == (status, code), (body, payload)
+        assert isinstance(payload["error"]["message"], str) and payload["error"]["message"]
+        assert payload["error"]["type"] == "invalid_request_error"
+        if status == 405:
+            assert headers["Allow"] == "POST"
+    missing = next(c for c in cases if c[4] == "missing_field")
+    _, _, payload = raw(port, *missing[:3])
+    assert payload["error"]["param"] == "messages"
+
+    # a body over the limit is refused before it is read; no Content-Length at all is 411
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Length", str(64 << 20))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "body_too_large"
+    conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.endheaders()
+    assert conn.getresponse().status == 411
+    conn.close()
+
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="gpt-4o", messages=FRANCE)
+    status, _, payload = raw(port, "POST", "/v1/chat/completions", json.dumps(good))
+    assert status == 200 and payload["choices"][0]["message"]["content"] == "The capital of"
+    assert raw(port, "GET", "/health")[2] == {"status": "ok", "model": server.model}
+
+
+def test_sigterm_stops_with_a_summary_and_every_request_was_logged(server):
+    server.proc.send_signal(signal.SIGTERM)
+    out, err = server.proc.communicate(timeout=60)
+    assert server.proc.returncode == 0
+    assert "qflash serve: stopped after" in out and "errors)" in out
+    log = [line for line in err.splitlines() if '"' in line]
+    assert any('"POST /v1/chat/completions" 200' in line and "(stream)" in line for line in log)
+    assert any('"POST /v1/chat/completions" 404' in line and "model_not_found" in line for line in log)
+    assert any('"GET /v1/chat/completions" 405' in line for line in log)
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process, on a tiny model: API keys, a bug inside a request, where the server may listen.
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_models):
+    from qflash.infer.engine import Engine
+    from qflash.infer.generate import load_target
+
+    return Engine(load_target(str(tiny_models["qwen2"]), device="cpu", quant="none"))
+
+
+@pytest.fixture()
+def local_server(tiny_engine):
+    from qflash.infer.options import SamplingOptions
+    from qflash.infer.serve import ServeState, make_server
+
+    servers = []
+
+    def start(api_key: str | None = None):
+        srv = make_server(ServeState(tiny_engine, "tiny", SamplingOptions(max_new_tokens=4), api_key), "127.0.0.1", 0)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv.server_address[1]
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_api_key_is_required_when_set(local_server):
+    port = local_server(api_key="s3cret")
+    body = json.dumps({"model": "tiny", "messages": FRANCE})
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        status, _, payload = raw(port, "POST", "/v1/chat/completions", body, headers)
+        assert status == 401 and payload["error"]["type"] == "authentication_error"
+    assert raw(port, "GET", "/v1/models")[0] == 401
+    assert raw(port, "GET", "/health")[0] == 200
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret", max_retries=0)
+    assert client.chat.completions.create(model="tiny", messages=FRANCE).usage.completion_tokens >= 1
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_a_bug_in_a_request_is_a_500_and_the_server_keeps_serving(local_server, tiny_engine, monkeypatch):
+    port = local_server()
+    real = tiny_engine.complete
+    calls = []
+
+    def broken_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_engine, "complete", broken_once)
+    body = {"model": "tiny", "messages": FRANCE}
+    status, _, payload = raw(port, "POST", "/v1/chat/completions", json.dumps(body))
+    assert status == 500 and payload["error"]["type"] == "server_error"
+    assert "injected fault" in payload["error"]["message"]
+
+    # the same fault while streaming: headers are out, so the error arrives as an event and the stream ends
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": True}))
+    resp = conn.getresponse()
+    events = [line for line in resp.read().decode().split("\n\n") if line]
+    conn.close()
+    assert resp.status == 200
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "internal_error"
+
+    status, _, payload = raw(port, "POST", "/v1/chat/completions", json.dumps(body))
+    assert status == 200 and payload["usage"]["completion_tokens"] >= 1
+
+
+def test_binding_beyond_loopback_needs_a_key():
+    from qflash.infer.serve import check_bind
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_bind(host, None)
+    for host in ("0.0.0.0", "192.168.1.10", "::", "example.org"):
+        with pytest.raises(ConfigError, match="needs an API key"):
+            check_bind(host, None)
+        check_bind(host, "key")
+
+
+def test_cli_refuses_public_bind_without_key_before_loading():
+    env = {k: v for k, v in os.environ.items() if k != "QFLASH_API_KEY"}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "qflash.cli", "serve", "--host", "0.0.0.0"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "qflash: error: --host 0.0.0.0: serving beyond this machine needs an API key; pass --api-key KEY or set "
+        "QFLASH_API_KEY (clients then send 'Authorization: Bearer KEY'), or bind to 127.0.0.1"]
+    assert time.perf_counter() - t0 < 60
