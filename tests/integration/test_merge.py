@@ -280,6 +280,22 @@ def test_existing_output_needs_overwrite(tiny_models, tmp_path, capsys):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
+def test_fp16_overflow_fails_and_leaves_nothing(tiny_models, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["qwen2"], base)
+    with safe_open(str(base / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.norm.weight"][0] = 1e5  # beyond fp16's 65504
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    adapter = _random_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    code, err = _merge_cli(capsys, str(adapter), "--base", str(base), "--output", str(tmp_path / "out"),
+                           "--dtype", "fp16", "--no-check")
+    assert code == 2 and "model.norm.weight has inf/NaN (values beyond the fp16 range); use --dtype bf16" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.merge-*"))
+
+
 def test_output_inside_the_adapter_is_refused(tiny_models, tmp_path, capsys):
     adapter = _random_adapter(tiny_models["qwen2"], tmp_path / "adapter", target_modules=["q_proj"])
     code, err = _merge_cli(capsys, str(adapter), "--base", str(tiny_models["qwen2"]), "--output", str(adapter / "m"))

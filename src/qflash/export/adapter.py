@@ -259,7 +259,7 @@ def merged_weight(w: torch.Tensor, m: LoraModule, adapter: Adapter, out_dtype: t
     out = torch.empty(w.shape, dtype=out_dtype)
     step = max(1, _CHUNK_ELEMENTS // max(1, w.shape[1]))
     for r0 in range(0, w.shape[0], step):
-        rows = w[r0:r0 + step].float() + left[r0:r0 + step] @ right  # (rows, cols) fp32
+        rows = w[r0:r0 + step].float().addmm_(left[r0:r0 + step], right)  # (rows, cols) fp32
         if magnitude is not None:
             rows *= (magnitude[r0:r0 + step] / torch.linalg.norm(rows, dim=1)).unsqueeze(1)
         out[r0:r0 + step] = rows.to(out_dtype)
