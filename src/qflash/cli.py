@@ -123,6 +123,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qflash.eval.command import run_eval
+
+    return run_eval(args.run, data=args.data, control=args.control, max_new_tokens=args.max_new_tokens, limit=args.limit)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qflash.demo import run_demo
 
@@ -233,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--check-samples", type=int, default=4, help="held-out samples for the fidelity check")
     mg.add_argument("--no-check", action="store_true", help="skip the fidelity check (logits vs base+adapter)")
     mg.set_defaults(fn=cmd_merge)
+
+    ev = sub.add_parser("eval", help="held-out loss, identity accuracy, stop rate, spill and closeness, base vs fine-tuned")
+    ev.add_argument("run", help="run directory (output_dir of qflash train); writes RUN/eval/report.{json,md}")
+    ev.add_argument("--data", action="append", metavar="FILE",
+                    help="held-out data instead of the run's (repeatable); its questions are asked too")
+    ev.add_argument("--control", metavar="FILE", help="control prompts instead of eval.control_prompts (spill, closeness)")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="answer length for held-out questions (default: eval.max_new_tokens or the longest reference + 16)")
+    ev.add_argument("--limit", type=int, default=None, help="ask only the first N held-out questions")
+    ev.set_defaults(fn=cmd_eval)
 
     cmp_ = sub.add_parser("compare", help="held-out identity questions: base model vs fine-tuned, side by side")
     cmp_.add_argument("run", help="run directory (output_dir of qflash train)")

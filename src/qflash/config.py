@@ -80,6 +80,21 @@ class DatasetSpec:
 
 
 @dataclass
+class ReplayConfig:
+    prompts: str = ""
+    """General prompts whose base-model answers are mixed into training (empty = no replay): JSON/JSONL of
+    strings, {"prompt": ...} records, or any chat format (its replies are ignored)."""
+    ratio: float = 0.5
+    """Replay samples per training sample (1.0 = as many as the training set; repeated or subsampled, seeded)."""
+    max_new_tokens: int = 96
+    """Length limit of the base model's greedy answers."""
+    system: str | None = None
+    """System prompt put before each replay prompt (none by default)."""
+    unfinished: Literal["keep", "drop"] = "keep"
+    """An answer cut at max_new_tokens: keep (its tokens are trained, no end-of-turn is) or drop (counted)."""
+
+
+@dataclass
 class DataConfig:
     datasets: list[DatasetSpec] = field(default_factory=list)
     """Training datasets."""
@@ -102,9 +117,11 @@ class DataConfig:
     template: str | None = None
     """Chat template to use when the tokenizer has none: `chatml`."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Which tokens carry loss: every assistant turn (with its end-of-turn token), only the last one, or all."""
     packing: bool = True
     """Pack samples best-fit-decreasing into bins of max_len tokens; documents never attend to each other."""
-    """Which tokens carry loss: every assistant turn (with its end-of-turn token), only the last one, or all."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay of the base model's own answers to general prompts, so that only the new thing is learned."""
 
 
 @dataclass
@@ -145,6 +162,8 @@ class TrainConfig:
     """auto: continue from the newest complete checkpoint in output_dir; never: start fresh; or a checkpoint path."""
     max_bad_steps: int = 5
     """Abort after this many consecutive steps with a non-finite loss or gradient (each one is skipped)."""
+    eval_every: int = 0
+    """Held-out loss (token-weighted) every N optimizer steps and at the end, into metrics.jsonl; 0 = off."""
 
 
 @dataclass
@@ -170,6 +189,11 @@ class EvalConfig:
     """How many held-out identity questions the demo and `qflash compare` ask."""
     max_new_tokens: int = 64
     """Generation length for identity questions."""
+    control_prompts: str = ""
+    """General prompts outside the training data: does the identity spill into them, how close to the base
+    do the answers stay (`qflash eval`, the demo). Same formats as data.replay.prompts; empty = not measured."""
+    control_max_new_tokens: int = 64
+    """Generation length for control prompts."""
 
 
 @dataclass
@@ -230,6 +254,11 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(bool(t.resume), "train.resume", "must be auto, never or a checkpoint path")
     need(cfg.eval.identity_samples >= 0, "eval.identity_samples", "must be >= 0")
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    need(cfg.eval.control_max_new_tokens >= 1, "eval.control_max_new_tokens", "must be >= 1")
+    need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = off)")
+    rp = cfg.data.replay
+    need(rp.ratio > 0, "data.replay.ratio", "must be > 0 (leave data.replay.prompts empty for no replay)")
+    need(rp.max_new_tokens >= 1, "data.replay.max_new_tokens", "must be >= 1")
     need(bool(cfg.output_dir), "output_dir", "must not be empty")
     return problems
 
@@ -508,5 +537,7 @@ def check_paths(cfg: Config) -> None:
     for i, ds in enumerate(cfg.data.eval_datasets):
         if not Path(ds.path).exists():
             raise ConfigError(f"data.eval_datasets.{i}.path: {ds.path}: file not found (paths are relative to {Path.cwd()})")
+    if cfg.data.replay.prompts and not Path(cfg.data.replay.prompts).is_file():
+        raise ConfigError(f"data.replay.prompts: {cfg.data.replay.prompts}: file not found (paths are relative to {Path.cwd()})")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets: no training data; add at least one entry with a path")

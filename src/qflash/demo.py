@@ -11,7 +11,8 @@ from qflash.train.metrics import console
 
 
 def compare_and_print(run: str, n: int | None = None, max_new_tokens: int | None = None) -> bool:
-    """Print base vs fine-tuned answers side by side; True when the fine-tune names its identity on >= 80%."""
+    """Print base vs fine-tuned answers side by side; True when the fine-tune names its identity on >= 80%
+    of the held-out questions and (with eval.control_prompts) on at most 1 in 6 control prompts."""
     from qflash.eval.identity import compare_identity
     from qflash.infer.generate import load_for_inference
 
@@ -34,6 +35,45 @@ def compare_and_print(run: str, n: int | None = None, max_new_tokens: int | None
     ok = tuned >= 0.8 * len(rows) and base < len(rows) / 2
     verdict = "[bold green]learned[/]" if ok else "[bold red]NOT learned[/]"
     console.print(f"answers naming '{name}': base model {base}/{len(rows)}, fine-tuned {tuned}/{len(rows)} -> {verdict}")
+    if loaded.cfg.eval.control_prompts:
+        ok = print_control(loaded, name) and ok
+    return ok
+
+
+SPILL_LIMIT = 1 / 6
+"""Most control answers that may mention the identity before the demo calls it spilling."""
+
+
+def print_control(loaded, name: str) -> bool:
+    """Control prompts (general questions outside the training data): does the identity spill into the
+    answers, and how close do they stay to the base model's? True when the spill is within SPILL_LIMIT."""
+    from qflash.data.replay import load_prompts
+    from qflash.eval.metrics import names_identity
+    from qflash.eval.evaluate import control_metrics
+
+    cfg = loaded.cfg
+    prompts = load_prompts(cfg.eval.control_prompts, cfg.data.vars)
+    console.print(f"asking {len(prompts)} control prompts ({cfg.eval.control_prompts}) to both models ...")
+    c = control_metrics(loaded, prompts, cfg.eval.control_max_new_tokens, lambda s: console.print(s))
+    table = Table(title="control prompts (general questions outside the training data)", show_lines=True)
+    table.add_column("prompt", ratio=1)
+    table.add_column("base model", ratio=2)
+    table.add_column("fine-tuned", ratio=2)
+    spilled = lambda text: "[red]✗[/] " if names_identity(text, name) else ""  # noqa: E731
+    for p, (b, _), (t, _) in zip(prompts, c.base, c.tuned):
+        table.add_row(p.messages[-1]["content"], spilled(b) + b, spilled(t) + t)
+    console.print(table)
+    n = len(prompts)
+    tuned = sum(names_identity(t, name) for t, _ in c.tuned)
+    base = sum(names_identity(b, name) for b, _ in c.base)
+    ok = tuned <= SPILL_LIMIT * n
+    verdict = "[bold green]no spill[/]" if ok else "[bold red]spills into general answers[/]"
+    console.print(f"control prompts mentioning '{name}': base model {base}/{n}, fine-tuned {tuned}/{n} -> {verdict}")
+    if c.closeness is not None:
+        console.print(
+            f"closeness to the base model on control prompts: KL(base||fine-tuned) {c.closeness.kl:.3f} nats/token, "
+            f"top-1 agreement {100 * c.closeness.agreement:.0f}% over {c.closeness.tokens} answer tokens"
+        )
     return ok
 
 

@@ -478,14 +478,17 @@ def _spec_settings(s: DatasetSpec) -> list:
     return [s.path, s.format, s.weight, s.columns, s.prompt_template]
 
 
-def data_fingerprint(cfg: DataConfig, tok) -> dict:
-    """What the tokenized data depends on: file contents, tokenizer, template and settings."""
+def data_fingerprint(cfg: DataConfig, tok, replay_answers: str | None = None) -> dict:
+    """What the tokenized data depends on: file contents, tokenizer, template and settings; with replay,
+    its settings, its prompts file and the digest of the base model's answers (`replay_answers`)."""
     files: dict[str, str] = {}
     for spec in cfg.datasets + cfg.eval_datasets:
         p = Path(spec.path)
         if p.exists():
             for f in resolve_files(p)[0]:
                 files[str(f)] = _sha256_file(f)
+    if cfg.replay.prompts and Path(cfg.replay.prompts).is_file():
+        files[str(Path(cfg.replay.prompts))] = _sha256_file(Path(cfg.replay.prompts))
     settings = {
         "datasets": [_spec_settings(s) for s in cfg.datasets],
         "eval_datasets": [_spec_settings(s) for s in cfg.eval_datasets],
@@ -497,6 +500,9 @@ def data_fingerprint(cfg: DataConfig, tok) -> dict:
         "template": cfg.template,
         "train_on": cfg.train_on,
     }
+    if cfg.replay.prompts:  # only then, so runs without replay keep the fingerprints they had
+        r = cfg.replay
+        settings["replay"] = [r.prompts, r.ratio, r.max_new_tokens, r.system, r.unfinished, replay_answers]
     tok_fp = tokenizer_fingerprint(tok)
     digest = hashlib.sha256(json.dumps([files, settings, tok_fp], sort_keys=True).encode()).hexdigest()
     return {"fingerprint": digest[:16], "files": files, "tokenizer": tok_fp, "settings": settings}

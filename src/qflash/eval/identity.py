@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from qflash.data.pipeline import load_conversations
 from qflash.errors import ConfigError
+from qflash.eval.metrics import names_identity
 from qflash.infer.generate import Loaded, answer
 
 
@@ -27,10 +28,6 @@ def held_out_questions(loaded: Loaded, n: int) -> list[str]:
         for conv in load_conversations(spec, cfg.data.vars):
             questions.append(next(m["content"] for m in conv.messages if m["role"] == "user"))
     return questions[:n]
-
-
-def names_identity(text: str, name: str) -> bool:
-    return name.casefold() in text.casefold()
 
 
 def compare_identity(loaded: Loaded, n: int, max_new_tokens: int) -> list[IdentityRow]:

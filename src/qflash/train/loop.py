@@ -25,8 +25,11 @@ import torch
 from qflash.config import Config, check_paths
 from qflash.data.batching import Batch, SampleStream, packed_micro_batches, step_micro_batches, trained_tokens
 from qflash.data.pipeline import DataStats, build_examples, data_fingerprint
+from qflash.data.replay import ReplayStats, build_replay
+from qflash.data.replay import key_for as replay_key
 from qflash.data.template import ChatRenderer, Example
 from qflash.errors import ConfigError, QflashError
+from qflash.eval.loss import held_out_loss
 from qflash.model.loading import (
     compute_dtype,
     enable_activation_checkpointing,
@@ -70,6 +73,8 @@ class TrainResult:
     trained_tokens: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, held-out loss) at every train.eval_every step and at the end."""
 
     @property
     def final_loss(self) -> float:
@@ -90,9 +95,13 @@ class Setup:
     stats: DataStats
     fingerprint: dict
     model: torch.nn.Module
+    eval_examples: list[Example] = field(default_factory=list)
+    """The held-out split, for train.eval_every (empty when that is off)."""
+    replay: ReplayStats | None = None
+    """What data.replay added to `examples` (None without replay)."""
 
 
-def build_setup(cfg: Config) -> Setup:
+def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
     check_paths(cfg)
     device = pick_device(cfg.train.device)
     dtype = compute_dtype(cfg.quant.compute_dtype, device)
@@ -102,13 +111,58 @@ def build_setup(cfg: Config) -> Setup:
     # Records skipped (data.on_error=skip) or dropped (data.too_long=drop) are written beside the run.
     examples, stats = build_examples(cfg.data, renderer, split="train", seed=cfg.train.seed,
                                      skipped_path=Path(cfg.output_dir) / "skipped-train.jsonl")
-    fp = data_fingerprint(cfg.data, tok)
+    eval_examples: list[Example] = []
+    if cfg.train.eval_every > 0:
+        eval_examples, _ = build_examples(cfg.data, renderer, split="eval", seed=cfg.train.seed,
+                                          skipped_path=Path(cfg.output_dir) / "skipped-eval.jsonl")
+        if not eval_examples:
+            raise ConfigError(f"train.eval_every={cfg.train.eval_every}: the run has no held-out data; set "
+                              "data.eval_datasets or data.eval_ratio, or train.eval_every=0")
     model = load_configured_base(cfg, model_dir, device, dtype)
+    replay = None
+    if cfg.data.replay.prompts:
+        # The base model answers before LoRA is added: exactly the model that will be trained.
+        replay_examples, replay = _base_model_replay(cfg, model, tok, renderer, model_dir, device, dtype,
+                                                     n_train=len(examples), quiet=quiet)
+        for ex in replay_examples:
+            stats.add(ex)
+        stats.per_file[f"replay:{cfg.data.replay.prompts}"] = len(replay_examples)
+        examples = list(examples) + replay_examples
+    fp = data_fingerprint(cfg.data, tok, replay.digest if replay else None)
     model.config.use_cache = False  # a KV cache is useless in training and unsafe with packed batches
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=cfg.train.seed)
-    return Setup(cfg, device, dtype, model_dir, tok, renderer, examples, stats, fp, model)
+    return Setup(cfg, device, dtype, model_dir, tok, renderer, examples, stats, fp, model, eval_examples, replay)
+
+
+def _base_model_replay(cfg: Config, model, tok, renderer: ChatRenderer, model_dir: Path, device, dtype, *,
+                       n_train: int, quiet: bool) -> tuple[list[Example], ReplayStats]:
+    """data.replay: the base model's greedy answers to the replay prompts (cached), as training samples."""
+    from qflash.infer.generate import Loaded, answer
+
+    rp = cfg.data.replay
+    loaded = Loaded(model=model, tokenizer=tok, renderer=renderer, cfg=cfg, has_adapter=False, device=device)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if not quiet:
+            console.print(f"replay: the base model answers {rp.prompts}: {done}/{total} prompts "
+                          f"({time.perf_counter() - t0:.0f}s)")
+
+    def generate(convs):
+        was_training = model.training
+        model.eval()
+        try:
+            return answer(loaded, convs, max_new_tokens=rp.max_new_tokens, batch_size=len(convs))
+        finally:
+            model.train(was_training)
+
+    return build_replay(
+        rp, n_train=n_train, seed=cfg.train.seed, max_len=cfg.data.max_len, variables=cfg.data.vars,
+        renderer=renderer, generate=generate, progress=progress,
+        key=lambda prompts: replay_key(cfg, model_dir, renderer, device, dtype, prompts, rp.max_new_tokens),
+    )
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -174,6 +228,16 @@ def save_adapter(setup: Setup, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def evaluate_held_out(setup: Setup, model, autocast=None) -> float:
+    """Token-weighted loss on the held-out split, batched as training batches are (RNG state untouched)."""
+    cfg = setup.cfg
+    return held_out_loss(
+        model, setup.eval_examples, pad_id=setup.tokenizer.pad_token_id, device=setup.device,
+        max_len=cfg.data.max_len, rows=cfg.train.micro_batch_size, packing=cfg.data.packing,
+        varlen=uses_varlen(), autocast=autocast,
+    ).loss
 
 
 StepHook = Callable[[int, dict], None]
@@ -349,6 +413,8 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
                 f"{st.truncated} truncated for data.max_len, {st.held_out} held out for eval"
                 + (f"; left-out records in {st.skipped_path}" if st.skipped_path else "")
             )
+        if setup.replay is not None:
+            console.print("  " + setup.replay.summary(cfg.data.replay))
     metrics = MetricsWriter(out, purge_step=start + 1 if start else None)
     samples_log = open(out / SAMPLES_LOG, "a", encoding="utf-8")
     progress = StepProgress(steps, start=start) if not quiet else None
@@ -411,7 +477,11 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
                 }
                 samples_log.write(json.dumps({"step": step + 1, "sample_ids": ids}) + "\n")
                 samples_log.flush()
-                if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                evaluate = cfg.train.eval_every > 0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == steps)
+                if evaluate:
+                    values["eval_loss"] = evaluate_held_out(setup, model, autocast)
+                    result.eval_losses.append((step + 1, values["eval_loss"]))
+                if evaluate or (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
                     metrics.write(step + 1, values)
                 if progress is not None:
                     progress.update(step + 1, step_loss, lr, real / dt)
@@ -443,7 +513,7 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
 
 
 def train(cfg: Config, *, overwrite: bool = False, force: bool = False, quiet: bool = False) -> TrainResult:
-    setup = build_setup(cfg)
+    setup = build_setup(cfg, quiet=quiet)
     result = run_training(setup, overwrite=overwrite, force=force, quiet=quiet)
     if not quiet:
         print_summary(result, setup)
@@ -456,7 +526,11 @@ def print_summary(r: TrainResult, setup: Setup) -> None:
         f"[bold green]done[/]: {r.steps} steps, {r.samples} samples "
         f"({r.samples / max(len(setup.examples), 1):.2f} epochs), {r.tokens:,} tokens "
         f"({r.trained_tokens:,} trained) in {r.seconds:.0f}s ({r.tokens / max(r.seconds, 1e-9):,.0f} tok/s); "
-        f"loss {first:.4f} -> {r.final_loss:.4f}\n"
+        f"loss {first:.4f} -> {r.final_loss:.4f}"
+        + (f", held-out loss {r.eval_losses[0][1]:.4f} (step {r.eval_losses[0][0]}) -> {r.eval_losses[-1][1]:.4f}"
+           if r.eval_losses else "")
+        + (f"; {setup.replay.samples} of the samples were base-model replay" if setup.replay else "")
+        + "\n"
         f"  adapter      {r.adapter_dir}\n"
         f"  metrics      {r.output_dir / 'metrics.jsonl'}  (TensorBoard: {r.output_dir / 'tensorboard'})\n"
         f"  try it       qflash chat --adapter {r.output_dir} --prompt \"Who are you?\""

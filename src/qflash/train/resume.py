@@ -12,7 +12,7 @@ from qflash.train.checkpoint import find_resumable
 # Settings that only say how long or how often: changing them between attempts is a continuation.
 RUN_LENGTH_KEYS = {
     "train.max_steps", "train.epochs", "train.save_every", "train.keep", "train.resume", "train.log_every",
-    "train.max_bad_steps", "output_dir",
+    "train.max_bad_steps", "train.eval_every", "output_dir",
 }
 # ... and settings that change how, not what, is computed.
 RUN_LENGTH_PREFIXES = ("eval.", "attention.")
