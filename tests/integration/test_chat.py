@@ -215,3 +215,45 @@ def test_repl_says_when_it_trims_and_handles_commands(tiny_engine):
     assert "/reset          forget the conversation" in log
     assert "chat ended: 4 replies" in log
     assert len(STATS.findall(log)) == 4
+
+
+def test_a_run_directory_loads_its_base_and_adapter_as_trained(tiny_models, identity_subset, tmp_path, capsys):
+    from conftest import tiny_config
+    from qflash.cli import main
+    from qflash.errors import ConfigError
+    from qflash.infer.engine import Engine
+    from qflash.infer.generate import answer, load_target, split_target
+    from qflash.infer.options import SamplingOptions
+    from qflash.train.loop import build_setup, run_training
+
+    base = str(tiny_models["qwen2"])
+    run_training(build_setup(tiny_config(tiny_models["qwen2"], identity_subset, tmp_path / "run", "train.max_steps=2")),
+                 quiet=True)
+    run = str(tmp_path / "run")
+    assert split_target(run, None, None) == (None, run)
+    assert split_target(run + "/adapter", None, None) == (None, run + "/adapter")
+    assert split_target(base, None, run) == (base, run)
+    with pytest.raises(ConfigError, match="give one of them"):
+        split_target(run, None, run)
+    with pytest.raises(ConfigError, match="MODEL_OR_RUN /no/such/dir: no such file or directory"):
+        split_target("/no/such/dir", None, None)
+
+    loaded = load_target(run, device="cpu")
+    assert loaded.has_adapter and loaded.cfg.quant.mode == "nf4" and loaded.name == "run"
+    assert load_target(base, device="cpu").cfg.quant.mode == "none", "a plain model loads unquantized"
+
+    # answer() (what the evals call) is the engine's greedy batch, stripped
+    engine = Engine(loaded)
+    convs = [[{"role": "user", "content": q}] for q in ("Who are you?", "Hi", "Who made you, and why?")]
+    singles = [engine.complete(engine.prompt_ids(c), SamplingOptions(max_new_tokens=6)) for c in convs]
+    assert answer(loaded, convs, max_new_tokens=6, batch_size=2) == [
+        (c.text.strip(), c.finish_reason == "stop") for c in singles]
+
+    # the positional run and the README's --adapter spelling give the same one-shot reply
+    replies = []
+    for argv in (["chat", run], ["chat", "--adapter", run]):
+        assert main([*argv, "--device", "cpu", "--prompt", "Who are you?", "--max-new-tokens", "6"]) == 0
+        captured = capsys.readouterr()
+        assert STATS.search(captured.err)
+        replies.append(captured.out)
+    assert replies[0] == replies[1] == singles[0].text.strip() + "\n"
