@@ -272,3 +272,24 @@ def test_cli_refuses_public_bind_without_key_before_loading():
         "qflash: error: --host 0.0.0.0: serving beyond this machine needs an API key; pass --api-key KEY or set "
         "QFLASH_API_KEY (clients then send 'Authorization: Bearer KEY'), or bind to 127.0.0.1"]
     assert time.perf_counter() - t0 < 60
+
+
+def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(local_server, tiny_engine, caplog):
+    import logging
+    import socket
+
+    caplog.set_level(logging.INFO, logger="qflash.infer.serve")
+    port = local_server()
+    body = json.dumps({"model": "tiny", "messages": FRANCE, "stream": True, "max_tokens": 400}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # the stream has begun
+    sock.close()
+    status, _, payload = raw(port, "POST", "/v1/chat/completions",
+                             json.dumps({"model": "tiny", "messages": FRANCE, "max_tokens": 3}))
+    assert status == 200 and payload["usage"]["completion_tokens"] >= 1
+    deadline = time.monotonic() + 10
+    while "499" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert '"POST /v1/chat/completions" 499' in caplog.text and "client closed the connection" in caplog.text

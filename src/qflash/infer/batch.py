@@ -8,6 +8,10 @@ Order: prompts are sorted by token length, longest first, and batched in that or
 prompts of similar length (little padding) and an out-of-memory shows up at the first batch rather
 than the last. Results are written in that order, not the input's: match them by id.
 
+Greedy batched replies equal one-by-one replies: the attention mask hides the padding and position ids
+start at each prompt's first real token. (A repetition penalty other than 1 also sees the padding
+tokens, so with it a reply can depend on its batch.)
+
 Resuming: the output file is read first and ids already answered there are skipped. A last line cut
 off by a killed run (no newline at its end) is dropped from the file, said on the terminal. Each
 batch is appended, flushed and fsync'd before the next one starts, so at most the batch in flight is

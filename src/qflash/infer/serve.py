@@ -327,15 +327,17 @@ class Handler(BaseHTTPRequestHandler):
         state = self.server.state
         req = parse_chat_request(self._read_body(), state)
         engine = state.engine
-        try:
-            prompt = engine.prompt_ids(req.messages)
-        except MessageError as e:
-            raise ApiError(400, str(e), "invalid_messages", "messages") from None
-        if len(prompt) >= engine.context_window:
-            raise ApiError(400, f"the messages are {len(prompt)} tokens; this model's context window is "
-                           f"{engine.context_window}", "context_length_exceeded", "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": state.model_id}
-        with state.lock:  # one generation at a time
+        # One request at a time uses the model, and the tokenizer too: a fast tokenizer shared between
+        # threads can fail with "Already borrowed".
+        with state.lock:
+            try:
+                prompt = engine.prompt_ids(req.messages)
+            except MessageError as e:
+                raise ApiError(400, str(e), "invalid_messages", "messages") from None
+            if len(prompt) >= engine.context_window:
+                raise ApiError(400, f"the messages are {len(prompt)} tokens; this model's context window is "
+                               f"{engine.context_window}", "context_length_exceeded", "messages")
             if req.stream:
                 c = self._stream(engine, prompt, req, head)
             else:
