@@ -146,6 +146,19 @@ def test_cli_merge_reports_fidelity(runs, tmp_path, capsys):
     assert not list(tmp_path.glob(".merged.merge-*")), "no temporary directory left behind"
 
 
+def test_fidelity_check_skips_loudly_without_ram(runs, tmp_path, monkeypatch, capsys):
+    import types
+
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=10**8))
+    out = tmp_path / "merged"
+    result = merge(MergeOptions(str(runs("qwen2")), str(out), check_samples=1))
+    assert result.fidelity["skipped"].startswith("needs about") and result.fidelity["comparisons"] == []
+    assert "fidelity check skipped: needs about" in capsys.readouterr().err
+    assert json.loads((out / "qflash_merge.json").read_text())["fidelity"]["skipped"] == result.fidelity["skipped"]
+
+
 def test_bf16_output_is_the_fp32_merge_rounded_once(runs, tiny_models, tmp_path):
     run = runs("qwen2")
     out = tmp_path / "merged"
