@@ -35,7 +35,7 @@ def test_function_matches_unfused_math(bias, separate_lora_input):
     b = torch.randn(24, 8, requires_grad=True)
     s, g = 0.7, torch.randn(3, 5, 24)
 
-    y = NF4LoraLinear.apply(x, xl, layer.weight, layer.weight.quant_state, layer.bias, a, b, s, torch.float32)
+    y = NF4LoraLinear.apply(x, xl, layer.weight, layer.weight.quant_state, layer.bias, a, b, s, torch.float32, False)
     y.backward(g)
     got = [y.detach(), x.grad, a.grad, b.grad] + ([xl.grad] if xl is not None else [])
 

@@ -37,7 +37,7 @@ class NF4LoraLinear(torch.autograd.Function):
     """y = x W^T + bias + s (x_lora A^T) B^T with W stored as NF4; gradients for x, x_lora, A and B."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, quant_state, bias, lora_a, lora_b, scaling, compute_dtype):
+    def forward(ctx, x, x_lora, weight, quant_state, bias, lora_a, lora_b, scaling, compute_dtype, fp32_out):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(compute_dtype)  # (tokens, in)
         same_input = x_lora is None
@@ -46,7 +46,12 @@ class NF4LoraLinear(torch.autograd.Function):
         w = _dequantize(weight, quant_state).to(compute_dtype)
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(compute_dtype))
         xa = xl @ a.t()  # (tokens, r)
-        y.addmm_(xa, b.t(), alpha=scaling)  # the LoRA update, added and scaled inside the GEMM
+        if fp32_out:
+            # This projection writes into the fp32 residual stream: keep the (small) LoRA update in
+            # fp32 instead of rounding base + update to bf16, where early updates would vanish.
+            y = y.float().addmm_(xa.float(), lora_b.float().t(), alpha=scaling)
+        else:
+            y.addmm_(xa, b.t(), alpha=scaling)  # the LoRA update, added and scaled inside the GEMM
         ctx.save_for_backward(x2 if same_input else xl, xa, weight, lora_a, lora_b)
         ctx.quant_state, ctx.scaling, ctx.compute_dtype = quant_state, scaling, compute_dtype
         ctx.same_input, ctx.x_dtype, ctx.shape = same_input, x.dtype, shape
@@ -71,13 +76,15 @@ class NF4LoraLinear(torch.autograd.Function):
         # Like autocast would: GEMMs in the compute dtype, the result cast to the fp32 master weights.
         grad_a = torch.mm(gb.t(), xl).mul_(s).to(lora_a.dtype) if ctx.needs_input_grad[5] else None
         grad_b = torch.mm(g.t(), xa).mul_(s).to(lora_b.dtype) if ctx.needs_input_grad[6] else None
-        return grad_x, grad_xl, None, None, None, grad_a, grad_b, None, None
+        return grad_x, grad_xl, None, None, None, grad_a, grad_b, None, None, None
 
 
 if _PeftLinear4bit is not None:
 
     class FusedLoraLinear4bit(_PeftLinear4bit):
         """PEFT's 4-bit LoRA layer (same parameters, names and state dict) with a fused training forward."""
+
+        fp32_out = False  # set by mark_residual_writers on projections that feed an fp32 residual stream
 
         def _fusable(self, args, kwargs) -> bool:
             if args or kwargs or self.disable_adapters or self.merged:
@@ -99,10 +106,26 @@ if _PeftLinear4bit is not None:
             return NF4LoraLinear.apply(
                 x, x_lora, base.weight, base.weight.quant_state, base.bias,
                 self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), compute_dtype,
+                self.fp32_out and compute_dtype != torch.float32,
             )
 
 else:  # pragma: no cover
     FusedLoraLinear4bit = None
+
+
+# The last projection of each attention / MLP block: its output is added to the residual stream.
+RESIDUAL_WRITERS = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "c_proj", "w2", "fc2")
+
+
+def mark_residual_writers(model: torch.nn.Module) -> int:
+    """With an fp32 residual stream, the fused layers that write into it return fp32 (base + update)."""
+    n = 0
+    for name, module in model.named_modules():
+        if FusedLoraLinear4bit is not None and isinstance(module, FusedLoraLinear4bit):
+            if name.rsplit(".", 1)[-1] in RESIDUAL_WRITERS:
+                module.fp32_out = True
+                n += 1
+    return n
 
 
 def register_fused(peft_config) -> bool:

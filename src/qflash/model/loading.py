@@ -203,6 +203,7 @@ def upcast_residual_path(model: torch.nn.Module) -> None:
     # The embedding table stays in its stored dtype (bf16 -> fp32 is exact, so upcasting the table
     # would only cost memory: 1.1 GB for Qwen2.5-7B); the rows it returns are cast to fp32.
     model.get_input_embeddings().register_forward_hook(_output_to_fp32)
+    model.qflash_residual_fp32 = True  # read by add_lora: the fused layers feeding the residual return fp32
     for module in model.modules():
         if "Norm" in type(module).__name__:
             module.float()

@@ -40,9 +40,14 @@ def add_lora(model, cfg: LoraConfig, *, seed: int):
         from qflash.model.fused_lora import register_fused
 
         register_fused(peft_cfg)
+    residual_fp32 = getattr(model, "qflash_residual_fp32", False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, peft_cfg)
+    if cfg.fused and not cfg.dora and residual_fp32:
+        from qflash.model.fused_lora import mark_residual_writers
+
+        mark_residual_writers(peft_model)
     return peft_model
 
 
