@@ -153,7 +153,7 @@ _ROLES = {
 }
 
 
-def _classify(key: str) -> tuple[str, str] | None:
+def _classify(key: str, file: Path) -> tuple[str, str] | None:
     """A LoRA tensor key -> (module path, role); None for a whole tensor; AdapterError for an unknown lora_* part."""
     parts = (key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key).split(".")
     at = next((i for i, p in enumerate(parts) if p.startswith("lora_")), None)
@@ -163,7 +163,7 @@ def _classify(key: str) -> tuple[str, str] | None:
     last = rest[-1] if rest and rest[-1] in ("weight", "bias") else None
     role = _ROLES.get((parts[at], last))
     if role is None or at == 0:
-        raise AdapterError(f"adapter tensor '{key}': '{parts[at]}' is a LoRA variant qflash merge does not handle")
+        raise AdapterError(f"{file}: tensor '{key}': '{parts[at]}' belongs to a LoRA variant qflash merge does not handle")
     return ".".join(parts[:at]), role
 
 
@@ -184,7 +184,7 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         raise AdapterError(f"{file}: not a readable safetensors file ({e})") from None
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
     for key in adapter.shapes:
-        found = _classify(key)
+        found = _classify(key, file)
         if found is None:
             name = _model_name(key)
             if name in adapter.replacements:
