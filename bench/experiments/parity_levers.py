@@ -36,9 +36,19 @@ def main() -> None:
     runner._free()
     print(f"{args.reference}: {[round(x, 4) for x in ref]}", flush=True)
     for v in args.variant:
-        runner.QFLASH_OVERRIDES[:] = v.split()
+        import os
+
+        words = v.split()
+        for w in words:
+            if w.startswith("env:"):
+                key, _, val = w[4:].partition("=")
+                os.environ[key] = val
+        runner.QFLASH_OVERRIDES[:] = [w for w in words if not w.startswith("env:")]
         ours, _ = runner._losses("qflash", model_dir, data, args.steps, "auto", init)
         runner._free()
+        for w in words:
+            if w.startswith("env:"):
+                os.environ.pop(w[4:].partition("=")[0], None)
         rel = [abs(a - b) / abs(b) for a, b in zip(ours, ref)]
         print(f"[{v or 'defaults'}] max rel diff {max(rel):.4%} (last step {rel[-1]:.4%}); "
               f"losses {[round(x, 4) for x in ours]}", flush=True)

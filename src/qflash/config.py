@@ -177,8 +177,8 @@ class KernelsConfig:
     """Speed switches that leave the math unchanged (each has a plain PyTorch twin tested on CPU)."""
 
     fused_norm: bool = True
-    """RMSNorm that reads the (fp32) residual and writes the compute dtype in one fused kernel
-    (torch.compile on CUDA, the same PyTorch code eagerly on CPU); false = transformers' own norm."""
+    """With lora.fused: RMSNorm that reads the (fp32) residual and writes the compute dtype in one fused
+    kernel (torch.compile on CUDA, the same PyTorch code eagerly on CPU); false = transformers' own norm."""
     compile_layers: bool = False
     """torch.compile every decoder layer (CUDA only; experimental: fuses RoPE, SwiGLU, residual adds)."""
 

@@ -98,7 +98,7 @@ def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, see
     model = load_configured_base(cfg, model_dir, device, torch.bfloat16)
     model.config.use_cache = False
     enable_activation_checkpointing(model)
-    model = add_lora(model, cfg.lora, seed=seed)
+    model = add_lora(model, cfg.lora, seed=seed, kernels=cfg.kernels)
     if cfg.kernels.compile_layers:
         compile_decoder_layers(model)
     model.train()  # transformers checkpoints activations only in training mode

@@ -5,10 +5,10 @@ output cast back to the input dtype), a defensive clone of that output, lora_A, 
 multiply and an add — five full passes over a (tokens x out_features) activation besides the GEMM.
 Here the same math is
 
-    y = x W^T + b  (+)=  s * (x A^T) B^T          one GEMM, then one in-place addmm of rank r
+    y = x W^T + b + s * (x A^T) B^T
 
-so the activation is written once by the base GEMM and read+written once by the rank-r addmm
-(its add and scale happen inside cuBLAS). Backward is the same shape:
+computed as update = (x A^T) B^T first, then the base GEMM accumulating onto it
+(y = x W^T + s * update, cuBLAS epilogue), so base + update is rounded to bf16 once from fp32. Backward is the same shape:
 grad_x = g W (+)= s * (g B) A, grad_A = s * (g B)^T x, grad_B = s * g^T (x A^T).
 
 Math unchanged: the same NF4 dequantization (bitsandbytes), GEMMs in the compute dtype with fp32
@@ -44,14 +44,20 @@ class NF4LoraLinear(torch.autograd.Function):
         xl = x2 if same_input else x_lora.reshape(-1, shape[-1]).to(compute_dtype)
         a, b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)  # (r, in), (out, r)
         w = _dequantize(weight, quant_state).to(compute_dtype)
-        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(compute_dtype))
         xa = xl @ a.t()  # (tokens, r)
         if fp32_out:
-            # This projection writes into the fp32 residual stream: keep the (small) LoRA update in
-            # fp32 instead of rounding base + update to bf16, where early updates would vanish.
+            # This projection writes into the fp32 residual stream: base (rounded to the compute
+            # dtype, as the plain 4-bit layer returns it) + the LoRA update kept in fp32.
+            y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(compute_dtype))
             y = y.float().addmm_(xa.float(), lora_b.float().t(), alpha=scaling)
         else:
-            y.addmm_(xa, b.t(), alpha=scaling)  # the LoRA update, added and scaled inside the GEMM
+            # The update first, then the base GEMM accumulates onto it (beta = scaling): base + update
+            # is rounded once from the fp32 accumulator. Adding a small update to an already rounded
+            # base would round it straight back to the base value and lose it (bf16 has 8 bits).
+            y = torch.mm(xa, b.t())  # (tokens, out)
+            y.addmm_(x2, w.t(), beta=scaling)
+            if bias is not None:
+                y.add_(bias.to(compute_dtype))
         ctx.save_for_backward(x2 if same_input else xl, xa, weight, lora_a, lora_b)
         ctx.quant_state, ctx.scaling, ctx.compute_dtype = quant_state, scaling, compute_dtype
         ctx.same_input, ctx.x_dtype, ctx.shape = same_input, x.dtype, shape
@@ -119,10 +125,13 @@ RESIDUAL_WRITERS = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "c_proj"
 
 def mark_residual_writers(model: torch.nn.Module) -> int:
     """With an fp32 residual stream, the fused layers that write into it return fp32 (base + update)."""
+    import os
+
+    every = os.environ.get("QFLASH_EXPERIMENT_FP32_OUT") == "all"  # bench experiment only
     n = 0
     for name, module in model.named_modules():
         if FusedLoraLinear4bit is not None and isinstance(module, FusedLoraLinear4bit):
-            if name.rsplit(".", 1)[-1] in RESIDUAL_WRITERS:
+            if every or name.rsplit(".", 1)[-1] in RESIDUAL_WRITERS:
                 module.fp32_out = True
                 n += 1
     return n

@@ -136,7 +136,6 @@ def load_base_model(
     trust_remote_code: bool = False,
     attention: str = "auto",
     residual_dtype: str = "fp32",
-    fused_norm: bool = True,
 ):
     """Load the base model, frozen: NF4 via bitsandbytes (double quant optional) or unquantized in `dtype`.
 
@@ -167,10 +166,6 @@ def load_base_model(
     model.requires_grad_(False)
     if residual_dtype == "fp32" and dtype != torch.float32:
         upcast_residual_path(model)
-    if fused_norm:
-        from qflash.kernels.rmsnorm import swap_rms_norms
-
-        swap_rms_norms(model, compiled=device.type == "cuda")
     return model
 
 
@@ -185,7 +180,6 @@ def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torc
         trust_remote_code=cfg.model.trust_remote_code,
         attention=cfg.attention.backend,
         residual_dtype=cfg.quant.residual_dtype,
-        fused_norm=cfg.kernels.fused_norm,
     )
 
 

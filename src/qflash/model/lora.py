@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from qflash.config import LoraConfig
+from qflash.config import KernelsConfig, LoraConfig
 
 
 def peft_lora_config(cfg: LoraConfig):
@@ -27,11 +27,14 @@ def peft_lora_config(cfg: LoraConfig):
     )
 
 
-def add_lora(model, cfg: LoraConfig, *, seed: int):
+def add_lora(model, cfg: LoraConfig, *, seed: int, kernels: KernelsConfig | None = None):
     """Wrap `model` with fresh LoRA weights initialized from `seed`. PEFT keeps them in fp32 (master weights).
 
     With `cfg.fused` (and not DoRA) the 4-bit layers get qflash's fused forward (model/fused_lora.py);
-    parameter names, initialization and the saved adapter are PEFT's either way.
+    parameter names, initialization and the saved adapter are PEFT's either way. With it, and
+    `kernels.fused_norm`, the RMSNorms hand the compute dtype straight to the fused layers. (Not
+    without: PEFT's 4-bit layer returns its input's dtype, and in bf16 base + update is rounded
+    after the base, which drops small updates; with an fp32 input it keeps them in fp32.)
     """
     from peft import get_peft_model
 
@@ -44,10 +47,15 @@ def add_lora(model, cfg: LoraConfig, *, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, peft_cfg)
-    if cfg.fused and not cfg.dora and residual_fp32:
-        from qflash.model.fused_lora import mark_residual_writers
+    if cfg.fused and not cfg.dora:
+        if residual_fp32:
+            from qflash.model.fused_lora import mark_residual_writers
 
-        mark_residual_writers(peft_model)
+            mark_residual_writers(peft_model)
+        if kernels is not None and kernels.fused_norm:
+            from qflash.kernels.rmsnorm import swap_rms_norms
+
+            swap_rms_norms(peft_model, compiled=next(peft_model.parameters()).is_cuda)
     return peft_model
 
 

@@ -132,7 +132,7 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
     model.config.use_cache = False  # a KV cache is useless in training and unsafe with packed batches
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    model = add_lora(model, cfg.lora, seed=cfg.train.seed)
+    model = add_lora(model, cfg.lora, seed=cfg.train.seed, kernels=cfg.kernels)
     return Setup(cfg, device, dtype, model_dir, tok, renderer, examples, stats, fp, model, eval_examples, replay)
 
 
