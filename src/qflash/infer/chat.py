@@ -147,8 +147,9 @@ def _reply(session: ChatSession, text: str, out: TextIO, err: TextIO) -> int:
 
 def run_repl(
     engine: Engine, opts: SamplingOptions, system: str | None = None, *,
-    out: TextIO = sys.stdout, err: TextIO = sys.stderr, read: Callable[[str], str] = input,
+    out: TextIO | None = None, err: TextIO | None = None, read: Callable[[str], str] = input,
 ) -> int:
+    out, err = out or sys.stdout, err or sys.stderr  # looked up now: sys.stdout may have been replaced
     session = ChatSession(engine, opts, system)
     print(f"qflash chat: {engine.loaded.name} ({_describe(opts)}; context {engine.context_window} tokens). "
           "/help for commands, /exit or Ctrl-D to quit.", file=err, flush=True)
@@ -179,9 +180,10 @@ def run_repl(
 
 def run_one_shot(
     engine: Engine, opts: SamplingOptions, prompt: str, system: str | None = None, *,
-    out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+    out: TextIO | None = None, err: TextIO | None = None,
 ) -> int:
     """Answer one prompt: the reply streamed to stdout, its statistics to stderr."""
+    out, err = out or sys.stdout, err or sys.stderr
     session = ChatSession(engine, opts, system)
     fitted = session.fit(prompt)  # ContextOverflow is a QflashError: one line, exit 2
     printer = _ReplyPrinter(out)
