@@ -104,42 +104,57 @@ def test_packed_loss_equals_unpacked_on_gpu(tmp_path):
     assert packed_loss == pytest.approx(single, rel=5e-3)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_fused_kernels_match_unfused_on_gpu(arch, tmp_path):
-    """Fused NF4+LoRA layers and the compiled fp32->bf16 RMSNorm vs PEFT's layers and transformers' norm:
-    same loss and LoRA gradients within bf16 tolerance (same initial weights, LoRA B made non-zero)."""
+def _loss_and_lora_grads(model_dir, docs, overrides: list[str], compute: torch.dtype):
+    """One forward/backward of qflash's training path; LoRA B set non-zero so every LoRA grad is live."""
     from qflash.bench import runner
-    from qflash.bench.runner import qflash_batches, qflash_model
     from qflash.data.batching import trained_tokens
+    from qflash.model.loading import enable_activation_checkpointing, load_configured_base
+    from qflash.model.lora import add_lora
     from qflash.train.loss import loss_sum
 
+    runner.QFLASH_OVERRIDES[:] = overrides
+    try:
+        cfg = runner.qflash_config(0.0, 1e-3, "auto")
+    finally:
+        runner.QFLASH_OVERRIDES[:] = []
+    model = load_configured_base(cfg, model_dir, torch.device("cuda"), compute)
+    model.config.use_cache = False
+    enable_activation_checkpointing(model)
+    model = add_lora(model, cfg.lora, seed=0, kernels=cfg.kernels)
+    model.train()
+    with torch.no_grad():
+        gen = torch.Generator(device="cuda").manual_seed(7)
+        for n, p in sorted(model.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.05)
+    batches = runner.qflash_batches(docs, 1024)
+    n = sum(trained_tokens(b) for b in batches)
+    total = 0.0
+    for b in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=compute == torch.bfloat16):
+            loss = loss_sum(model, b) / n
+        loss.backward()
+        total += loss.item()
+    return total, {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_fused_kernels_as_accurate_as_unfused_on_gpu(arch, tmp_path):
+    """Fused NF4+LoRA layers + compiled RMSNorm vs PEFT's layers + transformers' norm, both in bf16, each
+    measured against the same NF4 model computed in fp32: the fused path is no less accurate (LoRA
+    gradients and loss), i.e. it matches the unfused path within bf16 tolerance."""
     model_dir = _tiny_dir(tmp_path, arch)
     rng = np.random.default_rng(5)
     docs = [rng.integers(0, 512, n) for n in (300, 200, 700, 64)]
-    results = {}
-    for label, overrides in (("fused", []), ("unfused", ["lora.fused=false", "kernels.fused_norm=false"])):
-        runner.QFLASH_OVERRIDES[:] = overrides
-        try:
-            model, _, _ = qflash_model(model_dir, dropout=0.0, lr=1e-3, attention="auto", seed=0)
-        finally:
-            runner.QFLASH_OVERRIDES[:] = []
-        with torch.no_grad():
-            gen = torch.Generator(device="cuda").manual_seed(7)
-            for n, p in sorted(model.named_parameters()):
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.05)
-        batches = qflash_batches(docs, 1024)
-        n = sum(trained_tokens(b) for b in batches)
-        total = 0.0
-        for b in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_sum(model, b) / n
-            loss.backward()
-            total += loss.item()
-        results[label] = (total, {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad})
-        del model
-    (lf, gf), (lu, gu) = results["fused"], results["unfused"]
-    assert lf == pytest.approx(lu, rel=5e-3)
-    assert gf.keys() == gu.keys()
-    for k in gu:
-        assert rel_err(gf[k], gu[k]) < 3e-2, k
+    truth_loss, truth = _loss_and_lora_grads(model_dir, docs, ["lora.fused=false", "kernels.fused_norm=false"],
+                                             torch.float32)
+    fused_loss, fused = _loss_and_lora_grads(model_dir, docs, [], torch.bfloat16)
+    plain_loss, plain = _loss_and_lora_grads(model_dir, docs, ["lora.fused=false", "kernels.fused_norm=false"],
+                                             torch.bfloat16)
+    assert truth.keys() == fused.keys() == plain.keys() and len(truth) == 2 * 7 * 2
+    assert abs(fused_loss - truth_loss) <= max(2 * abs(plain_loss - truth_loss), 1e-3 * truth_loss)
+    errs = {k: (rel_err(fused[k], truth[k]), rel_err(plain[k], truth[k])) for k in truth}
+    worst = max(errs.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1e-3))
+    for k, (ef, ep) in errs.items():
+        assert ef <= max(1.5 * ep, 1e-2), (k, ef, ep)
+    print(f"{arch}: worst LoRA grad rel. error fused {worst[1][0]:.4f} vs unfused {worst[1][1]:.4f} ({worst[0]})")
