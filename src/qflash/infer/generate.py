@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,6 +17,8 @@ from qflash.errors import ConfigError
 from qflash.model.loading import compute_dtype, load_configured_base, load_tokenizer, pick_device, resolve_model_dir
 from qflash.model.lora import load_adapter
 from qflash.train.loop import ADAPTER_DIR, RUN_CONFIG
+
+log = logging.getLogger(__name__)
 
 
 def find_adapter(path: str | Path) -> tuple[Path, Config | None]:
@@ -118,7 +122,12 @@ def load_target(
 ) -> Loaded:
     """What the chat/generate/serve commands load: MODEL_OR_RUN and/or --model/--adapter."""
     model, adapter = split_target(target, model, adapter)
-    return load_for_inference(model, adapter, device, quant)
+    t0 = time.perf_counter()
+    log.info("loading %s ...", " + ".join(x for x in (model, adapter) if x) or EMBEDDED_MODEL)
+    loaded = load_for_inference(model, adapter, device, quant)
+    log.info("loaded %s (%s base%s, %s) in %.1fs", loaded.name, "NF4" if loaded.cfg.quant.mode == "nf4" else "unquantized",
+             " + adapter" if loaded.has_adapter else "", loaded.device.type, time.perf_counter() - t0)
+    return loaded
 
 
 def answer(
