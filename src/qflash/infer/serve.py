@@ -26,7 +26,6 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field, replace
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
