@@ -141,6 +141,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qflash.bench.runner import run_bench
     from qflash.model.loading import qflash_home
 
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from qflash.bench.distributed import relaunch
+
+        return relaunch(args.gpus, sys.argv[1:])
+    if "WORLD_SIZE" in os.environ or args.as_ranks > 1:
+        from qflash.bench.distributed import run_data_parallel
+
+        for wl in args.workload.split(","):
+            run_data_parallel(args.shape, wl, steps=args.steps, warmup=args.warmup, dropout=args.dropout,
+                              attention=args.attention, out_dir=Path(args.out), overrides=args.set,
+                              cache=Path(args.cache) if args.cache else qflash_home() / "bench-models",
+                              loss_steps=args.parity, as_ranks=args.as_ranks)
+        return 0
     run_bench(
         args.shape, args.workload.split(","), against=args.against, steps=args.steps, warmup=args.warmup,
         dropout=args.dropout, attention=args.attention, out_dir=Path(args.out), parity_steps=args.parity,
@@ -270,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qflash config override for the qflash side, repeatable (e.g. --set lora.fused=false)")
     b.add_argument("--out", default="bench/results", help="where the JSON results go")
     b.add_argument("--cache", help="where random-weight models are written (default $QFLASH_HOME/bench-models)")
+    b.add_argument("--gpus", type=int, default=1, help="data-parallel over N GPUs (relaunches itself under torchrun); "
+                   "each GPU trains the workload's micro-batch, --parity N logs N steps of loss")
+    b.add_argument("--as-ranks", type=int, default=1, help="one GPU trains the global batch of N ranks "
+                   "(gradient accumulation), to compare losses with --gpus N")
     b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="fine-tune the embedded model on the identity set and compare before/after")

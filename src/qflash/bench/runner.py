@@ -94,7 +94,7 @@ def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, see
     from qflash.train.loop import build_optimizer
 
     cfg = qflash_config(dropout, lr, attention)
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     model = load_configured_base(cfg, model_dir, device, torch.bfloat16)
     model.config.use_cache = False
     enable_activation_checkpointing(model)

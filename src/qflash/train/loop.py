@@ -51,8 +51,8 @@ from qflash.train.checkpoint import (
     save_checkpoint,
 )
 from qflash.train.checkpoint import Loaded as LoadedCheckpoint
+from qflash.train.distributed import LossModule, Ranks, batch_fields, launched_distributed, make_accelerator, ranks_of
 from qflash.train.faults import Faults
-from qflash.train.loss import loss_sum
 from qflash.train.metrics import MetricsWriter, StepProgress, console
 from qflash.train.resume import RunLock, differences, pick_checkpoint, run_identity
 from qflash.train.signals import StopRequests, TrainingInterrupted
@@ -292,7 +292,7 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _restore(ckpt: LoadedCheckpoint, model, optimizer, scheduler) -> None:
+def _restore(ckpt: LoadedCheckpoint, model, optimizer, scheduler, restore_rng_state: bool = True) -> None:
     params = _trainable(model)
     if set(params) != set(ckpt.trainable):
         raise ConfigError("train.resume: the checkpoint's LoRA tensors do not match this model's (different targets?)")
@@ -304,7 +304,8 @@ def _restore(ckpt: LoadedCheckpoint, model, optimizer, scheduler) -> None:
             p.copy_(ckpt.trainable[name])
     optimizer.load_state_dict(ckpt.optimizer)
     scheduler.load_state_dict(ckpt.scheduler)
-    restore_rng(ckpt.state["rng"], ckpt.rng)
+    if restore_rng_state:  # process 0's; the others keep their own seeds (their dropout masks differ anyway)
+        restore_rng(ckpt.state["rng"], ckpt.rng)
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:
@@ -325,37 +326,45 @@ def run_training(
 ) -> TrainResult:
     cfg = setup.cfg
     out = Path(cfg.output_dir)
-    _prepare_output_dir(out, overwrite)
-    with RunLock(out):
-        return _run_locked(setup, out, force=force, on_step=on_step, quiet=quiet, faults=faults or Faults.from_env())
+    accelerator = make_accelerator(cpu=setup.device.type == "cpu")
+    ranks = ranks_of(accelerator)
+    # Only process 0 touches the run directory (lock, logs, checkpoints, adapter); the others wait.
+    if ranks.main:
+        _prepare_output_dir(out, overwrite)
+    ranks.barrier()
+    with RunLock(out) if ranks.main else contextlib.nullcontext():
+        return _run_locked(setup, out, accelerator, ranks, force=force, on_step=on_step, quiet=quiet or not ranks.main,
+                           faults=faults or Faults.from_env())
 
 
-def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | None, quiet: bool, faults: Faults) -> TrainResult:
-    from accelerate import Accelerator
-
+def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bool, on_step: StepHook | None,
+                quiet: bool, faults: Faults) -> TrainResult:
     cfg = setup.cfg
     say = (lambda msg: None) if quiet else console.print
-    accelerator = Accelerator(cpu=setup.device.type == "cpu", mixed_precision="no")
     model = setup.model
     named = _trainable(model)
     params = list(named.values())
     optimizer = build_optimizer(params, cfg, setup.device)
     steps = total_steps(cfg, len(setup.examples))
     scheduler = build_scheduler(optimizer, cfg, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # With several processes Accelerate wraps model + loss in DDP (gradients all-reduced on the
+    # last micro-batch of a step); with one it is the plain module.
+    loss_module, optimizer = accelerator.prepare(LossModule(model), optimizer)
     identity = run_identity(cfg.to_dict(), setup.fingerprint, {n: list(p.shape) for n, p in named.items()})
 
     # ---- where to start: a fresh run, or the newest complete checkpoint ----
     ckpt_path, notes = pick_checkpoint(out, cfg.train.resume)
     for note in notes:
         say(f"[yellow]{note}[/]")
-    remove_stale_temporaries(out)
+    if ranks.main:
+        remove_stale_temporaries(out)
+    ranks.barrier()
     if cfg.train.resume == "never" and complete_checkpoints(out):
         raise ConfigError(f"train.resume=never but {out / CKPT_DIR} holds checkpoints; pass --overwrite to discard them")
     if ckpt_path is None and (out / ADAPTER_DIR).exists():
         raise ConfigError(f"output_dir: {out} already holds a trained adapter; pass --overwrite to replace it or choose another output_dir")
     start, consecutive_bad, bad_total = 0, 0, 0
-    torch.manual_seed(cfg.train.seed)  # LoRA dropout
+    torch.manual_seed(cfg.train.seed + 1_000_003 * ranks.rank)  # LoRA dropout: each process its own masks
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed % 2**32)
     if ckpt_path is not None:
@@ -367,18 +376,20 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
                 + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
                 + ". Pass --force to resume anyway, --overwrite to start over, or choose another output_dir"
             )
-        _restore(ckpt, model, optimizer, scheduler)
+        _restore(ckpt, model, optimizer, scheduler, restore_rng_state=ranks.main)
         start = ckpt.step
         consecutive_bad, bad_total = ckpt.state.get("consecutive_bad", 0), ckpt.state.get("bad_total", 0)
         say(f"resuming from {ckpt_path} (step {start}, {start * ckpt.state['samples_per_step']} samples consumed)")
-    _trim_log(out / "metrics.jsonl", start)
-    _trim_log(out / SAMPLES_LOG, start)
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if ranks.main:
+        _trim_log(out / "metrics.jsonl", start)
+        _trim_log(out / SAMPLES_LOG, start)
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
 
     result = TrainResult(out, out / ADAPTER_DIR, start, 0, 0, 0, 0.0)
     if start >= steps:
-        if not (out / ADAPTER_DIR).exists():
+        if ranks.main and not (out / ADAPTER_DIR).exists():
             result.adapter_dir = save_adapter(setup, out)
+        ranks.barrier()
         say(f"nothing to do: {out} is complete at step {start} (raise train.max_steps to continue, or --overwrite to start over)")
         return result
 
@@ -397,7 +408,9 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
             "bad_total": bad_total,
             "identity": identity,
         }
-        return save_checkpoint(out, step, named, optimizer, scheduler, state, cfg.train.keep, faults)
+        path = save_checkpoint(out, step, named, optimizer, scheduler, state, cfg.train.keep, faults) if ranks.main else None
+        ranks.barrier()
+        return path
 
     if not quiet:
         console.print(
@@ -405,6 +418,7 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
             f"{setup.stats.trained_tokens:,} trained), {steps} steps of {per_step} samples, "
             f"device {setup.device.type}, compute {str(setup.dtype).replace('torch.', '')}, "
             f"quant {cfg.quant.mode}, LoRA r={cfg.lora.r}"
+            + (f", {ranks.world} processes (each takes every {ranks.world}th sample of a step)" if ranks.distributed else "")
         )
         st = setup.stats
         if st.skipped or st.dropped_too_long or st.truncated or st.held_out:
@@ -415,8 +429,8 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
             )
         if setup.replay is not None:
             console.print("  " + setup.replay.summary(cfg.data.replay))
-    metrics = MetricsWriter(out, purge_step=start + 1 if start else None)
-    samples_log = open(out / SAMPLES_LOG, "a", encoding="utf-8")
+    metrics = MetricsWriter(out, purge_step=start + 1 if start else None) if ranks.main else None
+    samples_log = open(out / SAMPLES_LOG, "a", encoding="utf-8") if ranks.main else None
     progress = StepProgress(steps, start=start) if not quiet else None
     model.train()
     # Master LoRA weights stay fp32; on GPU their matmuls run in the compute dtype like the base's.
@@ -429,17 +443,27 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
             for step in range(start, steps):
                 t0 = time.perf_counter()
                 ids = stream.ids(step)
-                micro = micro_batches(setup, ids)
-                n_trained = sum(trained_tokens(b) for b in micro)
-                step_loss = 0.0
-                for b in micro:
-                    b = b.to(setup.device)
-                    with autocast:
-                        loss = loss_sum(model, b) / n_trained
-                    if faults.loss_is_nan(step + 1):
-                        loss = loss * float("nan")
-                    accelerator.backward(loss)
-                    step_loss += loss.item()
+                mine = ranks.shard(ids)
+                micro = micro_batches(setup, mine) if mine else []
+                n_trained = int(ranks.sum(sum(trained_tokens(b) for b in micro)))
+                rounds = int(ranks.max(len(micro)))
+                filler = micro[0] if micro else (micro_batches(setup, ids[:1])[0] if rounds else None)
+                local_sum = 0.0
+                for i in range(rounds):
+                    real_batch = i < len(micro)
+                    b = (micro[i] if real_batch else filler).to(setup.device)
+                    last = i == rounds - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(loss_module):
+                        with autocast:
+                            token_loss = loss_module(**batch_fields(b))
+                        if faults.loss_is_nan(step + 1):
+                            token_loss = token_loss * float("nan")
+                        # token-weighted over the global batch; DDP's mean over processes is undone by * world
+                        weight = ranks.world / n_trained if real_batch else 0.0
+                        accelerator.backward(token_loss * weight)
+                    if real_batch:
+                        local_sum += token_loss.item()
+                step_loss = ranks.sum(local_sum) / n_trained if n_trained else float("nan")
                 if cfg.train.max_grad_norm > 0:
                     grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
                 else:
@@ -459,7 +483,7 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
                 optimizer.zero_grad(set_to_none=True)
 
                 dt = time.perf_counter() - t0
-                real = sum(b.real_tokens for b in micro)
+                real = int(ranks.sum(sum(b.real_tokens for b in micro)))
                 result.steps = step + 1
                 result.samples += len(ids)
                 result.tokens += real
@@ -475,13 +499,14 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
                     "tokens_per_s": real / dt,
                     "epoch": stream.epoch_of(step + 1),
                 }
-                samples_log.write(json.dumps({"step": step + 1, "sample_ids": ids}) + "\n")
-                samples_log.flush()
+                if samples_log is not None:
+                    samples_log.write(json.dumps({"step": step + 1, "sample_ids": ids}) + "\n")
+                    samples_log.flush()
                 evaluate = cfg.train.eval_every > 0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == steps)
                 if evaluate:
-                    values["eval_loss"] = evaluate_held_out(setup, model, autocast)
+                    values["eval_loss"] = evaluate_held_out(setup, model, autocast)  # each process, same number
                     result.eval_losses.append((step + 1, values["eval_loss"]))
-                if evaluate or (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                if metrics is not None and (evaluate or (step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
                     metrics.write(step + 1, values)
                 if progress is not None:
                     progress.update(step + 1, step_loss, lr, real / dt)
@@ -496,26 +521,41 @@ def _run_locked(setup: Setup, out: Path, *, force: bool, on_step: StepHook | Non
                     )
                 # A periodic save waits for a good step, so the newest checkpoint never sits inside a bad streak.
                 periodic = (step + 1) % cfg.train.save_every == 0 and finite
-                if periodic or step + 1 == steps or stop.signum is not None:
+                # A signal may reach the processes at different steps: they stop together at the first.
+                stopping = ranks.max(stop.signum or 0)
+                if periodic or step + 1 == steps or stopping:
                     path = checkpoint(step + 1)
                     last_saved = step + 1
-                    if stop.signum is not None:
-                        raise TrainingInterrupted(stop.signum, step + 1, str(path))
+                    if stopping:
+                        raise TrainingInterrupted(int(stopping), step + 1, str(path or out / CKPT_DIR))
     finally:
-        samples_log.close()
-        metrics.close()
+        if samples_log is not None:
+            samples_log.close()
+        if metrics is not None:
+            metrics.close()
         if progress is not None:
             progress.close()
     assert last_saved == steps
     result.seconds = time.perf_counter() - t_start
-    result.adapter_dir = save_adapter(setup, out)
+    if ranks.main:
+        result.adapter_dir = save_adapter(setup, out)
+    ranks.barrier()
     return result
 
 
 def train(cfg: Config, *, overwrite: bool = False, force: bool = False, quiet: bool = False) -> TrainResult:
-    setup = build_setup(cfg, quiet=quiet)
+    if launched_distributed():
+        # torchrun / accelerate launch: set up the process group (and each process's GPU) first;
+        # process 0 builds the data (and its caches, replay answers) before the others read them.
+        accelerator = make_accelerator(cpu=cfg.train.device == "cpu" or not torch.cuda.is_available())
+        main = accelerator.is_main_process
+        with accelerator.main_process_first():
+            setup = build_setup(cfg, quiet=quiet or not main)
+    else:
+        main = True
+        setup = build_setup(cfg, quiet=quiet)
     result = run_training(setup, overwrite=overwrite, force=force, quiet=quiet)
-    if not quiet:
+    if not quiet and main:
         print_summary(result, setup)
     return result
 

@@ -1,0 +1,76 @@
+"""Two processes (torchrun, gloo on the CPU) train like one: same per-step loss, one set of files,
+and a checkpoint written by two processes resumes in one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(cfg_path: Path, procs: int, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+                f"--master_port={_free_port()}", "-m"] if procs > 1 else [sys.executable, "-m"]
+    p = subprocess.run([*launcher, "qflash.cli", "train", str(cfg_path), *overrides], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_in_one(tiny_models, identity_subset, tmp_path):
+    cfg = tiny_config(tiny_models["qwen2"], identity_subset, tmp_path / "unused", "train.micro_batch_size=2",
+                      "train.grad_accum=2", "train.max_steps=6", "train.save_every=3", "train.lr=1e-2", "train.schedule=constant",
+                      "data.packing=false")
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
+
+    one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
+    _train(cfg_path, 1, f"output_dir={one}")
+    p = _train(cfg_path, 2, f"output_dir={two}")
+    assert "2 processes" in p.stdout
+
+    l1, l2 = _losses(one), _losses(two)
+    assert sorted(l1) == sorted(l2) == list(range(1, 7))
+    for step in l1:
+        assert l2[step] == pytest.approx(l1[step], rel=1e-4), (step, l1, l2)
+    # process 0 alone wrote the run's files: one line per step, one sample log, one adapter
+    assert len((two / "samples.jsonl").read_text().splitlines()) == 6
+    assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
+    a1 = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    a2 = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert a1.keys() == a2.keys()
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-3, atol=1e-5)
+
+    # 3 steps with two processes, then the rest with one: the same run as one process throughout
+    _train(cfg_path, 2, f"output_dir={mixed}", "train.max_steps=3")
+    assert _losses(mixed).keys() == {1, 2, 3}
+    p = _train(cfg_path, 1, f"output_dir={mixed}")
+    assert "resuming from" in p.stdout + p.stderr
+    lm = _losses(mixed)
+    for step in range(1, 7):
+        assert lm[step] == pytest.approx(l1[step], rel=1e-4), (step, lm, l1)
+    am = load_file(str(mixed / "adapter" / "adapter_model.safetensors"))
+    for k in a1:
+        torch.testing.assert_close(am[k], a1[k], rtol=1e-3, atol=1e-5)
