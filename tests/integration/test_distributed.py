@@ -33,14 +33,20 @@ def _train(cfg_path: Path, procs: int, *overrides: str) -> subprocess.CompletedP
     return p
 
 
+def _metrics(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
 def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    return {step: r["loss"] for step, r in _metrics(run).items()}
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_in_one(tiny_models, identity_subset, tmp_path):
-    cfg = tiny_config(tiny_models["qwen2"], identity_subset, tmp_path / "unused", "train.micro_batch_size=2",
-                      "train.grad_accum=2", "train.max_steps=6", "train.save_every=3", "train.lr=1e-2", "train.schedule=constant",
+    # 3 samples a step, one per micro-batch: process 0 gets two micro-batches, process 1 one (plus a
+    # zero-weighted filler, so both reach DDP's gradient sync together).
+    cfg = tiny_config(tiny_models["qwen2"], identity_subset, tmp_path / "unused", "train.micro_batch_size=1",
+                      "train.grad_accum=3", "train.max_steps=6", "train.save_every=3", "train.lr=1e-2", "train.schedule=constant",
                       "data.packing=false")
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
@@ -48,12 +54,15 @@ def test_two_processes_match_one_and_resume_in_one(tiny_models, identity_subset,
     one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
     _train(cfg_path, 1, f"output_dir={one}")
     p = _train(cfg_path, 2, f"output_dir={two}")
-    assert "2 processes" in p.stdout
+    assert "2 processes" in p.stdout + p.stderr
 
     l1, l2 = _losses(one), _losses(two)
     assert sorted(l1) == sorted(l2) == list(range(1, 7))
     for step in l1:
         assert l2[step] == pytest.approx(l1[step], rel=1e-4), (step, l1, l2)
+    # each sample once: the two processes together saw exactly the tokens one process saw
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [(m2[k]["tokens"], m2[k]["trained_tokens"]) for k in m2] == [(m1[k]["tokens"], m1[k]["trained_tokens"]) for k in m1]
     # process 0 alone wrote the run's files: one line per step, one sample log, one adapter
     assert len((two / "samples.jsonl").read_text().splitlines()) == 6
     assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
