@@ -7,7 +7,8 @@ from conftest import tiny_config
 from qflash.data.batching import pack_rows, packed_micro_batches, pad_batch, trained_tokens
 from qflash.data.template import IGNORE
 from qflash.model.attention import PackingError
-from qflash.train.loop import build_setup, loss_sum
+from qflash.train.loop import build_setup
+from qflash.train.loss import loss_sum
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
