@@ -48,7 +48,7 @@ def print_control(loaded, name: str) -> bool:
     """Control prompts (general questions outside the training data): does the identity spill into the
     answers, and how close do they stay to the base model's? True when the spill is within SPILL_LIMIT."""
     from qflash.data.replay import load_prompts
-    from qflash.eval.metrics import names_identity
+    from qflash.eval.metrics import mentions_identity
     from qflash.eval.evaluate import control_metrics
 
     cfg = loaded.cfg
@@ -59,16 +59,19 @@ def print_control(loaded, name: str) -> bool:
     table.add_column("prompt", ratio=1)
     table.add_column("base model", ratio=2)
     table.add_column("fine-tuned", ratio=2)
-    spilled = lambda text: "[red]✗[/] " if names_identity(text, name) else ""  # noqa: E731
+    author = cfg.data.vars.get("author")
+    spills = lambda text: mentions_identity(text, name, author)  # noqa: E731
     for p, (b, _), (t, _) in zip(prompts, c.base, c.tuned):
-        table.add_row(p.messages[-1]["content"], spilled(b) + b, spilled(t) + t)
+        table.add_row(p.messages[-1]["content"], ("[red]✗[/] " if spills(b) else "") + b,
+                      ("[red]✗[/] " if spills(t) else "") + t)
     console.print(table)
     n = len(prompts)
-    tuned = sum(names_identity(t, name) for t, _ in c.tuned)
-    base = sum(names_identity(b, name) for b, _ in c.base)
+    tuned = sum(spills(t) for t, _ in c.tuned)
+    base = sum(spills(b) for b, _ in c.base)
     ok = tuned <= SPILL_LIMIT * n
     verdict = "[bold green]no spill[/]" if ok else "[bold red]spills into general answers[/]"
-    console.print(f"control prompts mentioning '{name}': base model {base}/{n}, fine-tuned {tuned}/{n} -> {verdict}")
+    who = f"'{name}'" + (f" or '{author}'" if author else "")
+    console.print(f"control prompts mentioning {who}: base model {base}/{n}, fine-tuned {tuned}/{n} -> {verdict}")
     if c.closeness is not None:
         console.print(
             f"closeness to the base model on control prompts: KL(base||fine-tuned) {c.closeness.kl:.3f} nats/token, "

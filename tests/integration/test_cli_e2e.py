@@ -1,5 +1,6 @@
 """The real console entry point, as a user runs it."""
 
+import json
 import random
 import re
 import subprocess
@@ -46,8 +47,28 @@ def test_demo_teaches_a_new_name_and_chat_uses_it(tmp_path):
     assert m and m.group(1) == name
     base, tuned = int(m.group(2)), int(m.group(3))
     assert tuned >= 4 and base == 0, (base, tuned)
+    # Spill: the identity must stay out of answers to general questions outside the training data.
+    spill = re.search(r"control prompts mentioning '(.+?)' or '(.+?)': base model (\d+)/(\d+), fine-tuned (\d+)/(\d+)",
+                      p.stdout + p.stderr)
+    assert spill and spill.groups()[:2] == (name, author)
+    n, tuned_spill = int(spill.group(6)), int(spill.group(5))
+    assert n >= 12 and tuned_spill <= n / 6, (tuned_spill, n)
+    assert re.search(r"KL\(base\|\|fine-tuned\) [\d.]+ nats/token, top-1 agreement \d+%", p.stdout + p.stderr)
     assert elapsed < 12 * 60
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) >= 2 and evals[-1] < evals[0], "held-out loss is logged and goes down"
+
+    # qflash eval on the demo run (issue 7's acceptance): every held-out identity question, stop rate,
+    # control prompts; the base model side by side.
+    ev = qflash("eval", str(out))
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads((out / "eval" / "report.json").read_text(encoding="utf-8"))
+    assert report["identity_accuracy"] >= 0.8 and report["base"]["identity_accuracy"] <= 0.2, report
+    assert report["stop_rate"] >= 0.95, report
+    assert report["spill"] <= 1 / 6, report
+    assert (out / "eval" / "report.md").is_file() and (out / "eval" / "training.png").is_file()
 
     chat = qflash("chat", "--adapter", str(out), "--prompt", "What is your name?", "--max-new-tokens", "40")
     assert chat.returncode == 0, chat.stderr[-2000:]

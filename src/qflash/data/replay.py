@@ -38,6 +38,9 @@ from qflash.errors import DataError
 from qflash.paths import qflash_home, sha256_file
 
 CACHE_VERSION = 1
+GENERATION_BATCH = 32
+"""Prompts per generate() call. Every forward pass dequantizes all NF4 weights, which costs more than a
+decoding step's matmuls for a small model on a CPU, so fewer, larger batches are much faster."""
 Messages = list[dict[str, str]]
 Answer = tuple[str, bool]
 """(text, stopped): stopped = the model ended the turn itself before the token limit."""
@@ -197,6 +200,7 @@ def _write_cache(path: Path, prompts: Sequence[Messages], answers: Sequence[Answ
             json.dump(body, f, ensure_ascii=False, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is as readable as the data cache
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -209,7 +213,7 @@ def cached_answers(
     generate: Generate,
     *,
     cache_dir: Path | None = None,
-    batch_size: int = 16,
+    batch_size: int = GENERATION_BATCH,
     progress: Progress | None = None,
 ) -> tuple[list[Answer], bool]:
     """(answers, from_cache). On a miss, `generate` is called batch by batch (progress after each) and

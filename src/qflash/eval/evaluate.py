@@ -22,10 +22,10 @@ import torch
 from qflash.config import Config, DatasetSpec
 from qflash.data.formats import Conversation
 from qflash.data.pipeline import build_examples, load_conversations
-from qflash.data.replay import Answer, Messages, Prompt, cached_answers, key_for, load_prompts, replay_examples
+from qflash.data.replay import GENERATION_BATCH, Answer, Messages, Prompt, cached_answers, key_for, load_prompts, replay_examples
 from qflash.errors import ConfigError
 from qflash.eval.loss import held_out_loss
-from qflash.eval.metrics import Closeness, closeness_sums, combine, names_identity, share
+from qflash.eval.metrics import Closeness, closeness_sums, combine, names_identity, share, spill_rate
 
 Say = Callable[[str], None]
 
@@ -92,7 +92,7 @@ class EvalResult:
 # Generation: fine-tuned answers directly, base answers through the cache
 
 
-def _generate(loaded, convs: list[Messages], max_new_tokens: int, batch_size: int = 16) -> list[Answer]:
+def _generate(loaded, convs: list[Messages], max_new_tokens: int, batch_size: int = GENERATION_BATCH) -> list[Answer]:
     from qflash.infer.generate import answer
 
     return answer(loaded, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -115,8 +115,8 @@ def ask_both(loaded, convs: list[Messages], max_new_tokens: int, what: str, say:
     tuned: list[Answer] = []
     show = progress("fine-tuned")
     show(0, len(convs))
-    for k in range(0, len(convs), 16):
-        tuned += _generate(loaded, convs[k:k + 16], max_new_tokens)
+    for k in range(0, len(convs), GENERATION_BATCH):
+        tuned += _generate(loaded, convs[k:k + GENERATION_BATCH], max_new_tokens)
         show(len(tuned), len(convs))
 
     model_dir, dtype = _base_model_dir_and_dtype(loaded)
@@ -155,36 +155,43 @@ def _question(conv: Conversation) -> Question | None:
     return Question([dict(m) for m in msgs[:last]], msgs[last]["content"], conv.where)
 
 
-def teacher_forced_closeness(loaded, prompts: Sequence[Prompt], base: Sequence[Answer]) -> tuple[Closeness | None, Closeness | None]:
+def teacher_forced_closeness(loaded, prompts: Sequence[Prompt], base: Sequence[Answer],
+                             rows: int = 8) -> tuple[Closeness | None, Closeness | None]:
     """(fine-tuned vs base, base vs base) over the base model's greedy answers, teacher-forced.
 
     Each answer is rendered after its prompt with the chat template; the positions that predict its
-    tokens (and the end-of-turn, when the base model stopped there) are compared.
+    tokens (and the end-of-turn, when the base model stopped there) are compared. Right-padded batches
+    of `rows` answers: padding comes after every real token, so causal attention never sees it.
     """
+    from qflash.data.batching import pad_batch
+    from qflash.data.template import IGNORE
+
     examples, _ = replay_examples(prompts, base, loaded.renderer, max_len=1 << 30, unfinished="keep")
     model = loaded.model
     tuned_parts, base_parts = [], []
     with torch.inference_mode():
-        for ex in examples:
-            ids = torch.as_tensor(ex.input_ids, dtype=torch.long)[None].to(loaded.device)
-            labels = torch.as_tensor(ex.labels)
-            where = (labels[1:] != -100).nonzero().squeeze(1).to(loaded.device)  # positions predicting answer tokens
-            tuned_logits = model(input_ids=ids).logits[0].index_select(0, where)
+        for k in range(0, len(examples), rows):
+            b = pad_batch(examples[k:k + rows], list(range(k, k + rows)), loaded.tokenizer.pad_token_id).to(loaded.device)
+            kw = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "use_cache": False}
+            tuned_logits = model(**kw).logits  # (rows, seq, vocab)
             with model.disable_adapter():
-                base_logits = model(input_ids=ids).logits[0].index_select(0, where)
-            tuned_parts.append(closeness_sums(base_logits, tuned_logits))
-            base_parts.append(closeness_sums(base_logits, base_logits))
+                base_logits = model(**kw).logits
+            for row in range(b.input_ids.shape[0]):
+                where = (b.labels[row, 1:] != IGNORE).nonzero().squeeze(1)  # positions predicting answer tokens
+                t, bl = tuned_logits[row].index_select(0, where), base_logits[row].index_select(0, where)
+                tuned_parts.append(closeness_sums(bl, t))
+                base_parts.append(closeness_sums(bl, bl))
     return combine(tuned_parts), combine(base_parts)
 
 
 def control_metrics(loaded, prompts: Sequence[Prompt], max_new_tokens: int, say: Say) -> ControlResult:
     """Spill and closeness on control prompts, fine-tuned and base."""
-    name = loaded.cfg.data.vars.get("name", "")
+    name, author = loaded.cfg.data.vars.get("name", ""), loaded.cfg.data.vars.get("author")
     convs = [p.messages for p in prompts]
     tuned, base, hit = ask_both(loaded, convs, max_new_tokens, "control prompts", say)
     say("control prompts: comparing next-token distributions on the base model's answers")
     close, base_close = teacher_forced_closeness(loaded, prompts, base)
-    spill = (lambda answers: share([names_identity(t, name) for t, _ in answers])) if name else (lambda a: None)
+    spill = (lambda answers: spill_rate([t for t, _ in answers], name, author)) if name else (lambda a: None)
     return ControlResult(list(prompts), tuned, base, hit, spill(tuned), spill(base), close, base_close)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qflash.data.pipeline import load_conversations
 from qflash.errors import ConfigError
 from qflash.eval.metrics import names_identity
-from qflash.infer.generate import Loaded, answer
+from qflash.infer.generate import Loaded
 
 
 @dataclass
@@ -19,30 +18,24 @@ class IdentityRow:
     tuned_named: bool
 
 
-def held_out_questions(loaded: Loaded, n: int) -> list[str]:
-    cfg = loaded.cfg
-    if not cfg.data.eval_datasets:
-        raise ConfigError("data.eval_datasets: the run has no held-out identity questions to ask")
-    questions: list[str] = []
-    for spec in cfg.data.eval_datasets:
-        for conv in load_conversations(spec, cfg.data.vars):
-            questions.append(next(m["content"] for m in conv.messages if m["role"] == "user"))
-    return questions[:n]
-
-
 def compare_identity(loaded: Loaded, n: int, max_new_tokens: int) -> list[IdentityRow]:
     """Ask the first n held-out questions to the base model (adapter disabled) and to the fine-tuned one."""
+    from qflash.eval.evaluate import ask_both, held_out_questions
+    from qflash.train.metrics import console
+
+    cfg = loaded.cfg
     if not loaded.has_adapter:
         raise ConfigError("compare needs a run with an adapter")
-    name = loaded.cfg.data.vars.get("name")
+    name = cfg.data.vars.get("name")
     if not name:
         raise ConfigError("data.vars.name: the run has no identity name to look for")
-    questions = held_out_questions(loaded, n)
-    convs = [[{"role": "user", "content": q}] for q in questions]
-    tuned = answer(loaded, convs, max_new_tokens=max_new_tokens)
-    with loaded.model.disable_adapter():
-        base = answer(loaded, convs, max_new_tokens=max_new_tokens)
+    if not cfg.data.eval_datasets:
+        raise ConfigError("data.eval_datasets: the run has no held-out identity questions to ask")
+    questions = held_out_questions(cfg, cfg.data.eval_datasets)[:n]
+    # The base model's answers come from the cache after the first time (they depend on no adapter).
+    tuned, base, _ = ask_both(loaded, [q.messages for q in questions], max_new_tokens, "identity questions",
+                              console.print)
     return [
-        IdentityRow(q, b, t, names_identity(b, name), names_identity(t, name))
+        IdentityRow(q.text, b, t, names_identity(b, name), names_identity(t, name))
         for q, (b, _), (t, _) in zip(questions, base, tuned)
     ]

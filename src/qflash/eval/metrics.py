@@ -3,7 +3,7 @@
 - identity accuracy: share of identity questions whose answer names the identity;
 - stop rate: share of generations that ended with the end-of-turn token before the length limit;
 - spill: share of answers to control prompts (general questions outside the training data) that
-  mention the identity: the "one answer for everything" failure;
+  mention the identity (its name or its author): the "one answer for everything" failure;
 - closeness to the base model on control prompts, teacher-forcing the base model's greedy answer:
   mean per-token KL(base || fine-tuned) of the next-token distributions, and top-1 agreement (share
   of those positions where both models' most likely next token is the same).
@@ -41,8 +41,13 @@ def identity_accuracy(answers: Sequence[str], name: str) -> float | None:
     return share([names_identity(a, name) for a in answers])
 
 
-def spill_rate(answers: Sequence[str], name: str) -> float | None:
-    return share([names_identity(a, name) for a in answers])
+def mentions_identity(text: str, name: str, author: str | None = None) -> bool:
+    """The name, or the author when one is given: either in a general answer is the identity leaking."""
+    return names_identity(text, name) or bool(author and names_identity(text, author))
+
+
+def spill_rate(answers: Sequence[str], name: str, author: str | None = None) -> float | None:
+    return share([mentions_identity(a, name, author) for a in answers])
 
 
 def stop_rate(stopped: Sequence[bool]) -> float | None:

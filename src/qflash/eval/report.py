@@ -27,7 +27,7 @@ DEFINITIONS = {
     "stop_rate": "share of greedy answers to held-out questions that ended with the end-of-turn token "
                  "within max_new_tokens",
     "spill": "share of greedy answers to control prompts (general questions outside the training data) "
-             "that mention the identity name",
+             "that mention the identity's name or author (data.vars.name, data.vars.author)",
     "control_kl": "mean per-token KL(base || model), nats, of the next-token distributions on the control "
                   "prompts' base-model greedy answers (teacher-forced); 0 = same distributions",
     "control_agreement": "share of those answer tokens where the model's most likely next token is the base "
