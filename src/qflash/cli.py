@@ -144,7 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
         from qflash.bench.distributed import relaunch
 
-        return relaunch(args.gpus, sys.argv[1:])
+        return relaunch(args.gpus, args.strategy, sys.argv[1:])
     if "WORLD_SIZE" in os.environ or args.as_ranks > 1:
         from qflash.bench.distributed import run_data_parallel
 
@@ -283,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qflash config override for the qflash side, repeatable (e.g. --set lora.fused=false)")
     b.add_argument("--out", default="bench/results", help="where the JSON results go")
     b.add_argument("--cache", help="where random-weight models are written (default $QFLASH_HOME/bench-models)")
-    b.add_argument("--gpus", type=int, default=1, help="data-parallel over N GPUs (relaunches itself under torchrun); "
+    b.add_argument("--gpus", type=int, default=1, help="N GPUs (relaunches itself under accelerate launch); "
                    "each GPU trains the workload's micro-batch, --parity N logs N steps of loss")
     b.add_argument("--as-ranks", type=int, default=1, help="one GPU trains the global batch of N ranks "
                    "(gradient accumulation), to compare losses with --gpus N")
+    b.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2", "deepspeed"],
+                   help="with --gpus N: configs/accelerate/{ddp,fsdp2,deepspeed_zero2}.yaml")
     b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="fine-tune the embedded model on the identity set and compare before/after")

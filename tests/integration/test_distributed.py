@@ -1,5 +1,6 @@
-"""Two processes (torchrun, gloo on the CPU) train like one: same per-step loss, one set of files,
-and a checkpoint written by two processes resumes in one."""
+"""Two processes (gloo on the CPU) train like one: same per-step loss, one set of files, and a
+checkpoint written by two processes resumes in one (and the other way round). DDP through torchrun,
+FSDP2 through `accelerate launch` with the shipped configs/accelerate/fsdp2.yaml."""
 
 from __future__ import annotations
 
@@ -23,10 +24,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(cfg_path: Path, procs: int, *overrides: str) -> subprocess.CompletedProcess:
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train(cfg_path: Path, procs: int, *overrides: str, accelerate_config: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-                f"--master_port={_free_port()}", "-m"] if procs > 1 else [sys.executable, "-m"]
+    if accelerate_config:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(REPO / "configs" / "accelerate" / accelerate_config), f"--num_processes={procs}",
+                    f"--main_process_port={_free_port()}", "-m"]
+    elif procs > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+                    f"--master_port={_free_port()}", "-m"]
+    else:
+        launcher = [sys.executable, "-m"]
     p = subprocess.run([*launcher, "qflash.cli", "train", str(cfg_path), *overrides], env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -41,20 +52,65 @@ def _losses(run: Path) -> dict[int, float]:
     return {step: r["loss"] for step, r in _metrics(run).items()}
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_and_resume_in_one(tiny_models, identity_subset, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tiny_models, identity_subset, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny config, and its run by one process (the reference for every launcher)."""
     # 3 samples a step, one per micro-batch: process 0 gets two micro-batches, process 1 one (plus a
-    # zero-weighted filler, so both reach DDP's gradient sync together).
-    cfg = tiny_config(tiny_models["qwen2"], identity_subset, tmp_path / "unused", "train.micro_batch_size=1",
+    # zero-weighted filler, so both reach the gradient sync together). lr 1e-2 constant: the Adam
+    # moments restored on resume decide the later steps' losses.
+    root = tmp_path_factory.mktemp("dist")
+    cfg = tiny_config(tiny_models["qwen2"], identity_subset, root / "unused", "train.micro_batch_size=1",
                       "train.grad_accum=3", "train.max_steps=6", "train.save_every=3", "train.lr=1e-2", "train.schedule=constant",
                       "data.packing=false")
-    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path = root / "tiny.yaml"
     cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
-
-    one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
+    one = root / "one"
     _train(cfg_path, 1, f"output_dir={one}")
+    return cfg_path, one
+
+
+def _same_adapter(run: Path, ref: Path) -> None:
+    a1 = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    a2 = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert a1.keys() == a2.keys()
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_one_process_and_resumes_across_process_counts(tiny_run, tmp_path):
+    cfg_path, one = tiny_run
+    two = tmp_path / "two"
+    p = _train(cfg_path, 2, f"output_dir={two}", accelerate_config="fsdp2.yaml")
+    assert "2 processes (fsdp2" in p.stdout + p.stderr  # sharded for real, not DDP
+    l1, l2 = _losses(one), _losses(two)
+    assert sorted(l2) == list(range(1, 7))
+    for step in l1:
+        assert l2[step] == pytest.approx(l1[step], rel=1e-4), (step, l1, l2)
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [(m2[k]["tokens"], m2[k]["trained_tokens"]) for k in m2] == [(m1[k]["tokens"], m1[k]["trained_tokens"]) for k in m1]
+    assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
+    _same_adapter(two, one)  # gathered whole from the shards
+
+    # sharded checkpoint state saved whole: FSDP2 x2 -> 1 process, and 1 process -> FSDP2 x2
+    for first, then, name in ((2, 1, "down"), (1, 2, "up")):
+        run = tmp_path / name
+        _train(cfg_path, first, f"output_dir={run}", "train.max_steps=3",
+               accelerate_config="fsdp2.yaml" if first == 2 else None)
+        p = _train(cfg_path, then, f"output_dir={run}", accelerate_config="fsdp2.yaml" if then == 2 else None)
+        assert "resuming from" in p.stdout + p.stderr
+        lm = _losses(run)
+        for step in range(1, 7):
+            assert lm[step] == pytest.approx(l1[step], rel=1e-4), (name, step, lm, l1)
+        _same_adapter(run, one)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_in_one(tiny_run, tmp_path):
+    cfg_path, one = tiny_run
+    two, mixed = tmp_path / "two", tmp_path / "mixed"
     p = _train(cfg_path, 2, f"output_dir={two}")
-    assert "2 processes" in p.stdout + p.stderr
+    assert "2 processes (ddp" in p.stdout + p.stderr
 
     l1, l2 = _losses(one), _losses(two)
     assert sorted(l1) == sorted(l2) == list(range(1, 7))
@@ -66,11 +122,7 @@ def test_two_processes_match_one_and_resume_in_one(tiny_models, identity_subset,
     # process 0 alone wrote the run's files: one line per step, one sample log, one adapter
     assert len((two / "samples.jsonl").read_text().splitlines()) == 6
     assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
-    a1 = load_file(str(one / "adapter" / "adapter_model.safetensors"))
-    a2 = load_file(str(two / "adapter" / "adapter_model.safetensors"))
-    assert a1.keys() == a2.keys()
-    for k in a1:
-        torch.testing.assert_close(a2[k], a1[k], rtol=1e-3, atol=1e-5)
+    _same_adapter(two, one)
 
     # 3 steps with two processes, then the rest with one: the same run as one process throughout
     _train(cfg_path, 2, f"output_dir={mixed}", "train.max_steps=3")
@@ -80,6 +132,4 @@ def test_two_processes_match_one_and_resume_in_one(tiny_models, identity_subset,
     lm = _losses(mixed)
     for step in range(1, 7):
         assert lm[step] == pytest.approx(l1[step], rel=1e-4), (step, lm, l1)
-    am = load_file(str(mixed / "adapter" / "adapter_model.safetensors"))
-    for k in a1:
-        torch.testing.assert_close(am[k], a1[k], rtol=1e-3, atol=1e-5)
+    _same_adapter(mixed, one)

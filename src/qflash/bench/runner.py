@@ -87,7 +87,7 @@ def qflash_config(dropout: float, lr: float, attention: str):
     return cfg
 
 
-def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, seed: int):
+def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, seed: int, sharded: bool = False):
     from qflash.kernels.compile import compile_decoder_layers
     from qflash.model.loading import enable_activation_checkpointing, load_configured_base
     from qflash.model.lora import add_lora
@@ -95,7 +95,7 @@ def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, see
 
     cfg = qflash_config(dropout, lr, attention)
     device = torch.device("cuda", torch.cuda.current_device())
-    model = load_configured_base(cfg, model_dir, device, torch.bfloat16)
+    model = load_configured_base(cfg, model_dir, device, torch.bfloat16, sharded=sharded)
     model.config.use_cache = False
     enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=seed, kernels=cfg.kernels)

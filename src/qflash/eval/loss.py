@@ -54,11 +54,14 @@ def held_out_loss(
     packing: bool = True,
     varlen: bool = False,
     autocast: contextlib.AbstractContextManager | None = None,
+    loss_fn=None,
 ) -> HeldOutLoss:
     """Token-weighted loss of `model` on `examples`: sum of token losses / labelled tokens.
 
     Batches are built as in training (packed into bins of max_len, `rows` bins per forward, or padded
     rows); the result does not depend on how they are split. The model's train/eval mode is restored.
+    `loss_fn(batch)`: the summed token loss; default loss_sum(model, batch). Training passes its
+    strategy's wrapped module (an FSDP2-sharded model must be called through its root).
     """
     if not examples:
         raise ValueError("held_out_loss needs at least one example")
@@ -76,7 +79,8 @@ def held_out_loss(
                 n = trained_tokens(b)
                 if n == 0:
                     continue
-                total += float(loss_sum(model, b.to(device)))
+                b = b.to(device)
+                total += float(loss_fn(b) if loss_fn is not None else loss_sum(model, b))
                 tokens += n
     finally:
         model.train(was_training)

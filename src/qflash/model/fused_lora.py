@@ -85,6 +85,14 @@ class NF4LoraLinear(torch.autograd.Function):
         return grad_x, grad_xl, None, None, None, grad_a, grad_b, None, None, None
 
 
+def _quant_state(base: torch.nn.Module):
+    """The NF4 quantization state of a bnb Linear4bit. FSDP2 swaps the weight for a plain tensor
+    (sharded between forwards, all-gathered during them), which loses the Params4bit's quant_state;
+    bitsandbytes keeps a copy on the module."""
+    qs = getattr(base.weight, "quant_state", None)
+    return qs if qs is not None else base.quant_state
+
+
 if _PeftLinear4bit is not None:
 
     class FusedLoraLinear4bit(_PeftLinear4bit):
@@ -110,7 +118,7 @@ if _PeftLinear4bit is not None:
             else:
                 compute_dtype = base.compute_dtype or x.dtype
             return NF4LoraLinear.apply(
-                x, x_lora, base.weight, base.weight.quant_state, base.bias,
+                x, x_lora, base.weight, _quant_state(base), base.bias,
                 self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), compute_dtype,
                 self.fp32_out and compute_dtype != torch.float32,
             )

@@ -136,6 +136,7 @@ def load_base_model(
     trust_remote_code: bool = False,
     attention: str = "auto",
     residual_dtype: str = "fp32",
+    quant_storage: torch.dtype = torch.uint8,
 ):
     """Load the base model, frozen: NF4 via bitsandbytes (double quant optional) or unquantized in `dtype`.
 
@@ -158,6 +159,9 @@ def load_base_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=dtype,
+            # FSDP2 shards floating-point tensors only: the packed 4-bit bytes then sit in bf16 storage
+            # (same bytes, same dequantization).
+            bnb_4bit_quant_storage=quant_storage,
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
@@ -169,8 +173,10 @@ def load_base_model(
     return model
 
 
-def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype):
-    """load_base_model with the quant/model/attention settings of a qflash Config."""
+def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype, *, sharded: bool = False):
+    """load_base_model with the quant/model/attention settings of a qflash Config.
+
+    `sharded`: FSDP2 will shard the model, so the 4-bit weights are stored as bf16."""
     return load_base_model(
         model_dir,
         quant_mode=cfg.quant.mode,
@@ -180,6 +186,7 @@ def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torc
         trust_remote_code=cfg.model.trust_remote_code,
         attention=cfg.attention.backend,
         residual_dtype=cfg.quant.residual_dtype,
+        quant_storage=torch.bfloat16 if sharded else torch.uint8,
     )
 
 

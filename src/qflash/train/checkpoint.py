@@ -111,13 +111,17 @@ def save_checkpoint(
     out: Path,
     step: int,
     trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict,
     scheduler: Any,
     state: dict,
     keep: int,
     faults: Faults | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, then drop all but the newest `keep` complete ones."""
+    """Write checkpoint `step` atomically, then drop all but the newest `keep` complete ones.
+
+    `trainable` and `optimizer_state` are whole (not sharded): torch AdamW's state_dict layout of a
+    single process, whatever strategy and number of processes trained (train/distributed.py).
+    """
     root = out / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(out, step)
@@ -130,7 +134,7 @@ def save_checkpoint(
         tmp.mkdir()
         files = {
             "lora.safetensors": st_save({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}),
-            "optimizer.pt": _torch_bytes(optimizer.state_dict()),
+            "optimizer.pt": _torch_bytes(optimizer_state),
             "scheduler.pt": _torch_bytes(scheduler.state_dict()),
             "rng.pt": _torch_bytes(_torch_rng()),
             STATE: json.dumps({**state, "rng": rng_state_json(), "format": FORMAT_VERSION}, indent=1).encode(),

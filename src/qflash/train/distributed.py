@@ -14,12 +14,15 @@ synchronisation, which happens on the last micro-batch, stays in step.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from dataclasses import dataclass, fields
 
 import torch
 
 from qflash.data.batching import Batch
+from qflash.errors import ConfigError
 
 
 @dataclass
@@ -62,15 +65,218 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def make_accelerator(cpu: bool):
-    from accelerate import Accelerator
+STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed")
 
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def fsdp_requested() -> bool:
+    """An FSDP launch (accelerate launch --config_file configs/accelerate/fsdp2.yaml sets this)."""
+    return launched_distributed() and _env_flag("ACCELERATE_USE_FSDP")
+
+
+def make_accelerator(cpu: bool):
+    """The Accelerator for this process; the launcher's accelerate config picks DDP, FSDP2 or DeepSpeed."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    if cpu and launched_distributed() and _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError("DeepSpeed runs on GPUs only (Accelerate ignores it on the CPU); on the CPU launch with "
+                          "configs/accelerate/ddp.yaml or fsdp2.yaml, or train on GPUs")
     # Mixed precision is qflash's own (autocast around the loss); Accelerate only places and wraps.
-    return Accelerator(cpu=cpu, mixed_precision="no")
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no")
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and fsdp_requested():
+        # Accelerate sets FSDP up only on accelerators; FSDP2 itself runs on the CPU (gloo), which is
+        # how CI tests it. Same plugin, read from the same environment the launcher wrote.
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        accelerator.state.distributed_type = DistributedType.FSDP
+    return accelerator
+
+
+def strategy_of(accelerator) -> str:
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        if accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise ConfigError("FSDP1 cannot shard 4-bit weights next to LoRA's fp32 ones; set fsdp_version: 2 in the "
+                              "accelerate config (configs/accelerate/fsdp2.yaml)")
+        return "fsdp2"
+    if kind == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage not in (1, 2):
+            raise ConfigError(f"DeepSpeed ZeRO-{stage}: ZeRO-3 would partition the frozen NF4 weights, which "
+                              "bitsandbytes' 4-bit parameters do not survive; use ZeRO-2 "
+                              "(configs/accelerate/deepspeed_zero2.yaml) or FSDP2 to shard the base model")
+        return "deepspeed"
+    return "ddp" if accelerator.num_processes > 1 else "single"
 
 
 def ranks_of(accelerator) -> Ranks:
     return Ranks(accelerator.process_index, accelerator.num_processes, accelerator)
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, whatever the strategy sharded (a collective for FSDP2's DTensors)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+class Parallel:
+    """One optimizer step's mechanics under each strategy, and the run state in one layout for all.
+
+    single / ddp / fsdp2 go through Accelerate's prepare (DDP wrapper; FSDP2 `fully_shard` of every
+    decoder layer, the 4-bit weights sharded as bf16 storage); deepspeed through Accelerate's
+    DeepSpeed engine (ZeRO-2: the fp32 LoRA master weights' gradients and Adam states partitioned).
+    The LoRA weights and the optimizer state are saved whole, in the layout a single process's
+    torch AdamW has (state by parameter index), so a checkpoint resumes under any strategy and any
+    number of processes.
+    """
+
+    def __init__(self, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                 micro_batch_size: int, max_grad_norm: float):
+        self.accelerator = accelerator
+        self.strategy = strategy_of(accelerator)
+        self.max_grad_norm = max_grad_norm
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's order
+        if self.strategy == "deepspeed":
+            world = accelerator.num_processes
+            accelerator.state.deepspeed_plugin.deepspeed_config.update({
+                # qflash decides the batches (packing makes their number vary): one DeepSpeed
+                # "micro step" per call, the accumulation boundary set by hand on the last one.
+                "train_micro_batch_size_per_gpu": micro_batch_size,
+                "gradient_accumulation_steps": 1,
+                "train_batch_size": micro_batch_size * world,
+                "gradient_clipping": max_grad_norm,
+                # fp32 master weights and qflash's own autocast, as in every other strategy
+                "bf16": {"enabled": False},
+                "fp16": {"enabled": False},
+            })
+        self.module, self.optimizer = accelerator.prepare(LossModule(model), optimizer)
+        # FSDP2 has replaced the parameters by sharded DTensors (Accelerate re-pointed the optimizer).
+        by_name = dict(model.named_parameters())
+        self.params = [by_name[n] for n in self.names]
+
+    # ---- a step ----
+    @contextlib.contextmanager
+    def micro_step(self, last: bool):
+        """Forward and backward of one micro-batch; gradients are synchronised on the step's last."""
+        if self.strategy == "ddp" and not last:
+            with self.accelerator.no_sync(self.module):
+                yield
+            return
+        if self.strategy == "fsdp2":
+            self.module.set_requires_gradient_sync(last)
+        elif self.strategy == "deepspeed":
+            self.module.set_gradient_accumulation_boundary(last)
+        yield
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return self.module(**batch_fields(batch))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.strategy == "deepspeed":
+            self.module.backward(loss)  # the engine's backward: ZeRO reduces the gradients into partitions
+        else:
+            self.accelerator.backward(loss)
+
+    def step(self, loss_finite: bool) -> tuple[float, bool]:
+        """Clip, and apply the step if the loss and gradient norm are finite. Returns (norm, applied)."""
+        if self.strategy == "deepspeed":
+            # DeepSpeed clips (gradient_clipping) and skips a step whose gradients are not finite.
+            self.module.step()
+            norm = self.module.get_global_grad_norm()
+            norm = float("nan") if norm is None else float(norm)
+            return norm, bool(self.module.was_step_applied()) and loss_finite and math.isfinite(norm)
+        if self.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = float(_full(norm)) if torch.is_tensor(norm) else float(norm)
+        applied = loss_finite and math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, applied
+
+    # ---- state, in one layout for every strategy (collectives: every process calls these) ----
+    def full_trainable(self) -> dict[str, torch.Tensor]:
+        return {n: _full(p.detach()).to("cpu") for n, p in zip(self.names, self.params)}
+
+    def full_optimizer_state(self) -> dict:
+        if self.strategy == "deepspeed":
+            return self._deepspeed_state()
+        sd = self.optimizer.state_dict()
+        if self.strategy == "fsdp2":
+            sd["state"] = {i: {k: _full(v).to("cpu") if torch.is_tensor(v) else v for k, v in s.items()}
+                           for i, s in sorted(sd["state"].items())}
+        return sd
+
+    def load_optimizer_state(self, sd: dict) -> None:
+        if self.strategy == "deepspeed":
+            self._load_deepspeed_state(sd)
+            return
+        if self.strategy == "fsdp2":
+            from torch.distributed.tensor import distribute_tensor
+
+            state = {}
+            for i, s in sd["state"].items():
+                p = self.params[int(i)]
+                state[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                            if torch.is_tensor(v) and v.shape == p.shape else v for k, v in s.items()}
+            sd = {**sd, "state": state}
+        self.optimizer.load_state_dict(sd)
+
+    def _zero(self):
+        return self.module.optimizer  # the engine's ZeRO optimizer; .optimizer is the torch AdamW inside
+
+    def _deepspeed_state(self) -> dict:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        inner = self._zero().optimizer
+        steps = [s["step"] for s in inner.state.values() if "step" in s]
+        state = {}
+        if steps:  # Adam states exist after the first applied step
+            for i, p in enumerate(self.params):
+                state[i] = {"step": steps[0].detach().clone().cpu(),
+                            "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").cpu(),
+                            "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").cpu()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(self.params)))}
+                  for g in inner.param_groups]
+        return {"state": state, "param_groups": groups}
+
+    def _load_deepspeed_state(self, sd: dict) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        zero = self._zero()
+        inner = zero.optimizer
+        for g, saved in zip(inner.param_groups, sd["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        if not sd["state"]:
+            return
+        step = next(iter(sd["state"].values()))["step"]
+        for g in inner.param_groups:
+            for flat in g["params"]:
+                on_device = g.get("fused") or g.get("capturable")
+                inner.state[flat] = {
+                    "step": torch.as_tensor(step, dtype=torch.float32, device=flat.device if on_device else "cpu").clone(),
+                    "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat),
+                }
+        zero._lazy_init_hp_params_optimizer_state()  # ties each parameter to its slice of the flat states
+        for i, p in enumerate(self.params):
+            s = sd["state"][i]
+            safe_set_full_optimizer_state(p, s["exp_avg"].to(p.device), "exp_avg")
+            safe_set_full_optimizer_state(p, s["exp_avg_sq"].to(p.device), "exp_avg_sq")
 
 
 class LossModule(torch.nn.Module):

@@ -51,7 +51,7 @@ from qflash.train.checkpoint import (
     save_checkpoint,
 )
 from qflash.train.checkpoint import Loaded as LoadedCheckpoint
-from qflash.train.distributed import LossModule, Ranks, batch_fields, launched_distributed, make_accelerator, ranks_of
+from qflash.train.distributed import Parallel, Ranks, fsdp_requested, launched_distributed, make_accelerator, ranks_of
 from qflash.train.faults import Faults
 from qflash.train.metrics import MetricsWriter, StepProgress, console
 from qflash.train.resume import RunLock, differences, pick_checkpoint, run_identity
@@ -118,7 +118,7 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
         if not eval_examples:
             raise ConfigError(f"train.eval_every={cfg.train.eval_every}: the run has no held-out data; set "
                               "data.eval_datasets or data.eval_ratio, or train.eval_every=0")
-    model = load_configured_base(cfg, model_dir, device, dtype)
+    model = load_configured_base(cfg, model_dir, device, dtype, sharded=fsdp_requested())
     replay = None
     if cfg.data.replay.prompts:
         # The base model answers before LoRA is added: exactly the model that will be trained.
@@ -205,12 +205,17 @@ def micro_batches(setup: "Setup", sample_ids: list[int]) -> list[Batch]:
     return step_micro_batches(setup.examples, sample_ids, cfg.train.micro_batch_size, pad_id)
 
 
-def save_adapter(setup: Setup, out: Path) -> Path:
-    """Write the PEFT adapter plus run metadata to out/adapter, atomically (temp dir, then rename)."""
+def save_adapter(setup: Setup, out: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the PEFT adapter plus run metadata to out/adapter, atomically (temp dir, then rename).
+
+    `weights`: the trainable tensors whole, by parameter name (Parallel.full_trainable), for models
+    whose own parameters are sharded (FSDP2); by default the model's.
+    """
     final = inside(out, ADAPTER_DIR, "adapter directory")
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
     try:
-        setup.model.save_pretrained(str(tmp), safe_serialization=True)
+        setup.model.save_pretrained(str(tmp), safe_serialization=True,
+                                    **({"state_dict": weights} if weights is not None else {}))
         (tmp / RUN_CONFIG).write_text(setup.cfg.to_yaml(), encoding="utf-8")
         (tmp / FINGERPRINT).write_text(json.dumps(setup.fingerprint, indent=2, ensure_ascii=False), encoding="utf-8")
         (tmp / "base_model_dir.txt").write_text(str(setup.model_dir.resolve()) + "\n", encoding="utf-8")
@@ -230,13 +235,13 @@ def save_adapter(setup: Setup, out: Path) -> Path:
     return final
 
 
-def evaluate_held_out(setup: Setup, model, autocast=None) -> float:
+def evaluate_held_out(setup: Setup, model, autocast=None, loss_fn=None) -> float:
     """Token-weighted loss on the held-out split, batched as training batches are (RNG state untouched)."""
     cfg = setup.cfg
     return held_out_loss(
         model, setup.eval_examples, pad_id=setup.tokenizer.pad_token_id, device=setup.device,
         max_len=cfg.data.max_len, rows=cfg.train.micro_batch_size, packing=cfg.data.packing,
-        varlen=uses_varlen(), autocast=autocast,
+        varlen=uses_varlen(), autocast=autocast, loss_fn=loss_fn,
     ).loss
 
 
@@ -292,27 +297,16 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _restore(ckpt: LoadedCheckpoint, model, optimizer, scheduler, restore_rng_state: bool = True) -> None:
-    params = _trainable(model)
-    if set(params) != set(ckpt.trainable):
+def _restore_weights(ckpt: LoadedCheckpoint, named: dict[str, torch.nn.Parameter]) -> None:
+    """The checkpoint's LoRA weights into the (not yet wrapped or sharded) model."""
+    if set(named) != set(ckpt.trainable):
         raise ConfigError("train.resume: the checkpoint's LoRA tensors do not match this model's (different targets?)")
     with torch.no_grad():
-        for name, p in params.items():
+        for name, p in named.items():
             if p.shape != ckpt.trainable[name].shape:
                 raise ConfigError(f"train.resume: {name} has shape {tuple(ckpt.trainable[name].shape)} in the checkpoint, "
                                   f"{tuple(p.shape)} here (lora.r changed?)")
             p.copy_(ckpt.trainable[name])
-    optimizer.load_state_dict(ckpt.optimizer)
-    scheduler.load_state_dict(ckpt.scheduler)
-    if restore_rng_state:  # process 0's; the others keep their own seeds (their dropout masks differ anyway)
-        restore_rng(ckpt.state["rng"], ckpt.rng)
-
-
-def _grad_norm(params: list[torch.nn.Parameter]) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.nn.utils.get_total_norm(grads))
 
 
 def run_training(
@@ -343,13 +337,6 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
     say = (lambda msg: None) if quiet else console.print
     model = setup.model
     named = _trainable(model)
-    params = list(named.values())
-    optimizer = build_optimizer(params, cfg, setup.device)
-    steps = total_steps(cfg, len(setup.examples))
-    scheduler = build_scheduler(optimizer, cfg, steps)
-    # With several processes Accelerate wraps model + loss in DDP (gradients all-reduced on the
-    # last micro-batch of a step); with one it is the plain module.
-    loss_module, optimizer = accelerator.prepare(LossModule(model), optimizer)
     identity = run_identity(cfg.to_dict(), setup.fingerprint, {n: list(p.shape) for n, p in named.items()})
 
     # ---- where to start: a fresh run, or the newest complete checkpoint ----
@@ -364,11 +351,9 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
     if ckpt_path is None and (out / ADAPTER_DIR).exists():
         raise ConfigError(f"output_dir: {out} already holds a trained adapter; pass --overwrite to replace it or choose another output_dir")
     start, consecutive_bad, bad_total = 0, 0, 0
-    torch.manual_seed(cfg.train.seed + 1_000_003 * ranks.rank)  # LoRA dropout: each process its own masks
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed % 2**32)
+    ckpt = None
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location=setup.device)
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         diffs = differences(ckpt.state.get("identity", {}), identity)
         if diffs and not force:
             raise ConfigError(
@@ -376,7 +361,22 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                 + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
                 + ". Pass --force to resume anyway, --overwrite to start over, or choose another output_dir"
             )
-        _restore(ckpt, model, optimizer, scheduler, restore_rng_state=ranks.main)
+        _restore_weights(ckpt, named)  # before the strategy wraps or shards the parameters
+
+    optimizer = build_optimizer(list(named.values()), cfg, setup.device)
+    steps = total_steps(cfg, len(setup.examples))
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    # Accelerate wraps model + loss for the launch's strategy (DDP, FSDP2, DeepSpeed; nothing alone).
+    par = Parallel(accelerator, model, optimizer, micro_batch_size=cfg.train.micro_batch_size,
+                   max_grad_norm=cfg.train.max_grad_norm)
+    torch.manual_seed(cfg.train.seed + 1_000_003 * ranks.rank)  # LoRA dropout: each process its own masks
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed % 2**32)
+    if ckpt is not None:
+        par.load_optimizer_state(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        if ranks.main:  # process 0's RNG; the others keep their own seeds (their dropout masks differ anyway)
+            restore_rng(ckpt.state["rng"], ckpt.rng)
         start = ckpt.step
         consecutive_bad, bad_total = ckpt.state.get("consecutive_bad", 0), ckpt.state.get("bad_total", 0)
         say(f"resuming from {ckpt_path} (step {start}, {start * ckpt.state['samples_per_step']} samples consumed)")
@@ -387,8 +387,10 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
 
     result = TrainResult(out, out / ADAPTER_DIR, start, 0, 0, 0, 0.0)
     if start >= steps:
-        if ranks.main and not (out / ADAPTER_DIR).exists():
-            result.adapter_dir = save_adapter(setup, out)
+        if not (out / ADAPTER_DIR).exists():
+            weights = par.full_trainable()
+            if ranks.main:
+                result.adapter_dir = save_adapter(setup, out, weights)
         ranks.barrier()
         say(f"nothing to do: {out} is complete at step {start} (raise train.max_steps to continue, or --overwrite to start over)")
         return result
@@ -408,7 +410,8 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
             "bad_total": bad_total,
             "identity": identity,
         }
-        path = save_checkpoint(out, step, named, optimizer, scheduler, state, cfg.train.keep, faults) if ranks.main else None
+        weights, opt_state = par.full_trainable(), par.full_optimizer_state()  # every process: collectives
+        path = save_checkpoint(out, step, weights, opt_state, scheduler, state, cfg.train.keep, faults) if ranks.main else None
         ranks.barrier()
         return path
 
@@ -418,7 +421,8 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
             f"{setup.stats.trained_tokens:,} trained), {steps} steps of {per_step} samples, "
             f"device {setup.device.type}, compute {str(setup.dtype).replace('torch.', '')}, "
             f"quant {cfg.quant.mode}, LoRA r={cfg.lora.r}"
-            + (f", {ranks.world} processes (each takes every {ranks.world}th sample of a step)" if ranks.distributed else "")
+            + (f", {ranks.world} processes ({par.strategy}; process r takes samples r, r+{ranks.world}, ... of each step)"
+               if ranks.distributed else "")
         )
         st = setup.stats
         if st.skipped or st.dropped_too_long or st.truncated or st.held_out:
@@ -453,34 +457,28 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                     real_batch = i < len(micro)
                     b = (micro[i] if real_batch else filler).to(setup.device)
                     last = i == rounds - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(loss_module):
+                    with par.micro_step(last):
                         with autocast:
-                            token_loss = loss_module(**batch_fields(b))
+                            token_loss = par.loss(b)
                         if faults.loss_is_nan(step + 1):
                             token_loss = token_loss * float("nan")
-                        # token-weighted over the global batch; DDP's mean over processes is undone by * world
+                        # token-weighted over the global batch; the strategies' mean over processes is undone by * world
                         weight = ranks.world / n_trained if real_batch else 0.0
-                        accelerator.backward(token_loss * weight)
+                        par.backward(token_loss * weight)
                     if real_batch:
                         local_sum += token_loss.item()
                 step_loss = ranks.sum(local_sum) / n_trained if n_trained else float("nan")
-                if cfg.train.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
-                else:
-                    grad_norm = _grad_norm(params)
                 lr = scheduler.get_last_lr()[0]
-                finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+                grad_norm, finite = par.step(math.isfinite(step_loss))
                 if finite:
-                    optimizer.step()
                     scheduler.step()
                     consecutive_bad = 0
                 else:
-                    # Skip: no optimizer or scheduler step, so weights, moments and LR stay as they were.
+                    # Skipped: no optimizer or scheduler step, so weights, moments and LR stay as they were.
                     consecutive_bad += 1
                     bad_total += 1
                     console.print(f"[red]step {step + 1}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
                                   f"skipped ({consecutive_bad} in a row, {bad_total} in all)[/]")
-                optimizer.zero_grad(set_to_none=True)
 
                 dt = time.perf_counter() - t0
                 real = int(ranks.sum(sum(b.real_tokens for b in micro)))
@@ -504,7 +502,8 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                     samples_log.flush()
                 evaluate = cfg.train.eval_every > 0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == steps)
                 if evaluate:
-                    values["eval_loss"] = evaluate_held_out(setup, model, autocast)  # each process, same number
+                    # every process, the same batches (through the strategy's wrapper), so the same number
+                    values["eval_loss"] = evaluate_held_out(setup, model, autocast, loss_fn=par.loss)
                     result.eval_losses.append((step + 1, values["eval_loss"]))
                 if metrics is not None and (evaluate or (step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
                     metrics.write(step + 1, values)
@@ -537,8 +536,9 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
             progress.close()
     assert last_saved == steps
     result.seconds = time.perf_counter() - t_start
+    weights = par.full_trainable()
     if ranks.main:
-        result.adapter_dir = save_adapter(setup, out)
+        result.adapter_dir = save_adapter(setup, out, weights)
     ranks.barrier()
     return result
 
