@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -173,11 +174,32 @@ def load_base_model(
     return model
 
 
+@dataclass(frozen=True)
+class MemoryLevers:
+    """train.offload_activations and train.embedding_on_cpu as they apply to this device (CUDA only).
+
+    load_configured_base records them on the model it loads (`model.qflash_memory`); the training
+    setup applies them: enable_activation_checkpointing the first, add_lora the second (after PEFT
+    has wrapped the model, when it is known what is trained). Inference never calls either.
+    """
+
+    offload_activations: bool = False
+    embedding_on_cpu: bool = False
+
+    @classmethod
+    def for_device(cls, train_cfg, device: torch.device, sharded: bool = False) -> "MemoryLevers":
+        """`sharded` (FSDP2): no offloading, whose autograd function does not follow FSDP2's parameter
+        swaps (untested there; the layers would fall back to plain checkpointing anyway)."""
+        cuda = device.type == "cuda"
+        return cls(offload_activations=cuda and not sharded and train_cfg.offload_activations,
+                   embedding_on_cpu=cuda and train_cfg.embedding_on_cpu)
+
+
 def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype, *, sharded: bool = False):
-    """load_base_model with the quant/model/attention settings of a qflash Config.
+    """load_base_model with the quant/model/attention settings of a qflash Config (memory levers recorded).
 
     `sharded`: FSDP2 will shard the model, so the 4-bit weights are stored as bf16."""
-    return load_base_model(
+    model = load_base_model(
         model_dir,
         quant_mode=cfg.quant.mode,
         double_quant=cfg.quant.double_quant,
@@ -188,6 +210,8 @@ def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torc
         residual_dtype=cfg.quant.residual_dtype,
         quant_storage=torch.bfloat16 if sharded else torch.uint8,
     )
+    model.qflash_memory = MemoryLevers.for_device(cfg.train, device, sharded)
+    return model
 
 
 def _output_to_fp32(module: torch.nn.Module, args, output: torch.Tensor) -> torch.Tensor:
@@ -210,10 +234,21 @@ def upcast_residual_path(model: torch.nn.Module) -> None:
             module.float()
 
 
-def enable_activation_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer (transformers 5.x renamed the method)."""
+def enable_activation_checkpointing(model, offload: bool | None = None) -> None:
+    """Activation checkpointing of every decoder layer.
+
+    Non-reentrant (transformers' own; 5.x renamed the method). With `offload` each layer's saved
+    input waits in CPU memory instead (model/activation_offload.py; same gradients). None = as
+    recorded by load_configured_base (train.offload_activations, on CUDA only).
+    """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload is None:
+        offload = getattr(model, "qflash_memory", MemoryLevers()).offload_activations
+    if offload:
+        from qflash.model.activation_offload import offload_checkpointed_layers
+
+        offload_checkpointed_layers(model)

@@ -35,6 +35,8 @@ def add_lora(model, cfg: LoraConfig, *, seed: int, kernels: KernelsConfig | None
     `kernels.fused_norm`, the RMSNorms hand the compute dtype straight to the fused layers. (Not
     without: PEFT's 4-bit layer returns its input's dtype, and in bf16 base + update is rounded
     after the base, which drops small updates; with an fp32 input it keeps them in fp32.)
+    With train.embedding_on_cpu recorded on `model` (CUDA), the frozen input-embedding table moves to
+    CPU memory (model/host_embedding.py).
     """
     from peft import get_peft_model
 
@@ -56,6 +58,11 @@ def add_lora(model, cfg: LoraConfig, *, seed: int, kernels: KernelsConfig | None
             from qflash.kernels.rmsnorm import swap_rms_norms
 
             swap_rms_norms(peft_model, compiled=next(peft_model.parameters()).is_cuda)
+    memory = getattr(model, "qflash_memory", None)  # recorded by load_configured_base
+    if memory is not None and memory.embedding_on_cpu:
+        from qflash.model.host_embedding import keep_input_embedding_on_host
+
+        keep_input_embedding_on_host(peft_model)  # now that PEFT has wrapped what it trains
     return peft_model
 
 

@@ -16,6 +16,8 @@ RUN_LENGTH_KEYS = {
 }
 # ... and settings that change how, not what, is computed.
 RUN_LENGTH_PREFIXES = ("eval.", "attention.")
+# Memory switches that keep every value exact (and were absent from older checkpoints' configs).
+EXACT_MEMORY_KEYS = {"train.offload_activations", "train.embedding_on_cpu"}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -33,7 +35,7 @@ def run_identity(cfg_dict: dict, fingerprint: dict, lora_shapes: dict[str, list[
     """What must be equal for a checkpoint to continue this run."""
     config = {
         k: v for k, v in flatten(cfg_dict).items()
-        if k not in RUN_LENGTH_KEYS and not k.startswith(RUN_LENGTH_PREFIXES)
+        if k not in RUN_LENGTH_KEYS and k not in EXACT_MEMORY_KEYS and not k.startswith(RUN_LENGTH_PREFIXES)
     }
     return {
         "config": config,

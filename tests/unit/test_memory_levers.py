@@ -1,0 +1,230 @@
+"""Memory levers, exact by design (CPU): the offloaded checkpoint and the input embedding kept on the host.
+
+Both are applied on CUDA only in training; here they are installed on CPU models by hand, which runs
+the same autograd function and module with the CPU twin in place of pinned copies and streams.
+"""
+
+import functools
+import json
+
+import pytest
+import torch
+
+from conftest import INIT_RANGE, tiny_config
+from qflash.model import activation_offload
+from qflash.model.activation_offload import OffloadedCheckpoint, offload_checkpointed_layers
+from qflash.model.host_embedding import HostEmbedding, keep_input_embedding_on_host
+from qflash.train.loop import build_setup, micro_batches
+from qflash.train.loss import loss_sum
+
+
+@pytest.fixture(scope="module")
+def untied_qwen2(tmp_path_factory, smol_tokenizer):
+    """A tiny Qwen2 with its own lm_head (like Qwen2.5-7B), so the input embedding can leave."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    out = tmp_path_factory.mktemp("untied") / "qwen2"
+    config = Qwen2Config(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
+                         pad_token_id=smol_tokenizer.pad_token_id, tie_word_embeddings=False,
+                         initializer_range=INIT_RANGE)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(out))
+    smol_tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _setup(model_dir, data, out, *extra):
+    cfg = tiny_config(model_dir, data, out, "train.gradient_checkpointing=true", *extra)
+    setup = build_setup(cfg)
+    with torch.no_grad():  # LoRA B starts at zero, which would leave every A gradient zero
+        gen = torch.Generator().manual_seed(3)
+        for n, p in sorted(setup.model.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    setup.model.train()  # checkpointing and dropout act in training mode only
+    return setup
+
+
+def _loss_and_grads(setup, batch, autocast: bool):
+    torch.manual_seed(11)  # the LoRA dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_sum(setup.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+VARIANTS = ("none", "checkpoint", "offload", "offload+embedding")
+
+
+@pytest.mark.parametrize("case", ["qwen2-untied-fp32-residual-bf16-varlen", "llama-fp32"])
+def test_offloaded_checkpoint_gives_the_same_lora_gradients(case, untied_qwen2, tiny_models, identity_subset, tmp_path):
+    """LoRA dropout 0.1, fused NF4 + LoRA and fused norm (the defaults): loss and every LoRA gradient equal
+    with no checkpointing, transformers' checkpointing, and the offloaded one (with the embedding on the host).
+    The qwen2 case runs like the GPU: bf16 compute under autocast, fp32 residual, a packed batch whose
+    layers get cu_seqlens; the backward recomputes outside autocast, so the state must travel."""
+    from qflash.data.batching import pack_rows
+
+    bf16 = case.startswith("qwen2")
+    model_dir = untied_qwen2 if bf16 else tiny_models["llama"]
+    extra = ["lora.dropout=0.1"] + (["quant.compute_dtype=bf16"] if bf16 else [])
+    results = {}
+    for variant in VARIANTS:
+        setup = _setup(model_dir, identity_subset, tmp_path / variant, *extra,
+                       f"train.gradient_checkpointing={str(variant != 'none').lower()}")
+        if variant.startswith("offload"):
+            assert offload_checkpointed_layers(setup.model) == setup.model.config.num_hidden_layers
+        if variant.endswith("embedding"):
+            assert keep_input_embedding_on_host(setup.model) == bf16  # the llama tiny model is tied
+        if bf16:
+            batch = pack_rows(setup.examples, list(range(6)), varlen=True)
+            assert batch.cu_seqlens is not None
+        else:
+            batch = micro_batches(setup, list(range(8)))[0]
+        results[variant] = _loss_and_grads(setup, batch, autocast=bf16)
+    ref_loss, ref_grads = results["none"]
+    assert len(ref_grads) == 2 * 7 * setup.model.config.num_hidden_layers
+    for variant in VARIANTS[1:]:
+        loss, grads = results[variant]
+        assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (variant, loss, ref_loss)
+        assert grads.keys() == ref_grads.keys()
+        for n, g in ref_grads.items():
+            assert g.abs().max() > 0, n
+            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(),
+                                       msg=lambda m: f"{variant} {n}: {m}")
+
+
+def test_backward_fetches_the_previous_layer_input_before_taking_its_own(untied_qwen2, identity_subset, tmp_path,
+                                                                        monkeypatch):
+    events = []
+
+    class Recorder(activation_offload._HostTwin):
+        count = 0
+
+        def __init__(self, t, keep=False):
+            super().__init__(t)
+            assert keep == (Recorder.count == 2)  # the last layer's input stays where it is
+            self.i, Recorder.count = Recorder.count, Recorder.count + 1
+            events.append(("hold", self.i))
+
+        def prefetch(self):
+            events.append(("prefetch", self.i))
+
+        def take(self):
+            events.append(("take", self.i))
+            return super().take()
+
+    monkeypatch.setattr(activation_offload, "_hold", Recorder)
+    setup = _setup(untied_qwen2, identity_subset, tmp_path / "run")
+    offload_checkpointed_layers(setup.model)
+    loss = loss_sum(setup.model, micro_batches(setup, list(range(4)))[0])
+    assert events == [("hold", 0), ("hold", 1), ("hold", 2)]  # one input per layer, kept for backward
+    loss.backward()
+    assert events.index(("prefetch", 1)) < events.index(("take", 2))
+    assert events.index(("prefetch", 0)) < events.index(("take", 1))
+    assert [e for e in events if e[0] == "take"] == [("take", 2), ("take", 1), ("take", 0)]
+
+
+def test_argument_needing_grad_by_keyword_falls_back_to_plain_checkpointing():
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    scale = torch.randn(4, requires_grad=True)
+
+    def forward(h, scale):
+        return layer(h) * scale
+
+    out = OffloadedCheckpoint(layer)(functools.partial(forward, scale=scale), x)
+    out.sum().backward()
+    got = (x.grad.clone(), scale.grad.clone(), layer.weight.grad.clone())
+    for t in (x, scale, layer.weight):
+        t.grad = None
+    forward(x, scale).sum().backward()
+    for u, v in zip(got, (x.grad, scale.grad, layer.weight.grad)):
+        torch.testing.assert_close(u, v)
+
+
+def test_offloaded_checkpoint_without_grad_just_runs():
+    layer = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        out = OffloadedCheckpoint(layer)(layer, torch.randn(2, 4))
+    assert not out.requires_grad
+
+
+def test_host_embedding_rows_equal_the_gpu_path(untied_qwen2, tiny_models, identity_subset, tmp_path):
+    """bf16 table, fp32 residual: the rows (cast to fp32) and the logits are the same; tied or trained
+    embeddings stay put."""
+    setup = _setup(untied_qwen2, identity_subset, tmp_path / "run", "quant.compute_dtype=bf16")
+    model = setup.model
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    before_rows = model.get_input_embeddings()(ids)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # as on the GPU: bf16 matmuls, fp32 residual
+    with torch.no_grad(), autocast:
+        before = model(input_ids=ids).logits
+    table = model.get_input_embeddings().weight.detach().clone()
+    assert keep_input_embedding_on_host(model)
+    host = model.get_input_embeddings()
+    assert isinstance(host, HostEmbedding) and host.out_dtype == torch.float32
+    assert torch.equal(host.weight, table)  # merge/export code reading .weight sees the real table
+    assert not any("embed_tokens" in n for n, _ in model.named_parameters())  # .to()/DDP leave it alone
+    rows = host(ids)
+    assert rows.dtype == before_rows.dtype == torch.float32 and torch.equal(rows, before_rows)
+    with torch.no_grad(), autocast:
+        assert torch.equal(model(input_ids=ids).logits, before)
+    assert keep_input_embedding_on_host(model)  # idempotent
+
+    tied = build_setup(tiny_config(tiny_models["qwen2"], identity_subset, tmp_path / "tied"))
+    assert not keep_input_embedding_on_host(tied.model)
+    assert type(tied.model.get_input_embeddings()) is torch.nn.Embedding
+    for extra in ("lora.target_modules=[embed_tokens, q_proj]",):
+        trained = build_setup(tiny_config(untied_qwen2, identity_subset, tmp_path / "trained", extra))
+        assert not keep_input_embedding_on_host(trained.model)
+
+
+def test_host_embedding_keeps_the_adapter_and_generation(untied_qwen2, identity_subset, tmp_path):
+    from safetensors.torch import load_file
+
+    setup = _setup(untied_qwen2, identity_subset, tmp_path / "run")
+    model = setup.model
+    model.save_pretrained(str(tmp_path / "before"))
+    prompt = torch.tensor([[1, 5, 9, 14, 3]])
+    model.eval()
+    want = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+    keep_input_embedding_on_host(model)
+    got = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    model.save_pretrained(str(tmp_path / "after"))
+    a, b = load_file(str(tmp_path / "before" / "adapter_model.safetensors")), load_file(
+        str(tmp_path / "after" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "after" / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "before" / "adapter_config.json").read_text())
+
+
+def test_levers_apply_on_cuda_only(untied_qwen2, identity_subset, tmp_path):
+    from qflash.model.loading import MemoryLevers
+
+    cfg = tiny_config(untied_qwen2, identity_subset, tmp_path / "run", "train.gradient_checkpointing=true")
+    assert cfg.train.offload_activations and cfg.train.embedding_on_cpu  # the defaults
+    assert MemoryLevers.for_device(cfg.train, torch.device("cuda")) == MemoryLevers(True, True)
+    assert MemoryLevers.for_device(cfg.train, torch.device("cpu")) == MemoryLevers(False, False)
+    assert MemoryLevers.for_device(cfg.train, torch.device("cuda"), sharded=True) == MemoryLevers(False, True)
+    cfg.train.offload_activations = False
+    assert MemoryLevers.for_device(cfg.train, torch.device("cuda")) == MemoryLevers(False, True)
+    cfg.train.offload_activations = True
+    setup = build_setup(cfg)  # CPU: today's path, untouched
+    assert type(setup.model.get_input_embeddings()) is torch.nn.Embedding
+    funcs = {type(getattr(m, "_gradient_checkpointing_func", None)).__name__
+             for m in setup.model.modules() if type(m).__name__.endswith("DecoderLayer")}
+    assert "OffloadedCheckpoint" not in funcs
+
+
+def test_memory_levers_do_not_block_a_resume():
+    from qflash.config import load_config
+    from qflash.train.resume import differences, run_identity
+
+    old = load_config(None, ["train.offload_activations=false", "train.embedding_on_cpu=false"]).to_dict()
+    del old["train"]["offload_activations"], old["train"]["embedding_on_cpu"]  # a checkpoint from before them
+    new = load_config(None, []).to_dict()
+    assert differences(run_identity(old, {}, {}), run_identity(new, {}, {})) == []
