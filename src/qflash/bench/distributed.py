@@ -61,8 +61,12 @@ def run_data_parallel(shape: str, workload: str, *, steps: int, warmup: int, dro
     # This process's share of the global batch: rank r's micro-batch; one GPU "as N ranks" takes all N.
     shares = [rank] if world > 1 else list(range(as_ranks))
     docs = [d for r in shares for d in runner.workload_docs(workload, vocab, seed=r)]
+    gb = lambda: round(torch.cuda.memory_allocated() / 1e9, 2)  # noqa: E731
+    timeline: dict[str, float] = {}
     model, optimizer, params = runner.qflash_model(model_dir, dropout, 1e-4, attention, seed=0, sharded=fsdp_requested())
+    timeline["loaded"] = gb()
     par = Parallel(accelerator, model, optimizer, micro_batch_size=4, max_grad_norm=1.0)
+    timeline["prepared"] = gb()
     batches = runner.qflash_batches(docs, 2048)
 
     def step() -> float:
@@ -76,9 +80,13 @@ def run_data_parallel(shape: str, workload: str, *, steps: int, warmup: int, dro
             with par.micro_step(i == len(batches) - 1):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     token_loss = par.loss(b)
+                timeline.setdefault("after_forward", gb())
                 par.backward(token_loss * (world / n))
+                timeline.setdefault("after_backward", gb())
+                timeline.setdefault("peak_first_backward", round(torch.cuda.max_memory_allocated() / 1e9, 2))
             total += token_loss.detach()
         par.step(True)
+        timeline.setdefault("after_step", gb())
         if world > 1:
             torch.distributed.all_reduce(total)
         return float(total.item() / n)
@@ -105,13 +113,15 @@ def run_data_parallel(shape: str, workload: str, *, steps: int, warmup: int, dro
             "lora_dropout": dropout, "overrides": overrides, "strategy": par.strategy,
             "global_real_tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
             "peak_mem_gb_per_gpu": float(peak[0].item()), "peak_reserved_gb_per_gpu": float(peak[1].item()),
+            "memory_timeline_gb_rank0": timeline,
             "losses": losses, "steps_timed": steps, "warmup_steps": warmup,
             "git_commit": os.environ.get("QFLASH_GIT_COMMIT"), "versions": runner.versions(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         print(f"{shape} {workload} x{world} GPU(s) ({rec['strategy']}): {rec['tokens_per_s']:,.0f} tok/s, "
               f"step {step_s * 1e3:.0f} ms, peak {rec['peak_mem_gb_per_gpu']:.1f} GB allocated "
-              f"({rec['peak_reserved_gb_per_gpu']:.1f} reserved) per GPU; losses {[round(x, 4) for x in losses]}", flush=True)
+              f"({rec['peak_reserved_gb_per_gpu']:.1f} reserved) per GPU; memory {timeline}; "
+              f"losses {[round(x, 4) for x in losses]}", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         tag = rec["device"].replace(" ", "-").replace("/", "-")
