@@ -162,6 +162,11 @@ class Parallel:
                 "fp16": {"enabled": False},
             })
         self.module, self.optimizer = accelerator.prepare(LossModule(model), optimizer)
+        self.units = 0
+        if self.strategy == "fsdp2":
+            from torch.distributed.fsdp import FSDPModule
+
+            self.units = sum(isinstance(m, FSDPModule) for m in self.module.modules())
         # FSDP2 has replaced the parameters by sharded DTensors (Accelerate re-pointed the optimizer).
         by_name = dict(model.named_parameters())
         self.params = [by_name[n] for n in self.names]
@@ -285,6 +290,23 @@ class LossModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        # Accelerate's FSDP2 auto-wrap shards one unit per class named here (the decoder layers); without
+        # it the whole model would be one unit, gathered whole for the forward and held until backward.
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
+        self.base_model_prefix = "qflash_body"
+
+    # Accelerate's FSDP2 prepare also gives the input embedding and the final norm + lm_head their own
+    # units (sharded between uses) when it can find them on the module it wraps.
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    @property
+    def qflash_body(self):
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(inner, getattr(inner, "base_model_prefix", ""), None)
 
     def forward(self, **batch_fields) -> torch.Tensor:
         from qflash.train.loss import loss_sum

@@ -421,7 +421,8 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
             f"{setup.stats.trained_tokens:,} trained), {steps} steps of {per_step} samples, "
             f"device {setup.device.type}, compute {str(setup.dtype).replace('torch.', '')}, "
             f"quant {cfg.quant.mode}, LoRA r={cfg.lora.r}"
-            + (f", {ranks.world} processes ({par.strategy}; process r takes samples r, r+{ranks.world}, ... of each step)"
+            + (f", {ranks.world} processes ({par.strategy}{f' over {par.units} modules' if par.units else ''}; "
+               f"process r takes samples r, r+{ranks.world}, ... of each step)"
                if ranks.distributed else "")
         )
         st = setup.stats
