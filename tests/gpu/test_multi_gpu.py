@@ -67,7 +67,8 @@ def test_strategy_matches_one_gpu_and_resumes_across_gpu_counts(strategy, gpu_ru
         p1 = _train(cfg_path, first, f"output_dir={run}", "train.max_steps=3",
                     accelerate_config=CONFIGS[strategy] if first == 2 else None)
         p2 = _train(cfg_path, then, f"output_dir={run}", accelerate_config=CONFIGS[strategy] if then == 2 else None)
-        assert f"2 processes ({strategy}" in (p1 if first == 2 else p2).stdout
+        launched = p1 if first == 2 else p2
+        assert f"2 processes ({strategy}" in launched.stdout + launched.stderr
         assert "resuming from" in p2.stdout + p2.stderr
         _close_to_one(run, one, f"{strategy} {name}")
         assert (run / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()

@@ -143,7 +143,7 @@ class Parallel:
     """
 
     def __init__(self, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                 micro_batch_size: int, max_grad_norm: float):
+                 micro_batch_size: int, max_grad_norm: float, autocast_dtype: torch.dtype | None = None):
         self.accelerator = accelerator
         self.strategy = strategy_of(accelerator)
         self.max_grad_norm = max_grad_norm
@@ -161,7 +161,7 @@ class Parallel:
                 "bf16": {"enabled": False},
                 "fp16": {"enabled": False},
             })
-        self.module, self.optimizer = accelerator.prepare(LossModule(model), optimizer)
+        self.module, self.optimizer = accelerator.prepare(LossModule(model, autocast_dtype), optimizer)
         self.units = 0
         if self.strategy == "fsdp2":
             from torch.distributed.fsdp import FSDPModule
@@ -285,33 +285,34 @@ class Parallel:
 
 
 class LossModule(torch.nn.Module):
-    """The model plus qflash's loss as one module, so DDP's forward (and its gradient sync) wraps both."""
+    """The model plus qflash's loss as one module, so the strategy's wrapper (DDP, FSDP2, the DeepSpeed
+    engine) wraps both: its forward hooks and gradient synchronisation see the whole step.
 
-    def __init__(self, model: torch.nn.Module):
+    `autocast_dtype`: mixed precision entered inside forward, because the DeepSpeed engine turns an
+    outer torch.autocast off around its module.
+    """
+
+    def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.autocast_dtype = autocast_dtype
         # Accelerate's FSDP2 auto-wrap shards one unit per class named here (the decoder layers); without
         # it the whole model would be one unit, gathered whole for the forward and held until backward.
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
-        self.base_model_prefix = "qflash_body"
 
-    # Accelerate's FSDP2 prepare also gives the input embedding and the final norm + lm_head their own
-    # units (sharded between uses) when it can find them on the module it wraps.
     def get_input_embeddings(self):
+        # Accelerate's FSDP2 prepare gives the input embedding its own unit (sharded between uses). The
+        # final norm and lm_head stay in the root unit: the chunked loss calls lm_head several times per
+        # backward, and a unit of their own would be resharded after the first chunk's backward.
         return self.model.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.model.get_output_embeddings()
-
-    @property
-    def qflash_body(self):
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return getattr(inner, getattr(inner, "base_model_prefix", ""), None)
 
     def forward(self, **batch_fields) -> torch.Tensor:
         from qflash.train.loss import loss_sum
 
-        return loss_sum(self.model, Batch(**batch_fields))
+        if self.autocast_dtype is None:
+            return loss_sum(self.model, Batch(**batch_fields))
+        with torch.autocast(device_type=batch_fields["input_ids"].device.type, dtype=self.autocast_dtype):
+            return loss_sum(self.model, Batch(**batch_fields))
 
 
 def batch_fields(batch: Batch) -> dict:

@@ -367,8 +367,10 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
     steps = total_steps(cfg, len(setup.examples))
     scheduler = build_scheduler(optimizer, cfg, steps)
     # Accelerate wraps model + loss for the launch's strategy (DDP, FSDP2, DeepSpeed; nothing alone).
+    # Master LoRA weights stay fp32; on GPU their matmuls run in the compute dtype like the base's.
+    mixed = setup.dtype if setup.device.type == "cuda" and setup.dtype != torch.float32 else None
     par = Parallel(accelerator, model, optimizer, micro_batch_size=cfg.train.micro_batch_size,
-                   max_grad_norm=cfg.train.max_grad_norm)
+                   max_grad_norm=cfg.train.max_grad_norm, autocast_dtype=mixed)
     torch.manual_seed(cfg.train.seed + 1_000_003 * ranks.rank)  # LoRA dropout: each process its own masks
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed % 2**32)
@@ -438,9 +440,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
     samples_log = open(out / SAMPLES_LOG, "a", encoding="utf-8") if ranks.main else None
     progress = StepProgress(steps, start=start) if not quiet else None
     model.train()
-    # Master LoRA weights stay fp32; on GPU their matmuls run in the compute dtype like the base's.
-    autocast = (torch.autocast(device_type="cuda", dtype=setup.dtype) if setup.device.type == "cuda"
-                and setup.dtype != torch.float32 else contextlib.nullcontext())
+    autocast = torch.autocast(device_type="cuda", dtype=mixed) if mixed is not None else contextlib.nullcontext()
     t_start = time.perf_counter()
     last_saved = start
     try:
