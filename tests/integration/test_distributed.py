@@ -82,8 +82,8 @@ def test_fsdp2_matches_one_process_and_resumes_across_process_counts(tiny_run, t
     cfg_path, one = tiny_run
     two = tmp_path / "two"
     p = _train(cfg_path, 2, f"output_dir={two}", accelerate_config="fsdp2.yaml")
-    # sharded for real (not DDP): root (norm, lm_head), embedding, each decoder layer (2)
-    assert "2 processes (fsdp2 over 4 modules" in p.stdout + p.stderr
+    # sharded for real (not DDP): root (embedding tied to lm_head, norm) + each decoder layer (2)
+    assert "2 processes (fsdp2 over 3 modules" in p.stdout + p.stderr
     l1, l2 = _losses(one), _losses(two)
     assert sorted(l2) == list(range(1, 7))
     for step in l1:

@@ -304,7 +304,10 @@ class LossModule(torch.nn.Module):
         # Accelerate's FSDP2 prepare gives the input embedding its own unit (sharded between uses). The
         # final norm and lm_head stay in the root unit: the chunked loss calls lm_head several times per
         # backward, and a unit of their own would be resharded after the first chunk's backward.
-        return self.model.get_input_embeddings()
+        # Tied to lm_head (small Qwen, Llama 3.2): both stay in the root unit.
+        emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        tied = head is not None and getattr(emb, "weight", None) is getattr(head, "weight", None)
+        return None if tied else emb
 
     def forward(self, **batch_fields) -> torch.Tensor:
         from qflash.train.loss import loss_sum
