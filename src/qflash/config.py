@@ -150,13 +150,13 @@ class TrainConfig:
     """Clip the global gradient norm; 0 disables."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant) to save memory."""
-    offload_activations: bool = True
-    """With gradient_checkpointing, on a GPU: each decoder layer's checkpointed input (the residual stream,
+    offload_activations: bool = False
+    """(Off until measured on a GPU: bench/experiments/memory_levers.py.) With gradient_checkpointing, on a GPU: each decoder layer's checkpointed input (the residual stream,
     tokens x hidden, fp32) waits for its backward in pinned CPU memory, copied out on a side stream and
     brought back one layer ahead. Same gradients; frees ~3.2 GB on Qwen2.5-7B at 4 x 2048 tokens
     (bench/experiments/memory_levers.py measures memory and speed). Ignored on the CPU."""
-    embedding_on_cpu: bool = True
-    """On a GPU: the frozen input-embedding table stays in CPU memory and only the looked-up rows go to the
+    embedding_on_cpu: bool = False
+    """(Off until measured on a GPU: bench/experiments/memory_levers.py.) On a GPU: the frozen input-embedding table stays in CPU memory and only the looked-up rows go to the
     GPU (exact; frees 1.1 GB on Qwen2.5-7B). Not when the table is tied to lm_head or trained. Ignored on the CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto = cuda when available."""
