@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from qflash.errors import ConfigError
@@ -39,3 +42,29 @@ def inside(root: Path, name: str | Path, what: str = "path") -> Path:
     if real != real_root and real_root not in real.parents:
         raise ConfigError(f"{what}: '{name}' leads outside {root} (to {real}) through a symlink; refusing to write there")
     return target
+
+
+@contextlib.contextmanager
+def replaced_atomically(final: Path, tag: str):
+    """A fresh directory beside `final` to write into; when the block ends without an error its files
+    are fsync'd and it takes `final`'s place whole (the old one, if any, removed after the swap). On an
+    error, or a kill before the swap, `final` is untouched and the temporary one is removed (or, after
+    a kill, left as `.TAG.tmp-*` for the next run to clear)."""
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if final.exists():
+            old = final.parent / f".{tag}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

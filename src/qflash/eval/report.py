@@ -7,13 +7,10 @@ report is either the previous one or the new one, whole.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from qflash.eval.evaluate import EvalResult, is_number
-from qflash.paths import inside
+from qflash.paths import inside, replaced_atomically
 
 EVAL_DIR = "eval"
 PLOT = "training.png"
@@ -159,27 +156,13 @@ def write_report(r: EvalResult, run_dir: Path) -> Path:
     """<run>/eval/ with report.json, report.md, training.png (when metrics exist) and answers.jsonl; atomic."""
     run_dir = Path(run_dir)
     final = inside(run_dir, EVAL_DIR, "eval directory")
-    tmp = Path(tempfile.mkdtemp(prefix=".eval.tmp-", dir=run_dir))
-    try:
+    with replaced_atomically(final, "eval") as tmp:
         plotted = plot_training(read_metrics(run_dir / "metrics.jsonl"), tmp / PLOT)
         (tmp / "report.json").write_text(json.dumps(report_dict(r), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(markdown(r, plotted), encoding="utf-8")
         with open(tmp / "answers.jsonl", "w", encoding="utf-8") as f:
             for row in _answers_rows(r):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = run_dir / f".eval.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

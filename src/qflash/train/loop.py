@@ -13,7 +13,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from qflash.model.loading import (
 )
 from qflash.model.attention import uses_varlen
 from qflash.model.lora import add_lora
-from qflash.paths import inside
+from qflash.paths import inside, replaced_atomically
 from qflash.train.checkpoint import (
     CKPT_DIR,
     complete_checkpoints,
@@ -212,26 +211,12 @@ def save_adapter(setup: Setup, out: Path, weights: dict[str, torch.Tensor] | Non
     whose own parameters are sharded (FSDP2); by default the model's.
     """
     final = inside(out, ADAPTER_DIR, "adapter directory")
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
-    try:
+    with replaced_atomically(final, "adapter") as tmp:
         setup.model.save_pretrained(str(tmp), safe_serialization=True,
                                     **({"state_dict": weights} if weights is not None else {}))
         (tmp / RUN_CONFIG).write_text(setup.cfg.to_yaml(), encoding="utf-8")
         (tmp / FINGERPRINT).write_text(json.dumps(setup.fingerprint, indent=2, ensure_ascii=False), encoding="utf-8")
         (tmp / "base_model_dir.txt").write_text(str(setup.model_dir.resolve()) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = out / f".adapter.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
