@@ -132,6 +132,10 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=cfg.train.seed, kernels=cfg.kernels)
+    if cfg.kernels.compile_layers and device.type == "cuda":
+        from qflash.kernels.compile import compile_decoder_layers
+
+        compile_decoder_layers(model)
     return Setup(cfg, device, dtype, model_dir, tok, renderer, examples, stats, fp, model, eval_examples, replay)
 
 

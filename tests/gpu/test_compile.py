@@ -1,0 +1,48 @@
+"""GPU tier: kernels.compile_layers in training — packed batches of changing lengths reuse the compiled
+layers (no recompile after the first steps) and give the eager losses (bf16 tolerance)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _losses(model_dir, compiled: bool, lengths_per_step) -> list[float]:
+    from qflash.bench import runner
+    from qflash.bench.runner import qflash_batches, qflash_model, qflash_step
+
+    runner.QFLASH_OVERRIDES[:] = [f"kernels.compile_layers={'true' if compiled else 'false'}"]
+    try:
+        model, optimizer, params = qflash_model(model_dir, dropout=0.0, lr=1e-3, attention="auto", seed=0)
+    finally:
+        runner.QFLASH_OVERRIDES[:] = []
+    rng = np.random.default_rng(0)
+    losses = []
+    for i, lengths in enumerate(lengths_per_step):
+        batches = qflash_batches([rng.integers(0, 512, n) for n in lengths], 1024)
+        if compiled and i == 2:  # after warm-up: any recompile now is a failure with its reason
+            torch._dynamo.config.error_on_recompile = True
+        losses.append(qflash_step(model, optimizer, params, batches))
+    return losses
+
+
+def test_compiled_layers_take_any_packed_length_without_recompiling(tmp_path):
+    from test_gpu import _tiny_dir
+
+    model_dir = _tiny_dir(tmp_path, "qwen2")
+    # packed totals and document counts differ every step (varlen: cu_seqlens and max_seqlen change)
+    steps = [(300, 200, 700), (64, 90), (1000, 17, 512, 3), (5, 6, 7, 8, 900), (333,), (1024, 1024), (250, 250, 250, 250)]
+    torch._dynamo.reset()
+    try:
+        compiled = _losses(model_dir, True, steps)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    eager = _losses(model_dir, False, steps)
+    for c, e in zip(compiled, eager):
+        assert c == pytest.approx(e, rel=2e-2), (compiled, eager)
