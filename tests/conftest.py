@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,26 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _isolated_home() -> Path:
+    """Tests (and the commands they start) get their own $QFLASH_HOME, so they never write data-cache or
+    base-answer entries into the user's; only the converted embedded model is shared (read-mostly)."""
+    from qflash.paths import qflash_home
+
+    real = qflash_home()
+    (real / "models").mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="qflash-test-home-"))
+    (home / "models").symlink_to(real / "models", target_is_directory=True)
+    os.environ["QFLASH_HOME"] = str(home)
+    return home
+
+
+TEST_HOME = _isolated_home()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(TEST_HOME, ignore_errors=True)  # the models link goes, not what it points to
 
 REPO = Path(__file__).resolve().parents[1]
 # Wide enough init that logits can move: with 0.02 the final RMSNorm caps them near uniform.
