@@ -309,6 +309,23 @@ def test_fp16_overflow_fails_and_leaves_nothing(tiny_models, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.merge-*"))
 
 
+def test_leftovers_of_a_killed_merge_are_removed_a_running_ones_kept(tiny_models, tmp_path, capsys):
+    adapter = _random_adapter(tiny_models["qwen2"], tmp_path / "adapter", target_modules=["q_proj"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed, running = tmp_path / ".out.merge-tmp-killed", tmp_path / ".out.merge-tmp-running"
+    for d, pid in ((killed, dead.pid), (running, os.getppid())):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+        (d / ".owner-pid").write_text(f"{pid}\n")
+    code, _ = _merge_cli(capsys, str(adapter), "--base", str(tiny_models["qwen2"]), "--output",
+                         str(tmp_path / "out"), "--no-check")
+    assert code == 0
+    assert not killed.exists() and running.is_dir()
+    assert not (tmp_path / "out" / ".owner-pid").exists()
+    assert list(tmp_path.glob(".out.merge-*")) == [running]
+
+
 def test_output_inside_the_adapter_is_refused(tiny_models, tmp_path, capsys):
     adapter = _random_adapter(tiny_models["qwen2"], tmp_path / "adapter", target_modules=["q_proj"])
     code, err = _merge_cli(capsys, str(adapter), "--base", str(tiny_models["qwen2"]), "--output", str(adapter / "m"))

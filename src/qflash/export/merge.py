@@ -322,7 +322,34 @@ def _check_output(out: Path, overwrite: bool, keep: dict[str, Path]) -> None:
         raise ConfigError(f"--output: {out} exists and is not empty; pass --overwrite to replace it, or choose another directory")
 
 
+OWNER = ".owner-pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _remove_orphans(out: Path) -> None:
+    """Temporary directories of merges into `out` whose process is gone (killed with -9, power cut): they
+    can never finish, so they go. One whose process still runs, or of unknown owner, is left alone."""
+    for tmp in sorted(out.parent.glob(f".{out.name}.merge-tmp-*")):
+        try:
+            pid = int((tmp / OWNER).read_text(encoding="utf-8").strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+            console.print(f"  removed {tmp} (left by an interrupted merge, process {pid})")
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
+    (tmp / OWNER).unlink(missing_ok=True)
     # mkdtemp makes the directory private (0700) and safetensors writes 0600 files: give them the
     # modes any new file gets here, so the merged model is as readable as the base was.
     umask = os.umask(0)
@@ -448,7 +475,9 @@ def merge(opts: MergeOptions) -> MergeResult:
 
     out = Path(opts.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-tmp-", dir=out.parent))
+    (tmp / OWNER).write_text(f"{os.getpid()}\n", encoding="utf-8")
     try:
         stops = _write_all(tmp, src, plan, layout, opts.dtype)
         result = MergeResult(
