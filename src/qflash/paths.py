@@ -44,6 +44,18 @@ def inside(root: Path, name: str | Path, what: str = "path") -> Path:
     return target
 
 
+def swap_in(tmp: Path, final: Path, aside: str) -> None:
+    """Put directory `tmp` in `final`'s place: the old `final` (if any) is renamed to `aside` beside it,
+    `tmp` renamed to `final`, then the old one removed. `final` exists whole at every moment but one rename."""
+    old = None
+    if final.exists():
+        old = final.parent / aside
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
 @contextlib.contextmanager
 def replaced_atomically(final: Path, tag: str):
     """A fresh directory beside `final` to write into; when the block ends without an error its files
@@ -58,13 +70,7 @@ def replaced_atomically(final: Path, tag: str):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = final.parent / f".{tag}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old)
+        swap_in(tmp, final, f".{tag}.old-{os.getpid()}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,6 +28,7 @@ from qflash.config import Config
 from qflash.errors import ConfigError, ModelError
 from qflash.export.adapter import Adapter, AdapterError, LoraModule, delta_shape, merged_bias, merged_weight, read_adapter
 from qflash.export.safetensors_io import INDEX_FILE, SafetensorsModel, ShardLayout, parse_size, plan_shards, write_shard
+from qflash.paths import swap_in
 from qflash.train.metrics import console
 
 MERGE_RECORD = "qflash_merge.json"
@@ -357,13 +358,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.chmod(tmp, 0o777 & ~umask)
     for f in tmp.iterdir():
         os.chmod(f, 0o666 & ~umask)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.merge-old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
+    swap_in(tmp, out, f".{out.name}.merge-old-{os.getpid()}")
 
 
 def _refuse_quantized(model_dir: Path) -> None:

@@ -65,9 +65,6 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed")
-
-
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 

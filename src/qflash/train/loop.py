@@ -224,13 +224,13 @@ def save_adapter(setup: Setup, out: Path, weights: dict[str, torch.Tensor] | Non
     return final
 
 
-def evaluate_held_out(setup: Setup, model, autocast=None, loss_fn=None) -> float:
+def evaluate_held_out(setup: Setup, model, loss_fn=None) -> float:
     """Token-weighted loss on the held-out split, batched as training batches are (RNG state untouched)."""
     cfg = setup.cfg
     return held_out_loss(
         model, setup.eval_examples, pad_id=setup.tokenizer.pad_token_id, device=setup.device,
         max_len=cfg.data.max_len, rows=cfg.train.micro_batch_size, packing=cfg.data.packing,
-        varlen=uses_varlen(), autocast=autocast, loss_fn=loss_fn,
+        varlen=uses_varlen(), loss_fn=loss_fn,
     ).loss
 
 
@@ -429,7 +429,6 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
     samples_log = open(out / SAMPLES_LOG, "a", encoding="utf-8") if ranks.main else None
     progress = StepProgress(steps, start=start) if not quiet else None
     model.train()
-    autocast = torch.autocast(device_type="cuda", dtype=mixed) if mixed is not None else contextlib.nullcontext()
     t_start = time.perf_counter()
     last_saved = start
     try:
@@ -448,8 +447,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                     b = (micro[i] if real_batch else filler).to(setup.device)
                     last = i == rounds - 1
                     with par.micro_step(last):
-                        with autocast:
-                            token_loss = par.loss(b)
+                        token_loss = par.loss(b)  # under the compute-dtype autocast, entered by the loss module
                         if faults.loss_is_nan(step + 1):
                             token_loss = token_loss * float("nan")
                         # token-weighted over the global batch; the strategies' mean over processes is undone by * world
@@ -493,7 +491,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                 evaluate = cfg.train.eval_every > 0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == steps)
                 if evaluate:
                     # every process, the same batches (through the strategy's wrapper), so the same number
-                    values["eval_loss"] = evaluate_held_out(setup, model, autocast, loss_fn=par.loss)
+                    values["eval_loss"] = evaluate_held_out(setup, model, loss_fn=par.loss)
                     result.eval_losses.append((step + 1, values["eval_loss"]))
                 if metrics is not None and (evaluate or (step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
                     metrics.write(step + 1, values)
