@@ -21,6 +21,8 @@ import logging
 
 import torch
 
+from qflash.model.loading import embeddings_tied
+
 log = logging.getLogger(__name__)
 
 
@@ -63,10 +65,7 @@ def _why_not(model) -> str | None:
         return "it is trained"
     if emb.max_norm is not None:
         return "its max_norm rewrites the table during lookups"
-    head = model.get_output_embeddings()
-    head_weight = getattr(head, "weight", None)
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if tied or (isinstance(head_weight, torch.Tensor) and head_weight.data_ptr() == emb.weight.data_ptr()):
+    if embeddings_tied(model):
         return "it is tied to lm_head, which needs it on the GPU"
     return None
 

@@ -214,6 +214,15 @@ def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torc
     return model
 
 
+def embeddings_tied(model: torch.nn.Module) -> bool:
+    """The input embedding shares its table with lm_head (config says so, or they are one tensor)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return True
+    ew, hw = getattr(emb, "weight", None), getattr(head, "weight", None)
+    return isinstance(ew, torch.Tensor) and isinstance(hw, torch.Tensor) and ew.data_ptr() == hw.data_ptr()
+
+
 def _output_to_fp32(module: torch.nn.Module, args, output: torch.Tensor) -> torch.Tensor:
     return output.float()
 

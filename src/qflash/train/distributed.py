@@ -302,9 +302,9 @@ class LossModule(torch.nn.Module):
         # final norm and lm_head stay in the root unit: the chunked loss calls lm_head several times per
         # backward, and a unit of their own would be resharded after the first chunk's backward.
         # Tied to lm_head (small Qwen, Llama 3.2): both stay in the root unit.
-        emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
-        tied = head is not None and getattr(emb, "weight", None) is getattr(head, "weight", None)
-        return None if tied else emb
+        from qflash.model.loading import embeddings_tied
+
+        return None if embeddings_tied(self.model) else self.model.get_input_embeddings()
 
     def forward(self, **batch_fields) -> torch.Tensor:
         from qflash.train.loss import loss_sum
