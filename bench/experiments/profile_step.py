@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--trace", help="write a chrome trace here")
+    ap.add_argument("--stacks", default="Memcpy DtoD",
+                    help="for kernels whose name contains this: GPU time by the CPU op and Python stack that launched them")
     args = ap.parse_args()
 
     runner.QFLASH_OVERRIDES[:] = args.set
@@ -66,7 +68,7 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.stacks)) as prof:
         step()
         torch.cuda.synchronize()
     if args.trace:
@@ -86,6 +88,20 @@ def main() -> None:
     print("top kernels:")
     for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"  {ms:8.1f} ms  x{n:5d}  [{categorize(name)}] {name[:150]}")
+    if args.stacks:
+        print(f"kernels matching {args.stacks!r}, by the CPU op and Python stack that launched them:")
+        by_site: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for e in prof.events():
+            if e.device_type != torch.autograd.DeviceType.CPU:
+                continue
+            ms = sum(k.duration for k in e.kernels if args.stacks in k.name) / 1e3
+            if ms:
+                frames = [f for f in (e.stack or []) if "torch/" not in f or "_inductor" in f][:4]
+                site = f"{e.name} <- " + " <- ".join(frames)
+                by_site[site][0] += ms
+                by_site[site][1] += 1
+        for site, (ms, n) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:12]:
+            print(f"  {ms:8.1f} ms  x{n:5d}  {site[:400]}")
 
 
 if __name__ == "__main__":

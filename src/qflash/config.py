@@ -150,14 +150,16 @@ class TrainConfig:
     """Clip the global gradient norm; 0 disables."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant) to save memory."""
-    offload_activations: bool = False
-    """(Off until measured on a GPU: bench/experiments/memory_levers.py.) With gradient_checkpointing, on a GPU: each decoder layer's checkpointed input (the residual stream,
+    offload_activations: bool = True
+    """With gradient_checkpointing, on a GPU: each decoder layer's checkpointed input (the residual stream,
     tokens x hidden, fp32) waits for its backward in pinned CPU memory, copied out on a side stream and
-    brought back one layer ahead. Same gradients; frees ~3.2 GB on Qwen2.5-7B at 4 x 2048 tokens
-    (bench/experiments/memory_levers.py measures memory and speed). Ignored on the CPU."""
-    embedding_on_cpu: bool = False
-    """(Off until measured on a GPU: bench/experiments/memory_levers.py.) On a GPU: the frozen input-embedding table stays in CPU memory and only the looked-up rows go to the
-    GPU (exact; frees 1.1 GB on Qwen2.5-7B). Not when the table is tied to lm_head or trained. Ignored on the CPU."""
+    brought back one layer ahead. Same gradients; frees ~3.2 GB on Qwen2.5-7B at 4 x 2048 tokens at no
+    measured speed cost (H100: 9,088 vs 9,090 tok/s with embedding_on_cpu, bench/NOTES.md). Needs that
+    much pinned host memory (28 layers x tokens x hidden x 4 bytes). Ignored on the CPU and under FSDP2."""
+    embedding_on_cpu: bool = True
+    """On a GPU: the frozen input-embedding table stays in CPU memory and only the looked-up rows go to the
+    GPU (exact; frees 1.1 GB on Qwen2.5-7B). Not when the table is tied to lm_head or trained. Ignored on
+    the CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto = cuda when available."""
     log_every: int = 1
@@ -187,8 +189,21 @@ class KernelsConfig:
     fused_norm: bool = True
     """With lora.fused: RMSNorm that reads the (fp32) residual and writes the compute dtype in one fused
     kernel (torch.compile on CUDA, the same PyTorch code eagerly on CPU); false = transformers' own norm."""
-    compile_layers: bool = False
-    """torch.compile every decoder layer (CUDA only; experimental: fuses RoPE, SwiGLU, residual adds)."""
+    fused_ce: bool = True
+    """lm_head + cross-entropy in one autograd function that computes the hidden states' gradient in the
+    forward, chunk by chunk (two lm_head-sized GEMMs instead of three, nothing recomputed; one chunk of
+    logits at a time). Exact: the same compute-dtype logits, fp32 loss and softmax gradient,
+    compute-dtype GEMMs (in bf16 the loss scale multiplies after the GEMM instead of before: rounding
+    only). Used when lm_head is a frozen plain linear without bias (else said once, and the loss falls
+    back); false = lm_head in chunks under activation checkpointing."""
+    lean_recompute: bool = True
+    """With lora.fused and activation checkpointing (Llama, Mistral, Qwen2, Qwen3 layers): the recompute in
+    backward skips mlp.down_proj's GEMMs, whose output only feeds the residual add that backward does not
+    read (its inputs are still saved). Exact; false = the recompute reruns the whole layer."""
+    compile_layers: bool = True
+    """torch.compile every decoder layer (CUDA only: ignored on the CPU). Inductor fuses what sits between
+    the matmuls (residual adds, RoPE, SwiGLU, casts); token counts are dynamic, so packed batches of any
+    length reuse the compiled layers (tests/gpu/test_compile.py). The first step pays the compile time."""
 
 
 @dataclass

@@ -1,5 +1,7 @@
-"""GPU tier: kernels.compile_layers in training — packed batches of changing lengths reuse the compiled
-layers (no recompile after the first steps) and give the eager losses (bf16 tolerance)."""
+"""GPU tier: kernels.compile_layers in training, with every other default lever on (activation offload,
+embedding on the host, lean recompute, fused lm_head + CE) — packed batches of changing lengths reuse the
+compiled layers (no recompile after the first steps), the layers really run compiled, and the losses are
+those of plain eager training with every lever off (bf16 tolerance)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,15 @@ pytestmark = [
 ]
 
 
+PLAIN = ["kernels.compile_layers=false", "kernels.lean_recompute=false", "kernels.fused_ce=false",
+         "train.offload_activations=false", "train.embedding_on_cpu=false"]
+
+
 def _losses(model_dir, compiled: bool, lengths_per_step) -> list[float]:
     from qflash.bench import runner
     from qflash.bench.runner import qflash_batches, qflash_model, qflash_step
 
-    runner.QFLASH_OVERRIDES[:] = [f"kernels.compile_layers={'true' if compiled else 'false'}"]
+    runner.QFLASH_OVERRIDES[:] = ["kernels.compile_layers=true"] if compiled else PLAIN
     try:
         model, optimizer, params = qflash_model(model_dir, dropout=0.0, lr=1e-3, attention="auto", seed=0)
     finally:
@@ -32,17 +38,26 @@ def _losses(model_dir, compiled: bool, lengths_per_step) -> list[float]:
     return losses
 
 
-def test_compiled_layers_take_any_packed_length_without_recompiling(tmp_path):
+def test_compiled_layers_take_any_packed_length_without_recompiling(tmp_path, monkeypatch):
     from test_gpu import _tiny_dir
+
+    from qflash.model import activation_offload
+
+    monkeypatch.setattr(activation_offload, "MIN_OFFLOAD_BYTES", 0)  # the tiny layers' inputs really leave
 
     model_dir = _tiny_dir(tmp_path, "qwen2")
     # packed totals and document counts differ every step (varlen: cu_seqlens and max_seqlen change)
     steps = [(300, 200, 700), (64, 90), (1000, 17, 512, 3), (5, 6, 7, 8, 900), (333,), (1024, 1024), (250, 250, 250, 250)]
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     try:
         compiled = _losses(model_dir, True, steps)
     finally:
         torch._dynamo.config.error_on_recompile = False
+    # the layers ran compiled (inside the offloaded checkpoint too): graphs were captured and called
+    assert counters["stats"]["unique_graphs"] >= 1 and counters["frames"]["ok"] >= 1, dict(counters["stats"])
     eager = _losses(model_dir, False, steps)
     for c, e in zip(compiled, eager):
         assert c == pytest.approx(e, rel=2e-2), (compiled, eager)

@@ -1,4 +1,4 @@
-"""torch.compile of the decoder layers (kernels.compile_layers, CUDA only, experimental).
+"""torch.compile of the decoder layers (kernels.compile_layers, CUDA only).
 
 Inductor fuses what sits between the matmuls — residual adds, RoPE, SwiGLU, casts — into a few
 Triton kernels. The layers share one compiled graph (parameters are graph inputs), and token
@@ -15,17 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:
-    from qflash.model.activation_offload import OffloadedCheckpoint
-
-    n = offloaded = 0
+    """Compile each decoder layer's own call. Activation checkpointing (plain or train.offload_activations)
+    wraps that call from outside, so the compiled layer runs in the forward and in the recompute."""
+    n = 0
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
             module.compile(dynamic=True)
             n += 1
-            offloaded += isinstance(getattr(module, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
     log.info("kernels.compile_layers: %d decoder layers compiled with torch.compile", n)
-    if offloaded:
-        log.warning("kernels.compile_layers: %d layers checkpoint through train.offload_activations, which "
-                    "torch.compile does not trace: they run uncompiled in training (set "
-                    "train.offload_activations=false to compile them)", offloaded)
     return n

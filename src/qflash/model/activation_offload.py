@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qflash.model.fused_lora import checkpoint_contexts, recomputing
+
 log = logging.getLogger(__name__)
 
 # Smaller tensors stay on the GPU: a copy costs more than the memory it frees.
@@ -233,7 +235,7 @@ class _Recompute(torch.autograd.Function):
             previous.prefetch()  # the next layer backward needs: its copy runs while this one computes
         inputs = [h.take().requires_grad_(needs[i]) for i, h in enumerate(call.held)]
         call.held = []
-        with torch.enable_grad(), call.rng.restored(), call.autocast.restored():
+        with torch.enable_grad(), call.rng.restored(), call.autocast.restored(), recomputing():
             out = call.run(*call.call_args(inputs))
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads)
@@ -274,7 +276,8 @@ class OffloadedCheckpoint:
         self.layer = layer  # a strong reference (a cycle through the layer), so that deepcopy follows it
         self.keep = keep
 
-    # torch.compile (kernels.compile_layers) cannot trace the streams and RNG bookkeeping; the layer runs eagerly.
+    # Not traced by torch.compile (streams, RNG bookkeeping); the layer forward it calls is compiled
+    # on its own (kernels.compile_layers compiles the layer's call inside the checkpoint function).
     @torch.compiler.disable
     def __call__(self, function, *args):
         layer = self.layer
@@ -287,11 +290,13 @@ class OffloadedCheckpoint:
             # A gradient would have to flow into an argument this function does not hand to autograd.
             _warn_once("train.offload_activations: a decoder layer got an argument that needs a gradient "
                        "by keyword; those layers use plain (non-reentrant) checkpointing, not offloaded")
-            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+                                                     context_fn=checkpoint_contexts)
         if _sharded(layer):
             _warn_once("train.offload_activations: FSDP-sharded decoder layers use plain (non-reentrant) "
                        "checkpointing, not offloaded")
-            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+                                                     context_fn=checkpoint_contexts)
         if not tensors:
             _warn_once("train.offload_activations: a decoder layer got its hidden states by keyword; "
                        "checkpointed but not offloaded")

@@ -15,9 +15,18 @@ Math unchanged: the same NF4 dequantization (bitsandbytes), GEMMs in the compute
 accumulation; the scale is applied in fp32 inside the epilogue instead of on a bf16 product (one
 rounding fewer). Used for plain LoRA with one active adapter; DoRA, several adapters, merged or
 disabled adapters go through PEFT's own forward. `lora.fused: false` turns it off.
+
+Lean recompute (`kernels.lean_recompute`): under activation checkpointing a layer's forward runs
+twice, and the second run (the recompute, in backward) only has to rebuild what backward reads.
+The last projection of a Llama/Qwen2-style decoder layer (mlp.down_proj) writes its output straight
+into the residual add, which backward does not read; so in the recompute that projection saves its
+inputs for backward and skips its GEMMs (its output is discarded). Gradients are unchanged; a
+quarter of the recompute's GEMM work is gone.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -25,6 +34,39 @@ try:  # PEFT's 4-bit LoRA layer exists only when bitsandbytes is installed
     from peft.tuners.lora.bnb import Linear4bit as _PeftLinear4bit
 except ImportError:  # pragma: no cover - qflash requires bitsandbytes; keep imports of this module safe
     _PeftLinear4bit = None
+
+
+class _RecomputeState:
+    active = False  # True while a checkpointed layer reruns its forward inside backward
+
+
+_RECOMPUTE = _RecomputeState()
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks an activation-checkpoint recompute (entered by the checkpoint functions, never in a real forward)."""
+    before = _RECOMPUTE.active
+    _RECOMPUTE.active = True
+    try:
+        yield
+    finally:
+        _RECOMPUTE.active = before
+
+
+def checkpoint_contexts():
+    """`context_fn` for torch.utils.checkpoint: nothing around the forward, `recomputing()` around the recompute."""
+    return contextlib.nullcontext(), recomputing()
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation and an fp32 result (16-bit inputs on CUDA: one GEMM, no casts).
+
+    Products of 16-bit floats are exact in fp32, so the CPU twin (the same GEMM in fp32) differs only
+    in summation order."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
 
 
 def _dequantize(weight: torch.Tensor, quant_state) -> torch.Tensor:
@@ -37,20 +79,28 @@ class NF4LoraLinear(torch.autograd.Function):
     """y = x W^T + bias + s (x_lora A^T) B^T with W stored as NF4; gradients for x, x_lora, A and B."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, quant_state, bias, lora_a, lora_b, scaling, compute_dtype, fp32_out):
+    def forward(ctx, x, x_lora, weight, quant_state, bias, lora_a, lora_b, scaling, compute_dtype, fp32_out,
+                skip_output=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(compute_dtype)  # (tokens, in)
         same_input = x_lora is None
         xl = x2 if same_input else x_lora.reshape(-1, shape[-1]).to(compute_dtype)
         a, b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)  # (r, in), (out, r)
-        w = _dequantize(weight, quant_state).to(compute_dtype)
         xa = xl @ a.t()  # (tokens, r)
-        if fp32_out:
-            # This projection writes into the fp32 residual stream: base (rounded to the compute
-            # dtype, as the plain 4-bit layer returns it) + the LoRA update kept in fp32.
-            y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(compute_dtype))
-            y = y.float().addmm_(xa.float(), lora_b.float().t(), alpha=scaling)
+        out_features = lora_b.shape[0]
+        if skip_output:
+            # Lean recompute: backward needs only what is saved below; the output is discarded.
+            y = x2.new_empty((x2.shape[0], out_features), dtype=torch.float32 if fp32_out else compute_dtype)
+        elif fp32_out:
+            # This projection writes into the fp32 residual stream: base + update summed and kept in
+            # fp32 (16-bit GEMMs with fp32 accumulation and output: no fp32 GEMM, no cast passes).
+            w = _dequantize(weight, quant_state).to(compute_dtype)
+            y = _mm_fp32(x2, w.t())
+            y.add_(_mm_fp32(xa, b.t()), alpha=scaling)
+            if bias is not None:
+                y.add_(bias.float())
         else:
+            w = _dequantize(weight, quant_state).to(compute_dtype)
             # The update first, then the base GEMM accumulates onto it (beta = scaling): base + update
             # is rounded once from the fp32 accumulator. Adding a small update to an already rounded
             # base would round it straight back to the base value and lose it (bf16 has 8 bits).
@@ -82,7 +132,7 @@ class NF4LoraLinear(torch.autograd.Function):
         # Like autocast would: GEMMs in the compute dtype, the result cast to the fp32 master weights.
         grad_a = torch.mm(gb.t(), xl).mul_(s).to(lora_a.dtype) if ctx.needs_input_grad[5] else None
         grad_b = torch.mm(g.t(), xa).mul_(s).to(lora_b.dtype) if ctx.needs_input_grad[6] else None
-        return grad_x, grad_xl, None, None, None, grad_a, grad_b, None, None, None
+        return grad_x, grad_xl, None, None, None, grad_a, grad_b, None, None, None, None
 
 
 def _quant_state(base: torch.nn.Module):
@@ -99,6 +149,7 @@ if _PeftLinear4bit is not None:
         """PEFT's 4-bit LoRA layer (same parameters, names and state dict) with a fused training forward."""
 
         fp32_out = False  # set by mark_residual_writers on projections that feed an fp32 residual stream
+        lean_tail = False  # set by mark_lean_tails: output only feeds the residual add (skipped in recompute)
 
         def _fusable(self, args, kwargs) -> bool:
             if args or kwargs or self.disable_adapters or self.merged:
@@ -120,7 +171,7 @@ if _PeftLinear4bit is not None:
             return NF4LoraLinear.apply(
                 x, x_lora, base.weight, _quant_state(base), base.bias,
                 self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), compute_dtype,
-                self.fp32_out and compute_dtype != torch.float32,
+                self.fp32_out and compute_dtype != torch.float32, self.lean_tail and _RECOMPUTE.active,
             )
 
 else:  # pragma: no cover
@@ -142,6 +193,24 @@ def mark_residual_writers(model: torch.nn.Module) -> int:
             if every or name.rsplit(".", 1)[-1] in RESIDUAL_WRITERS:
                 module.fp32_out = True
                 n += 1
+    return n
+
+
+# Decoder layers whose mlp.down_proj output goes straight into the residual add (no norm after it,
+# unlike Gemma 2/3's post-feedforward norm): the recompute may skip that projection's GEMMs.
+LEAN_TAIL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def mark_lean_tails(model: torch.nn.Module) -> int:
+    """kernels.lean_recompute: mark each decoder layer's mlp.down_proj (fused layers, listed model types)."""
+    config = getattr(model, "config", None)
+    if FusedLoraLinear4bit is None or getattr(config, "model_type", None) not in LEAN_TAIL_MODEL_TYPES:
+        return 0
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLoraLinear4bit) and name.endswith("mlp.down_proj"):
+            module.lean_tail = True
+            n += 1
     return n
 
 

@@ -250,7 +250,10 @@ def enable_activation_checkpointing(model, offload: bool | None = None) -> None:
     input waits in CPU memory instead (model/activation_offload.py; same gradients). None = as
     recorded by load_configured_base (train.offload_activations, on CUDA only).
     """
-    kwargs = {"use_reentrant": False}
+    from qflash.model.fused_lora import checkpoint_contexts
+
+    # The recompute runs under fused_lora.recomputing() (kernels.lean_recompute reads it).
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -35,6 +35,8 @@ def add_lora(model, cfg: LoraConfig, *, seed: int, kernels: KernelsConfig | None
     `kernels.fused_norm`, the RMSNorms hand the compute dtype straight to the fused layers. (Not
     without: PEFT's 4-bit layer returns its input's dtype, and in bf16 base + update is rounded
     after the base, which drops small updates; with an fp32 input it keeps them in fp32.)
+    With `kernels.lean_recompute`, each layer's mlp.down_proj skips its GEMMs in the checkpoint recompute.
+    With `kernels.fused_ce`, lm_head is marked for the fused lm_head + cross-entropy (train/loss.py).
     With train.embedding_on_cpu recorded on `model` (CUDA), the frozen input-embedding table moves to
     CPU memory (model/host_embedding.py).
     """
@@ -54,10 +56,18 @@ def add_lora(model, cfg: LoraConfig, *, seed: int, kernels: KernelsConfig | None
             from qflash.model.fused_lora import mark_residual_writers
 
             mark_residual_writers(peft_model)
+        if kernels is not None and kernels.lean_recompute:
+            from qflash.model.fused_lora import mark_lean_tails
+
+            mark_lean_tails(peft_model)
         if kernels is not None and kernels.fused_norm:
             from qflash.kernels.rmsnorm import swap_rms_norms
 
             swap_rms_norms(peft_model, compiled=next(peft_model.parameters()).is_cuda)
+    if kernels is not None and kernels.fused_ce:
+        from qflash.train.loss import use_fused_ce
+
+        use_fused_ce(peft_model)  # read by loss_sum; after PEFT, which may have wrapped lm_head to train it
     memory = getattr(model, "qflash_memory", None)  # recorded by load_configured_base
     if memory is not None and memory.embedding_on_cpu:
         from qflash.model.host_embedding import keep_input_embedding_on_host

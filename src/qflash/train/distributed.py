@@ -299,8 +299,9 @@ class LossModule(torch.nn.Module):
 
     def get_input_embeddings(self):
         # Accelerate's FSDP2 prepare gives the input embedding its own unit (sharded between uses). The
-        # final norm and lm_head stay in the root unit: the chunked loss calls lm_head several times per
-        # backward, and a unit of their own would be resharded after the first chunk's backward.
+        # final norm and lm_head stay in the root unit: the loss reads lm_head's weight chunk by chunk
+        # (directly with kernels.fused_ce, in each chunk's recompute without), which a unit of their own
+        # would reshard after the first chunk.
         # Tied to lm_head (small Qwen, Llama 3.2): both stay in the root unit.
         from qflash.model.loading import embeddings_tied
 

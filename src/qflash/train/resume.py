@@ -14,8 +14,9 @@ RUN_LENGTH_KEYS = {
     "train.max_steps", "train.epochs", "train.save_every", "train.keep", "train.resume", "train.log_every",
     "train.max_bad_steps", "train.eval_every", "output_dir",
 }
-# ... and settings that change how, not what, is computed.
-RUN_LENGTH_PREFIXES = ("eval.", "attention.")
+# ... and settings that change how, not what, is computed (kernels.*: speed switches that keep the math,
+# several absent from older checkpoints' configs; a resume may turn them on or off).
+RUN_LENGTH_PREFIXES = ("eval.", "attention.", "kernels.")
 # Memory switches that keep every value exact (and were absent from older checkpoints' configs).
 EXACT_MEMORY_KEYS = {"train.offload_activations", "train.embedding_on_cpu"}
 

@@ -1,0 +1,92 @@
+"""kernels.lean_recompute (CPU): the activation-checkpoint recompute skips mlp.down_proj's GEMMs, and the
+loss and LoRA gradients stay those of plain checkpointing (and of no checkpointing)."""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from qflash.model import fused_lora
+from qflash.model.activation_offload import offload_checkpointed_layers
+from qflash.train.loop import build_setup, micro_batches
+from qflash.train.loss import loss_sum
+
+
+def _run(model_dir, data, out, monkeypatch, *extra):
+    cfg = tiny_config(model_dir, data, out, "lora.dropout=0.1", *extra)
+    setup = build_setup(cfg)
+    with torch.no_grad():  # LoRA B starts at zero, which would leave every A gradient zero
+        gen = torch.Generator().manual_seed(3)
+        for n, p in sorted(setup.model.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    setup.model.train()
+    return setup
+
+
+def _loss_grads_gemms(setup, batch, monkeypatch):
+    """Loss, LoRA gradients, and how many times each projection kind ran its base GEMM (a dequantize)."""
+    calls: dict[str, int] = {}
+    real = fused_lora._dequantize
+    owner = {id(m.base_layer.weight): n.rsplit(".", 1)[-1] for n, m in setup.model.named_modules()
+             if isinstance(m, fused_lora.FusedLoraLinear4bit)}
+
+    def counting(weight, quant_state):
+        kind = owner[id(weight)]
+        calls[kind] = calls.get(kind, 0) + 1
+        return real(weight, quant_state)
+
+    monkeypatch.setattr(fused_lora, "_dequantize", counting)
+    torch.manual_seed(11)  # the LoRA dropout masks
+    loss = loss_sum(setup.model, batch)
+    loss.backward()
+    monkeypatch.setattr(fused_lora, "_dequantize", real)
+    grads = {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.requires_grad}
+    return loss.item(), grads, calls
+
+
+@pytest.mark.parametrize("arch, offload", [("qwen2", False), ("llama", False), ("qwen2", True)])
+def test_lean_recompute_skips_down_proj_and_keeps_gradients(arch, offload, tiny_models, identity_subset, tmp_path,
+                                                            monkeypatch):
+    results = {}
+    for variant in ("no-checkpointing", "lean", "full"):
+        setup = _run(tiny_models[arch], identity_subset, tmp_path / variant, monkeypatch,
+                     f"train.gradient_checkpointing={str(variant != 'no-checkpointing').lower()}",
+                     f"kernels.lean_recompute={str(variant == 'lean').lower()}")
+        marked = {n for n, m in setup.model.named_modules() if getattr(m, "lean_tail", False)}
+        layers = setup.model.config.num_hidden_layers
+        if variant == "lean":
+            assert len(marked) == layers and all(n.endswith("mlp.down_proj") for n in marked), marked
+        else:
+            assert not marked
+        if offload and variant != "no-checkpointing":
+            assert offload_checkpointed_layers(setup.model) == layers
+        results[variant] = _loss_grads_gemms(setup, micro_batches(setup, list(range(8)))[0], monkeypatch)
+
+    (ref_loss, ref_grads, plain), (lean_loss, lean_grads, lean), (_, _, full) = (
+        results["no-checkpointing"], results["lean"], results["full"])
+    layers = setup.model.config.num_hidden_layers
+    # forward + backward without checkpointing; + a recompute with it; the lean recompute has no down_proj GEMM
+    assert plain["down_proj"] == 2 * layers and full["down_proj"] == 3 * layers, (plain, full)
+    assert lean["down_proj"] == 2 * layers and lean["up_proj"] == full["up_proj"] == 3 * layers, (lean, full)
+    assert abs(lean_loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    for n, g in ref_grads.items():
+        assert g.abs().max() > 0, n
+        torch.testing.assert_close(lean_grads[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(),
+                                   msg=lambda m: f"{n}: {m}")
+
+
+def test_lean_tail_is_left_alone_outside_a_recompute(tiny_models, identity_subset, tmp_path, monkeypatch):
+    """A marked projection computes its output in a plain forward (eval, no checkpointing), and the
+    recompute flag is off again after an exception inside it."""
+    setup = _run(tiny_models["qwen2"], identity_subset, tmp_path / "run", monkeypatch, "kernels.lean_recompute=true")
+    down = next(m for n, m in setup.model.named_modules() if n.endswith("layers.0.mlp.down_proj"))
+    assert down.lean_tail
+    setup.model.eval()  # no dropout: the two calls below must agree
+    x = torch.randn(2, 3, down.in_features)
+    want = down(x)
+    with pytest.raises(RuntimeError, match="boom"), fused_lora.recomputing():
+        assert fused_lora._RECOMPUTE.active
+        raise RuntimeError("boom")
+    assert not fused_lora._RECOMPUTE.active
+    torch.testing.assert_close(down(x), want)
+    assert want.abs().max() > 0
