@@ -185,6 +185,8 @@ def _run_child(variant: str, args) -> dict:
                "--dropout", str(args.dropout)]
         for s in args.set:
             cmd += ["--set", s]
+        for s in args.variant:
+            cmd += ["--variant", s]
         cmd += ["--breakdown", args.breakdown]
         if args.snapshot:
             cmd += ["--snapshot", f"{args.snapshot}.{variant}.pickle"]
@@ -218,6 +220,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0: profile_step.py's 13.4 GB setting)")
     ap.add_argument("--set", action="append", default=[], help="qflash config override for every variant, repeatable")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
+                    help="another variant to measure (its overrides on top of --set), repeatable; name it in --variants")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per variant")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--breakdown", default="both",
@@ -227,6 +231,9 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for spec in args.variant:
+        name, _, overrides = spec.partition("=")
+        VARIANTS[name] = [o for o in overrides.split(",") if o]
 
     if not torch.cuda.is_available():
         raise SystemExit("memory_levers.py needs a CUDA GPU")
