@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from conftest import tiny_config
@@ -239,3 +240,24 @@ def test_function_needs_no_weight_in_backward():
     want = _loss_and_grad(lambda h: _checkpointed_chunks(_random_problem(9, seed=2)[0], h, labels, 1024), hidden,
                           False)[1] / SCALE
     torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_form_of_the_softmax_gradient_matches_the_inplace_one(dtype):
+    """xent_grad (what CUDA compiles) and xent_grad_inplace (the CPU path) give the same loss and dlogits,
+    and dlogits is softmax - onehot (rows sum to 0, the label's entry is p - 1)."""
+    from qflash.train.loss import xent_grad, xent_grad_inplace
+
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 501) * 4).to(dtype)
+    y = torch.randint(0, 501, (37,))
+    want_loss = F.cross_entropy(logits.float(), y, reduction="sum")
+    got = [xent_grad(logits, y), xent_grad_inplace(logits.clone(), y)]
+    for loss, d in got:
+        assert d.dtype == dtype and d.shape == logits.shape
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(d.float().sum(1), torch.zeros(37), rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    torch.testing.assert_close(got[0][1], got[1][1], rtol=0, atol=0)
+    p = torch.softmax(logits.float(), 1)
+    p[torch.arange(37), y] -= 1
+    torch.testing.assert_close(got[0][1], p.to(dtype), rtol=0, atol=1e-6 if dtype == torch.float32 else 4e-3)

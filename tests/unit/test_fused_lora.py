@@ -89,3 +89,35 @@ def test_fused_layer_falls_back_when_adapter_disabled(tiny_models, identity_subs
         base = layer.base_layer(x)
     torch.testing.assert_close(off, base)
     assert (on - base).abs().max() > 1e-3
+
+
+def test_accumulating_gemms_are_opaque_ops_under_compile():
+    """update_then_base / grad_input: the ops equal the plain math, pass torch's op checks (fake shapes for
+    dynamic compile), and a traced call (aot_eager: functionalized like inductor's input) gives the eager values."""
+    from qflash.model import fused_lora
+
+    torch.manual_seed(0)
+    x, w, xa, b = torch.randn(10, 8), torch.randn(6, 8), torch.randn(10, 4), torch.randn(6, 4)
+    g, gb, a = torch.randn(10, 6), torch.randn(10, 4), torch.randn(4, 8)
+    want_y, want_gx = x @ w.t() + 0.5 * (xa @ b.t()), g @ w + 0.5 * (gb @ a)
+    for fn in (fused_lora.update_then_base, fused_lora._update_then_base_op):
+        torch.testing.assert_close(fn(x, w, xa, b, 0.5), want_y)
+    for fn in (fused_lora.grad_input, fused_lora._grad_input_op):
+        torch.testing.assert_close(fn(g, w, gb, a, 0.5), want_gx)
+    torch.library.opcheck(fused_lora._update_then_base_op, (x, w, xa, b, 0.5))
+    torch.library.opcheck(fused_lora._grad_input_op, (g, w, gb, a, 0.5))
+
+    def both(*t):
+        return fused_lora.update_then_base(*t[:4], 0.5), fused_lora.grad_input(*t[4:], 0.5)
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    y, gx = torch.compile(both, backend=recording, dynamic=True)(x, w, xa, b, g, w, gb, a)
+    torch.testing.assert_close(y, want_y)
+    torch.testing.assert_close(gx, want_gx)
+    assert len(graphs) == 1 and "qflash.update_then_base" in graphs[0] and "qflash.grad_input" in graphs[0], graphs

@@ -44,7 +44,8 @@ class FusedRMSNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        fn = _compiled() if (self.compiled and x.is_cuda) else rms_norm
+        # Inside a compiled decoder layer (kernels.compile_layers) the plain function is traced into it.
+        fn = _compiled() if (self.compiled and x.is_cuda and not torch.compiler.is_compiling()) else rms_norm
         return fn(x, self.weight, self.variance_epsilon, out_dtype)
 
     def extra_repr(self) -> str:

@@ -15,6 +15,7 @@ the math is the same cross-entropy, summed in fp32.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -67,19 +68,44 @@ def fused_ce_rows(vocab: int) -> int:
     return rows - rows % 64 if rows >= 64 else rows
 
 
+def xent_grad_inplace(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of fp32(logits) and its gradient w.r.t. the logits (softmax - onehot) in the
+    logits' dtype, computed in place in the fp32 buffer (eager: the CPU path and its reference)."""
+    lf = logits.float()  # (rows, vocab): upcast (in place of it if already fp32)
+    lse = torch.logsumexp(lf, dim=1)  # (rows,)
+    loss = (lse - lf.gather(1, y.unsqueeze(1)).squeeze(1)).sum()
+    dlogits = lf.sub_(lse.unsqueeze(1)).exp_()
+    dlogits.scatter_add_(1, y.unsqueeze(1), dlogits.new_full((y.numel(), 1), -1.0))
+    return loss, dlogits.to(logits.dtype)
+
+
+def xent_grad(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xent_grad_inplace written for torch.compile (CUDA): the same fp32 math, fused into a reduction and
+    one elementwise pass over the 16-bit logits; no fp32 copy of the chunk is ever stored."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=1)
+    loss = (lse - lf.gather(1, y.unsqueeze(1)).squeeze(1)).sum()
+    p = torch.exp(lf - lse.unsqueeze(1))
+    onehot = torch.arange(lf.shape[1], device=lf.device).unsqueeze(0) == y.unsqueeze(1)
+    return loss, torch.where(onehot, p - 1.0, p).to(logits.dtype)
+
+
+@functools.cache
+def _xent_grad_compiled():
+    return torch.compile(xent_grad, dynamic=True)
+
+
 def _ce_chunk_with_grad(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of logits = h W^T (fp32 scalar); d(loss)/dh written into `grad_h`.
 
     h: (rows, hidden) and w: (vocab, hidden) in the compute dtype; y: (rows,) labels; grad_h: (rows, hidden).
     """
-    logits = F.linear(h, w).float()  # (rows, vocab): the compute-dtype GEMM, upcast (in place of it if fp32)
-    lse = torch.logsumexp(logits, dim=1)  # (rows,)
-    loss = (lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)).sum()
-    # d(loss)/d(logits) = softmax - onehot, in place in the fp32 logits.
-    dlogits = logits.sub_(lse.unsqueeze(1)).exp_()
-    dlogits.scatter_add_(1, y.unsqueeze(1), dlogits.new_full((y.numel(), 1), -1.0))
+    logits = F.linear(h, w)  # (rows, vocab), the compute-dtype GEMM
+    fn = _xent_grad_compiled() if logits.is_cuda else xent_grad_inplace
+    loss, dlogits = fn(logits, y)
+    del logits
     # The GEMM of linear's backward, in the compute dtype as under autocast.
-    torch.mm(dlogits.to(w.dtype), w, out=grad_h)
+    torch.mm(dlogits, w, out=grad_h)
     return loss
 
 
