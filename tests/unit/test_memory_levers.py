@@ -4,6 +4,7 @@ Both are applied on CUDA only in training; here they are installed on CPU models
 the same autograd function and module with the CPU twin in place of pinned copies and streams.
 """
 
+import dataclasses
 import functools
 import json
 
@@ -242,3 +243,28 @@ def test_kernel_switches_do_not_block_a_resume():
     assert differences(run_identity(old, {}, {}), run_identity(new, {}, {})) == []
     other = load_config(None, ["lora.r=4"]).to_dict()
     assert differences(run_identity(other, {}, {}), run_identity(new, {}, {}))
+
+
+def test_a_batch_moved_from_the_cpu_brings_its_label_positions_and_host_ids(untied_qwen2, identity_subset, tmp_path):
+    """Batch.to() finds the labelled positions and keeps the CPU input ids, so the step reads neither back
+    from the device; the host embedding looks up those ids; the loss is the same."""
+    from qflash.data.template import IGNORE
+
+    setup = _setup(untied_qwen2, identity_subset, tmp_path / "run")
+    assert keep_input_embedding_on_host(setup.model)
+    setup.model.eval()  # no dropout: the two losses must agree exactly
+    batch = micro_batches(setup, list(range(6)))[0]
+    moved = batch.to(torch.device("cpu"))
+    want = (batch.labels[:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(1)
+    assert torch.equal(moved.label_index, want) and 0 < want.numel() < batch.labels[:, 1:].numel()
+    assert moved.host_input_ids is batch.input_ids
+    # On the CPU both id tensors are one object; a copy tells which one the embedding is given.
+    moved = dataclasses.replace(moved, host_input_ids=batch.input_ids.clone())
+    seen = []
+    hook = setup.model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        plain, fast = loss_sum(setup.model, batch), loss_sum(setup.model, moved)
+    finally:
+        hook.remove()
+    assert seen[0] is batch.input_ids and seen[1] is moved.host_input_ids
+    assert plain.item() == fast.item()

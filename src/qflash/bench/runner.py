@@ -125,11 +125,11 @@ def qflash_step(model, optimizer, params, batches: list[Batch]) -> float:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_sum(model, b) / n
         loss.backward()
-        total += loss.item()
+        total += loss.detach()  # read once, at the end: no sync between micro-batches
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return float(total)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -53,12 +53,20 @@ class Batch:
     cu_seqlens: torch.Tensor | None = None  # (documents + 1,) int32; varlen packed batches only
     max_seqlen: int = 0
     real_tokens: int = 0
+    # Set by to() when moving from the CPU, so the step needs no device-to-host sync for them:
+    label_index: torch.Tensor | None = None  # positions of labels[:, 1:].reshape(-1) that carry a label
+    host_input_ids: torch.Tensor | None = None  # input_ids, still on the CPU (train.embedding_on_cpu)
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        label_index, host_ids = self.label_index, self.host_input_ids
+        if self.labels.device.type == "cpu":
+            label_index = labelled_positions(self.labels)
+            host_ids = self.input_ids
         return Batch(
             move(self.input_ids), move(self.labels), self.sample_ids, move(self.attention_mask),
             move(self.position_ids), move(self.cu_seqlens), self.max_seqlen, self.real_tokens,
+            move(label_index), host_ids,
         )
 
     def model_inputs(self) -> dict:
@@ -72,6 +80,11 @@ class Batch:
             kw.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
                       max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
         return kw
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where next-token targets exist: positions of labels[:, 1:].reshape(-1) other than IGNORE."""
+    return (labels[:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(1)
 
 
 def pad_batch(examples: list[Example], sample_ids: list[int], pad_id: int) -> Batch:

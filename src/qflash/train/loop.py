@@ -441,7 +441,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                 n_trained = int(ranks.sum(sum(trained_tokens(b) for b in micro)))
                 rounds = int(ranks.max(len(micro)))
                 filler = micro[0] if micro else (micro_batches(setup, ids[:1])[0] if rounds else None)
-                local_sum = 0.0
+                local_sum = torch.zeros((), dtype=torch.float64, device=setup.device)  # read once, after the step's backwards
                 for i in range(rounds):
                     real_batch = i < len(micro)
                     b = (micro[i] if real_batch else filler).to(setup.device)
@@ -454,8 +454,8 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                         weight = ranks.world / n_trained if real_batch else 0.0
                         par.backward(token_loss * weight)
                     if real_batch:
-                        local_sum += token_loss.item()
-                step_loss = ranks.sum(local_sum) / n_trained if n_trained else float("nan")
+                        local_sum += token_loss.detach()
+                step_loss = ranks.sum(local_sum.item()) / n_trained if n_trained else float("nan")
                 lr = scheduler.get_last_lr()[0]
                 grad_norm, finite = par.step(math.isfinite(step_loss))
                 if finite:

@@ -15,7 +15,6 @@ the math is the same cross-entropy, summed in fp32.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -24,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from qflash.data.batching import Batch
 from qflash.data.template import IGNORE
+from qflash.kernels import xent
+from qflash.model.host_embedding import HostEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -79,31 +80,18 @@ def xent_grad_inplace(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     return loss, dlogits.to(logits.dtype)
 
 
-def xent_grad(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """xent_grad_inplace written for torch.compile (CUDA): the same fp32 math, fused into a reduction and
-    one elementwise pass over the 16-bit logits; no fp32 copy of the chunk is ever stored."""
-    lf = logits.float()
-    lse = torch.logsumexp(lf, dim=1)
-    loss = (lse - lf.gather(1, y.unsqueeze(1)).squeeze(1)).sum()
-    p = torch.exp(lf - lse.unsqueeze(1))
-    onehot = torch.arange(lf.shape[1], device=lf.device).unsqueeze(0) == y.unsqueeze(1)
-    return loss, torch.where(onehot, p - 1.0, p).to(logits.dtype)
-
-
-@functools.cache
-def _xent_grad_compiled():
-    return torch.compile(xent_grad, dynamic=True)
-
-
 def _ce_chunk_with_grad(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of logits = h W^T (fp32 scalar); d(loss)/dh written into `grad_h`.
 
     h: (rows, hidden) and w: (vocab, hidden) in the compute dtype; y: (rows,) labels; grad_h: (rows, hidden).
     """
     logits = F.linear(h, w)  # (rows, vocab), the compute-dtype GEMM
-    fn = _xent_grad_compiled() if logits.is_cuda else xent_grad_inplace
-    loss, dlogits = fn(logits, y)
-    del logits
+    if xent.available(logits):
+        loss = xent.xent_grad_(logits, y)  # one Triton kernel; dlogits written over the logits
+        dlogits = logits
+    else:
+        loss, dlogits = xent_grad_inplace(logits, y)
+        del logits
     # The GEMM of linear's backward, in the compute dtype as under autocast.
     torch.mm(dlogits, w, out=grad_h)
     return loss
@@ -198,9 +186,16 @@ def loss_sum(model: torch.nn.Module, batch: Batch, chunk_tokens: int = CHUNK_TOK
     if not _plain_head(lm):
         logits = model(**batch.model_inputs()).logits[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum")
-    hidden = lm.get_decoder()(**batch.model_inputs()).last_hidden_state  # (rows, seq, hidden)
+    inputs = batch.model_inputs()
+    embedding = lm.get_input_embeddings()
+    if batch.host_input_ids is not None and isinstance(embedding, HostEmbedding):
+        # The table is on the CPU and so are these ids: no wait for the device to hand them back.
+        inputs["inputs_embeds"] = embedding(batch.host_input_ids)
+        del inputs["input_ids"]
+    hidden = lm.get_decoder()(**inputs).last_hidden_state  # (rows, seq, hidden)
     hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
-    keep = (labels != IGNORE).nonzero().squeeze(1)  # only labelled positions need logits
+    # only labelled positions need logits (found on the CPU when the batch came from there: no sync)
+    keep = batch.label_index if batch.label_index is not None else (labels != IGNORE).nonzero().squeeze(1)
     hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)
     if torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) > 0:
         fused = _fused_ce_head(lm)
