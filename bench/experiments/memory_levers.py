@@ -119,9 +119,13 @@ def child(args) -> dict:
     from qflash.bench.shapes import model_config, random_model_dir
     from qflash.paths import qflash_home
 
-    runner.QFLASH_OVERRIDES[:] = list(args.set) + VARIANTS[args.variant]
+    overrides = list(args.set) + VARIANTS[args.variant]
+    for o in [o for o in overrides if o.startswith("env:")]:  # env:NAME=VALUE: an experiment switch
+        name, _, value = o[4:].partition("=")
+        os.environ[name] = value
+    runner.QFLASH_OVERRIDES[:] = [o for o in overrides if not o.startswith("env:")]
     torch.manual_seed(0)
-    rec: dict = {"variant": args.variant, "overrides": list(runner.QFLASH_OVERRIDES)}
+    rec: dict = {"variant": args.variant, "overrides": overrides}
     t0 = time.perf_counter()
     model_dir = random_model_dir(args.shape, qflash_home() / "bench-models")
     docs = runner.workload_docs(args.workload, model_config(args.shape).vocab_size)

@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """Compile each decoder layer's own call. Activation checkpointing (plain or train.offload_activations)
     wraps that call from outside, so the compiled layer runs in the forward and in the recompute."""
+    import os
+
+    if os.environ.get("QFLASH_EXPERIMENT_NO_CSE") == "1":  # bench experiment only
+        torch._functorch.config.cse = False
     n = 0
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
