@@ -19,11 +19,12 @@ PLAIN = ["kernels.compile_layers=false", "kernels.lean_recompute=false", "kernel
          "train.offload_activations=false", "train.embedding_on_cpu=false"]
 
 
-def _losses(model_dir, compiled: bool, lengths_per_step) -> list[float]:
+def _losses(model_dir, compiled: bool, lengths_per_step, offload: bool = True) -> list[float]:
     from qflash.bench import runner
     from qflash.bench.runner import qflash_batches, qflash_model, qflash_step
 
-    runner.QFLASH_OVERRIDES[:] = ["kernels.compile_layers=true"] if compiled else PLAIN
+    runner.QFLASH_OVERRIDES[:] = (["kernels.compile_layers=true", f"train.offload_activations={str(offload).lower()}"]
+                                  if compiled else PLAIN)
     try:
         model, optimizer, params = qflash_model(model_dir, dropout=0.0, lr=1e-3, attention="auto", seed=0)
     finally:
@@ -38,7 +39,10 @@ def _losses(model_dir, compiled: bool, lengths_per_step) -> list[float]:
     return losses
 
 
-def test_compiled_layers_take_any_packed_length_without_recompiling(tmp_path, monkeypatch):
+@pytest.mark.parametrize("offload", [True, False], ids=["offloaded-checkpoint", "torch-checkpoint"])
+def test_compiled_layers_take_any_packed_length_without_recompiling(offload, tmp_path, monkeypatch):
+    """With torch's checkpoint the recompute must save what the forward saved (the lean tail runs outside
+    the compiled graph for that); with the offloaded one it backprops through its own recompute."""
     from test_gpu import _tiny_dir
 
     from qflash.model import activation_offload
@@ -53,7 +57,7 @@ def test_compiled_layers_take_any_packed_length_without_recompiling(tmp_path, mo
     torch._dynamo.reset()
     counters.clear()
     try:
-        compiled = _losses(model_dir, True, steps)
+        compiled = _losses(model_dir, True, steps, offload)
     finally:
         torch._dynamo.config.error_on_recompile = False
     # the layers ran compiled (inside the offloaded checkpoint too): graphs were captured and called

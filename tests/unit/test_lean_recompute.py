@@ -90,3 +90,31 @@ def test_lean_tail_is_left_alone_outside_a_recompute(tiny_models, identity_subse
     assert not fused_lora._RECOMPUTE.active
     torch.testing.assert_close(down(x), want)
     assert want.abs().max() > 0
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_lean_recompute_inside_compiled_layers(offload, tiny_models, identity_subset, tmp_path, monkeypatch):
+    """Compiled decoder layers (aot_eager_decomp_partition: the min-cut partitioned graphs inductor gets) under
+    torch's checkpoint, which requires the recompute to save what the forward saved, and under the
+    offloaded one: the lean tail runs outside the graph, skips its GEMMs in the recompute, and the
+    gradients are those of uncompiled full recompute."""
+    results = {}
+    for variant in ("full-eager", "lean-compiled"):
+        lean = variant.startswith("lean")
+        setup = _run(tiny_models["qwen2"], identity_subset, tmp_path / variant, monkeypatch,
+                     "train.gradient_checkpointing=true", f"kernels.lean_recompute={str(lean).lower()}")
+        if offload:
+            offload_checkpointed_layers(setup.model)
+        if lean:
+            torch._dynamo.reset()
+            for m in setup.model.modules():
+                if type(m).__name__.endswith("DecoderLayer"):
+                    m.compile(backend="aot_eager_decomp_partition", dynamic=True)
+        results[variant] = _loss_grads_gemms(setup, micro_batches(setup, list(range(8)))[0], monkeypatch)
+    torch._dynamo.reset()
+    (ref_loss, ref_grads, full), (loss, grads, lean) = results["full-eager"], results["lean-compiled"]
+    layers = setup.model.config.num_hidden_layers
+    assert full["down_proj"] == 3 * layers and lean["down_proj"] == 2 * layers, (full, lean)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=lambda m: f"{n}: {m}")

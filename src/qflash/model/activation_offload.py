@@ -235,7 +235,7 @@ class _Recompute(torch.autograd.Function):
             previous.prefetch()  # the next layer backward needs: its copy runs while this one computes
         inputs = [h.take().requires_grad_(needs[i]) for i, h in enumerate(call.held)]
         call.held = []
-        with torch.enable_grad(), call.rng.restored(), call.autocast.restored(), recomputing():
+        with torch.enable_grad(), call.rng.restored(), call.autocast.restored(), recomputing(free=True):
             out = call.run(*call.call_args(inputs))
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads)

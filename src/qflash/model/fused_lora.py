@@ -38,20 +38,35 @@ except ImportError:  # pragma: no cover - qflash requires bitsandbytes; keep imp
 
 class _RecomputeState:
     active = False  # True while a checkpointed layer reruns its forward inside backward
+    free = False  # ... under a checkpoint that does not compare the tensors saved by the two runs
 
 
 _RECOMPUTE = _RecomputeState()
 
 
 @contextlib.contextmanager
-def recomputing():
-    """Marks an activation-checkpoint recompute (entered by the checkpoint functions, never in a real forward)."""
-    before = _RECOMPUTE.active
-    _RECOMPUTE.active = True
+def recomputing(free: bool = False):
+    """Marks an activation-checkpoint recompute (entered by the checkpoint functions, never in a real forward).
+    `free`: the checkpoint does not require the recompute to save what the forward saved (the offloaded
+    one backprops through the recompute itself; torch's checks the two match)."""
+    before = (_RECOMPUTE.active, _RECOMPUTE.free)
+    _RECOMPUTE.active, _RECOMPUTE.free = True, free
     try:
         yield
     finally:
-        _RECOMPUTE.active = before
+        _RECOMPUTE.active, _RECOMPUTE.free = before
+
+
+def _lean_in_graph() -> bool:
+    import os
+
+    return os.environ.get("QFLASH_EXPERIMENT_LEAN_IN_GRAPH") == "1"  # bench experiment only
+
+
+def _skip_now() -> bool:
+    """Skip the lean tail's GEMMs in this call: in a recompute, and — traced into a compiled graph, where
+    the skip would change what the graph saves — only under a checkpoint that allows that."""
+    return _RECOMPUTE.active and (_RECOMPUTE.free or not torch.compiler.is_compiling())
 
 
 def checkpoint_contexts():
@@ -196,6 +211,18 @@ if _PeftLinear4bit is not None:
             return len(active) == 1 and active[0] not in self.lora_variant
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if self.lean_tail and torch.compiler.is_compiling() and not _lean_in_graph():
+                return self._eager_forward(x, *args, **kwargs)
+            return self._forward(x, *args, **kwargs)
+
+        @torch.compiler.disable
+        def _eager_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            """A lean tail inside a compiled layer runs eagerly (a graph break): the compiled part is then
+            the same graph in the forward and in the recompute, which saves the same tensors in both (as
+            torch's checkpoint requires), and the skip is decided here, per call."""
+            return self._forward(x, *args, **kwargs)
+
+        def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if not self._fusable(args, kwargs):
                 return super().forward(x, *args, **kwargs)
             name = next(a for a in self.active_adapters if a in self.lora_A)
@@ -209,7 +236,7 @@ if _PeftLinear4bit is not None:
             return NF4LoraLinear.apply(
                 x, x_lora, base.weight, _quant_state(base), base.bias,
                 self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), compute_dtype,
-                self.fp32_out and compute_dtype != torch.float32, self.lean_tail and _RECOMPUTE.active,
+                self.fp32_out and compute_dtype != torch.float32, self.lean_tail and _skip_now(),
             )
 
 else:  # pragma: no cover
