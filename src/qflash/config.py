@@ -153,9 +153,10 @@ class TrainConfig:
     offload_activations: bool = True
     """With gradient_checkpointing, on a GPU: each decoder layer's checkpointed input (the residual stream,
     tokens x hidden, fp32) waits for its backward in pinned CPU memory, copied out on a side stream and
-    brought back one layer ahead. Same gradients; frees ~3.2 GB on Qwen2.5-7B at 4 x 2048 tokens at no
-    measured speed cost (H100: 9,088 vs 9,090 tok/s with embedding_on_cpu, bench/NOTES.md). Needs that
-    much pinned host memory (28 layers x tokens x hidden x 4 bytes). Ignored on the CPU and under FSDP2."""
+    brought back one layer ahead. Same gradients; frees ~3.2 GB on Qwen2.5-7B at 4 x 2048 tokens (with
+    embedding_on_cpu: -3.4 GB for -1.1% speed on an H100, bench/NOTES.md). Pins that much host memory (layers x
+    tokens x hidden x 4 bytes); an input that would leave the host short (less than max(8 GB, 10%) available)
+    stays on the GPU, said once. Ignored on the CPU and under FSDP2."""
     embedding_on_cpu: bool = True
     """On a GPU: the frozen input-embedding table stays in CPU memory and only the looked-up rows go to the
     GPU (exact; frees 1.1 GB on Qwen2.5-7B). Not when the table is tied to lm_head or trained. Ignored on

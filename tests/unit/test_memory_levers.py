@@ -268,3 +268,21 @@ def test_a_batch_moved_from_the_cpu_brings_its_label_positions_and_host_ids(unti
         hook.remove()
     assert seen[0] is batch.input_ids and seen[1] is moved.host_input_ids
     assert plain.item() == fast.item()
+
+
+def test_offload_leaves_host_memory_for_the_system(monkeypatch):
+    """Layer inputs are pinned only while MemAvailable keeps a reserve: a long sequence that would not fit
+    stays on the GPU instead of having the kernel's OOM killer end the run (found at 262k tokens, 7B)."""
+    GB = 1 << 30
+    monkeypatch.setattr(activation_offload, "host_available_bytes", lambda: 20 * GB)
+    assert activation_offload.fits_in_host(11 * GB)  # 20 - 11 leaves the 8 GB reserve
+    assert not activation_offload.fits_in_host(13 * GB)
+    monkeypatch.setattr(activation_offload, "host_available_bytes", lambda: 200 * GB)
+    assert activation_offload.fits_in_host(170 * GB) and not activation_offload.fits_in_host(185 * GB)  # 10% kept
+    monkeypatch.setattr(activation_offload, "host_available_bytes", lambda: None)  # unknown: not in the way
+    assert activation_offload.fits_in_host(1 << 40)
+
+
+def test_host_memory_reader_reads_this_machine():
+    available = activation_offload.host_available_bytes()
+    assert available is None or 0 < available < 1 << 50

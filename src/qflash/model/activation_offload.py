@@ -125,10 +125,41 @@ class _HostTwin(_Kept):
         super().__init__(t.detach().clone())
 
 
+# Host memory left free when pinning layer inputs: below it they stay on the GPU (a 7B model at 256k
+# tokens would pin 105 GB; the kernel's OOM killer would end the run without a word).
+HOST_RESERVE_BYTES = 8 << 30
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def fits_in_host(nbytes: int) -> bool:
+    """Room to pin `nbytes` more and still leave HOST_RESERVE_BYTES (or 10% of what is left) free."""
+    available = host_available_bytes()
+    if available is None:
+        return True
+    return nbytes <= available - max(HOST_RESERVE_BYTES, available // 10)
+
+
 def _hold(t: torch.Tensor, keep: bool = False):
     if not t.is_cuda:
         return _HostTwin(t)
-    if keep or t.numel() * t.element_size() < MIN_OFFLOAD_BYTES:
+    nbytes = t.numel() * t.element_size()
+    if keep or nbytes < MIN_OFFLOAD_BYTES:
+        return _Kept(t)
+    if not fits_in_host(nbytes):
+        available = host_available_bytes() or 0
+        _warn_once(f"train.offload_activations: only {available / 1e9:.1f} GB of host memory available; layer "
+                   f"inputs that do not fit stay on the GPU (each is {nbytes / 1e9:.2f} GB)")
         return _Kept(t)
     return _PinnedCopy(t)
 
