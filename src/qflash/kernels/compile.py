@@ -13,6 +13,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+RECOMPILE_LIMIT = 64
+
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """Compile each decoder layer's own call. Activation checkpointing (plain or train.offload_activations)
@@ -21,6 +23,13 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
 
     if os.environ.get("QFLASH_EXPERIMENT_NO_CSE") == "1":  # bench experiment only
         torch._functorch.config.cse = False
+    # Every compiled module shares one code object (nn.Module._call_impl), so its cache holds the variants
+    # of every layer of every model in the process: forward without grad (offloaded checkpoint) and
+    # recompute with it, a first layer whose input needs no grad, train and eval, static then dynamic
+    # shapes. Past torch's default of 8, further variants silently run eagerly — and a layer whose forward
+    # ran compiled but whose recompute ran eagerly draws other LoRA-dropout masks in the recompute: wrong
+    # gradients (tests/gpu/test_gpu.py caught it with two models in one process).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     n = 0
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
