@@ -4,23 +4,16 @@ loss and LoRA gradients stay those of plain checkpointing (and of no checkpointi
 import pytest
 import torch
 
-from conftest import tiny_config
 from qflash.model import fused_lora
 from qflash.model.activation_offload import offload_checkpointed_layers
-from qflash.train.loop import build_setup, micro_batches
+from qflash.train.loop import micro_batches
 from qflash.train.loss import loss_sum
+from test_memory_levers import _setup
 
 
 def _run(model_dir, data, out, monkeypatch, *extra):
-    cfg = tiny_config(model_dir, data, out, "lora.dropout=0.1", *extra)
-    setup = build_setup(cfg)
-    with torch.no_grad():  # LoRA B starts at zero, which would leave every A gradient zero
-        gen = torch.Generator().manual_seed(3)
-        for n, p in sorted(setup.model.named_parameters()):
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    setup.model.train()
-    return setup
+    """The memory-lever tests' setup (random LoRA B, training mode) with LoRA dropout 0.1."""
+    return _setup(model_dir, data, out, "lora.dropout=0.1", *extra)
 
 
 def _loss_grads_gemms(setup, batch, monkeypatch):
