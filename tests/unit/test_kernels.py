@@ -50,7 +50,7 @@ def test_swap_shares_weights_and_keeps_state_dict(tiny_models):
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
 
 
-def test_compiling_layers_raises_the_recompile_limit(tiny_models, monkeypatch):
+def test_compiling_layers_raises_the_recompile_limit(tiny_models):
     """The compiled layers' variants must never spill into silent eager fallback (dropout masks would differ
     between a compiled forward and an eager recompute); compile_decoder_layers lifts torch's limit of 8."""
     import torch._dynamo.config as dynamo_config
@@ -58,8 +58,8 @@ def test_compiling_layers_raises_the_recompile_limit(tiny_models, monkeypatch):
 
     from qflash.kernels.compile import RECOMPILE_LIMIT, compile_decoder_layers
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2"]))
-    assert compile_decoder_layers(model) == model.config.num_hidden_layers
-    assert dynamo_config.recompile_limit == RECOMPILE_LIMIT >= 64
+    with dynamo_config.patch(recompile_limit=8):  # torch's default; patch() puts back what was there
+        assert compile_decoder_layers(model) == model.config.num_hidden_layers
+        assert dynamo_config.recompile_limit == RECOMPILE_LIMIT >= 64
     torch._dynamo.reset()
