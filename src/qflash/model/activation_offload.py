@@ -142,9 +142,11 @@ def host_available_bytes() -> int | None:
     return None
 
 
-def fits_in_host(nbytes: int) -> bool:
-    """Room to pin `nbytes` more and still leave HOST_RESERVE_BYTES (or 10% of what is left) free."""
-    available = host_available_bytes()
+def fits_in_host(nbytes: int, available: int | None = None) -> bool:
+    """Room to pin `nbytes` more and still leave HOST_RESERVE_BYTES (or 10% of what is left) free.
+    `available`: MemAvailable as already read (default: read it now)."""
+    if available is None:
+        available = host_available_bytes()
     if available is None:
         return True
     return nbytes <= available - max(HOST_RESERVE_BYTES, available // 10)
@@ -156,8 +158,8 @@ def _hold(t: torch.Tensor, keep: bool = False):
     nbytes = t.numel() * t.element_size()
     if keep or nbytes < MIN_OFFLOAD_BYTES:
         return _Kept(t)
-    if not fits_in_host(nbytes):
-        available = host_available_bytes() or 0
+    available = host_available_bytes()
+    if not fits_in_host(nbytes, available):
         _warn_once(f"train.offload_activations: only {available / 1e9:.1f} GB of host memory available; layer "
                    f"inputs that do not fit stay on the GPU (each is {nbytes / 1e9:.2f} GB)")
         return _Kept(t)

@@ -154,6 +154,14 @@ def _fused_ce_blocker(lm: torch.nn.Module) -> str | None:
     return None
 
 
+def _fused_ce_refused(lm: torch.nn.Module) -> bool:
+    """True (said once, with the reason) when LinearCrossEntropy would not be exact for lm's head."""
+    reason = _fused_ce_blocker(lm)
+    if reason is not None:
+        _warn_once(f"kernels.fused_ce: not used, {reason}; the loss runs lm_head in checkpointed chunks")
+    return reason is not None
+
+
 def use_fused_ce(model: torch.nn.Module) -> bool:
     """kernels.fused_ce: mark the model's lm_head so loss_sum takes LinearCrossEntropy. Says once if it cannot."""
     lm = _causal_lm(model)
@@ -161,20 +169,13 @@ def use_fused_ce(model: torch.nn.Module) -> bool:
     if head is None:
         return False
     head.qflash_fused_ce = True
-    reason = _fused_ce_blocker(lm)
-    if reason is not None:
-        _warn_once(f"kernels.fused_ce: not used, {reason}; the loss runs lm_head in checkpointed chunks")
-    return reason is None
+    return not _fused_ce_refused(lm)
 
 
 def _fused_ce_head(lm: torch.nn.Module) -> torch.nn.Linear | None:
     """The marked lm_head when LinearCrossEntropy is exact for it now (else None, said once)."""
     head = lm.get_output_embeddings()
-    if not getattr(head, "qflash_fused_ce", False):
-        return None
-    reason = _fused_ce_blocker(lm)
-    if reason is not None:
-        _warn_once(f"kernels.fused_ce: not used, {reason}; the loss runs lm_head in checkpointed chunks")
+    if not getattr(head, "qflash_fused_ce", False) or _fused_ce_refused(lm):
         return None
     return head
 
