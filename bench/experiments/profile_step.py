@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--trace", help="write a chrome trace here")
+    ap.add_argument("--gaps", action="store_true", help="where the GPU sits idle, and CPU self time (trace_gaps.py)")
+    ap.add_argument("--no-stack", action="store_true",
+                    help="profile without Python stacks (their overhead makes the CPU look later than it is)")
     ap.add_argument("--stacks", default="Memcpy DtoD",
                     help="for kernels whose name contains this: GPU time by the CPU op and Python stack that launched them")
     args = ap.parse_args()
@@ -68,11 +71,20 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.stacks)) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 with_stack=not args.no_stack and (bool(args.stacks) or args.gaps)) as prof:
         step()
         torch.cuda.synchronize()
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
+    trace = args.trace or ("/tmp/qflash-profile-trace.json" if args.gaps else None)
+    if trace:
+        prof.export_chrome_trace(trace)
+    if args.gaps:
+        import json
+
+        from trace_gaps import analyze
+
+        with open(trace, encoding="utf-8") as f:
+            print(analyze(json.load(f), top=args.top), flush=True)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.device_time for e in kernels) / 1e3  # ms
     by_cat: dict[str, float] = defaultdict(float)
