@@ -201,6 +201,10 @@ class KernelsConfig:
     """With lora.fused and activation checkpointing (Llama, Mistral, Qwen2, Qwen3 layers): the recompute in
     backward skips mlp.down_proj's GEMMs, whose output only feeds the residual add that backward does not
     read (its inputs are still saved). Exact; false = the recompute reruns the whole layer."""
+    traced_dequant: bool = True
+    """With lora.fused and compile_layers: NF4 dequantization written as tensor ops inside the compiled layer
+    (one fused kernel per weight and pass instead of bitsandbytes' two custom ops and their Python dispatch).
+    Bit-identical (kernels/nf4.py); false = bitsandbytes' ops. Eager code always uses bitsandbytes'."""
     compile_layers: bool = True
     """torch.compile every decoder layer (CUDA only: ignored on the CPU). Inductor fuses what sits between
     the matmuls (residual adds, RoPE, SwiGLU, casts); token counts are dynamic, so packed batches of any

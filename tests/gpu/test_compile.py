@@ -65,3 +65,24 @@ def test_compiled_layers_take_any_packed_length_without_recompiling(offload, tmp
     eager = _losses(model_dir, False, steps)
     for c, e in zip(compiled, eager):
         assert c == pytest.approx(e, rel=2e-2), (compiled, eager)
+
+
+@pytest.mark.parametrize("shape", [(512, 3584), (18944, 3584), (37, 129)])
+def test_traced_dequant_matches_bitsandbytes_cuda_kernel(shape):
+    """kernels.traced_dequant: the tensor-op NF4 dequantization, eager and compiled by Inductor (one fused
+    kernel), equals bitsandbytes' CUDA kernel bit for bit (double quantization, bf16)."""
+    import bitsandbytes.functional as bnbf
+
+    from qflash.kernels.nf4 import dequantize_nf4
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(shape, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+    packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                    quant_storage=torch.uint8)
+    want = bnbf.dequantize_4bit(packed, qs)
+    eager = dequantize_nf4(packed, qs)
+    torch._dynamo.reset()
+    compiled = torch.compile(dequantize_nf4, dynamic=True)(packed, qs)
+    for got in (eager, compiled):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))

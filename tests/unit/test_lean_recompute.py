@@ -23,10 +23,10 @@ def _loss_grads_gemms(setup, batch, monkeypatch):
     owner = {id(m.base_layer.weight): n.rsplit(".", 1)[-1] for n, m in setup.model.named_modules()
              if isinstance(m, fused_lora.FusedLoraLinear4bit)}
 
-    def counting(weight, quant_state):
+    def counting(weight, quant_state, traced=False):
         kind = owner[id(weight)]
         calls[kind] = calls.get(kind, 0) + 1
-        return real(weight, quant_state)
+        return real(weight, quant_state, traced)
 
     monkeypatch.setattr(fused_lora, "_dequantize", counting)
     torch.manual_seed(11)  # the LoRA dropout masks
@@ -88,9 +88,10 @@ def test_lean_tail_is_left_alone_outside_a_recompute(tiny_models, identity_subse
 @pytest.mark.parametrize("offload", [False, True])
 def test_lean_recompute_inside_compiled_layers(offload, tiny_models, identity_subset, tmp_path, monkeypatch):
     """Compiled decoder layers (aot_eager_decomp_partition: the min-cut partitioned graphs inductor gets) under
-    torch's checkpoint, which requires the recompute to save what the forward saved, and under the
-    offloaded one: the lean tail runs outside the graph, skips its GEMMs in the recompute, and the
-    gradients are those of uncompiled full recompute."""
+    torch's checkpoint, which requires the recompute to save what the forward saved (the lean tail runs
+    outside the graph), and under the offloaded one (the skip is traced into the recompute's graph): the
+    recompute skips down_proj's GEMMs, and the gradients are those of uncompiled full recompute. The NF4
+    weights are dequantized by traced tensor ops inside the graphs (kernels.traced_dequant, the default)."""
     results = {}
     for variant in ("full-eager", "lean-compiled"):
         lean = variant.startswith("lean")
@@ -98,6 +99,10 @@ def test_lean_recompute_inside_compiled_layers(offload, tiny_models, identity_su
                      "train.gradient_checkpointing=true", f"kernels.lean_recompute={str(lean).lower()}")
         if offload:
             offload_checkpointed_layers(setup.model)
+            if lean:  # as the trainer orders it: checkpointing first, then the LoRA layers are marked
+                fused_lora.mark_lean_tails(setup.model)
+        tails = [m for m in setup.model.modules() if getattr(m, "lean_tail", False)]
+        assert all(m.lean_in_graph == offload for m in tails) and len(tails) == lean * 2, tails
         if lean:
             torch._dynamo.reset()
             for m in setup.model.modules():

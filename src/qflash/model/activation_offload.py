@@ -305,6 +305,8 @@ class OffloadedCheckpoint:
     `keep`: checkpoint without moving the input (the last layer, whose backward comes first).
     """
 
+    recompute_is_free = True  # backprops through its own recompute: that may save other tensors than the forward
+
     def __init__(self, layer: torch.nn.Module, keep: bool = False):
         self.layer = layer  # a strong reference (a cycle through the layer), so that deepcopy follows it
         self.keep = keep

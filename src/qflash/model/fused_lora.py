@@ -57,12 +57,6 @@ def recomputing(free: bool = False):
         _RECOMPUTE.active, _RECOMPUTE.free = before
 
 
-def _lean_in_graph() -> bool:
-    import os
-
-    return os.environ.get("QFLASH_EXPERIMENT_LEAN_IN_GRAPH") == "1"  # bench experiment only
-
-
 def _skip_now() -> bool:
     """Skip the lean tail's GEMMs in this call: in a recompute, and — traced into a compiled graph, where
     the skip would change what the graph saves — only under a checkpoint that allows that."""
@@ -124,10 +118,17 @@ def grad_input(g: torch.Tensor, w: torch.Tensor, gb: torch.Tensor, a: torch.Tens
     return torch.mm(g, w).addmm_(gb, a, alpha=scaling)
 
 
-def _dequantize(weight: torch.Tensor, quant_state) -> torch.Tensor:
+def _dequantize(weight: torch.Tensor, quant_state, traced: bool = False) -> torch.Tensor:
+    """(out_features, in_features) in quant_state.dtype. `traced` (kernels.traced_dequant): inside a compiled
+    graph, as tensor ops that Inductor fuses into one kernel (kernels/nf4.py; the same values)."""
+    if traced and torch.compiler.is_compiling():
+        from qflash.kernels.nf4 import dequantize_nf4, traceable
+
+        if traceable(quant_state):
+            return dequantize_nf4(weight, quant_state)
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(weight, quant_state)  # (out_features, in_features), quant_state.dtype
+    return bnbf.dequantize_4bit(weight, quant_state)
 
 
 class NF4LoraLinear(torch.autograd.Function):
@@ -135,7 +136,7 @@ class NF4LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, quant_state, bias, lora_a, lora_b, scaling, compute_dtype, fp32_out,
-                skip_output=False):
+                skip_output=False, traced_dequant=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(compute_dtype)  # (tokens, in)
         same_input = x_lora is None
@@ -149,13 +150,13 @@ class NF4LoraLinear(torch.autograd.Function):
         elif fp32_out:
             # This projection writes into the fp32 residual stream: base + update summed and kept in
             # fp32 (16-bit GEMMs with fp32 accumulation and output: no fp32 GEMM, no cast passes).
-            w = _dequantize(weight, quant_state).to(compute_dtype)
+            w = _dequantize(weight, quant_state, traced_dequant).to(compute_dtype)
             y = _mm_fp32(x2, w.t())
             y.add_(_mm_fp32(xa, b.t()), alpha=scaling)
             if bias is not None:
                 y.add_(bias.float())
         else:
-            w = _dequantize(weight, quant_state).to(compute_dtype)
+            w = _dequantize(weight, quant_state, traced_dequant).to(compute_dtype)
             # The update first, then the base GEMM accumulates onto it (beta = scaling): base + update
             # is rounded once from the fp32 accumulator. Adding a small update to an already rounded
             # base would round it straight back to the base value and lose it (bf16 has 8 bits).
@@ -164,6 +165,7 @@ class NF4LoraLinear(torch.autograd.Function):
                 y.add_(bias.to(compute_dtype))
         ctx.save_for_backward(x2 if same_input else xl, xa, weight, lora_a, lora_b)
         ctx.quant_state, ctx.scaling, ctx.compute_dtype = quant_state, scaling, compute_dtype
+        ctx.traced_dequant = traced_dequant
         ctx.same_input, ctx.x_dtype, ctx.shape = same_input, x.dtype, shape
         ctx.xl_dtype = None if same_input else x_lora.dtype
         return y.reshape(*shape[:-1], y.shape[-1])
@@ -177,7 +179,7 @@ class NF4LoraLinear(torch.autograd.Function):
         gb = g @ b  # (tokens, r)
         grad_x = grad_xl = None
         if ctx.needs_input_grad[0]:
-            w = _dequantize(weight, ctx.quant_state).to(cdt)
+            w = _dequantize(weight, ctx.quant_state, ctx.traced_dequant).to(cdt)
             grad_x = grad_input(g, w, gb, a, s) if ctx.same_input else g @ w  # (tokens, in)
             grad_x = grad_x.reshape(ctx.shape).to(ctx.x_dtype)
         if not ctx.same_input and ctx.needs_input_grad[1]:
@@ -185,7 +187,7 @@ class NF4LoraLinear(torch.autograd.Function):
         # Like autocast would: GEMMs in the compute dtype, the result cast to the fp32 master weights.
         grad_a = torch.mm(gb.t(), xl).mul_(s).to(lora_a.dtype) if ctx.needs_input_grad[5] else None
         grad_b = torch.mm(g.t(), xa).mul_(s).to(lora_b.dtype) if ctx.needs_input_grad[6] else None
-        return grad_x, grad_xl, None, None, None, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_xl, None, None, None, grad_a, grad_b, None, None, None, None, None
 
 
 def _quant_state(base: torch.nn.Module):
@@ -203,6 +205,8 @@ if _PeftLinear4bit is not None:
 
         fp32_out = False  # set by mark_residual_writers on projections that feed an fp32 residual stream
         lean_tail = False  # set by mark_lean_tails: output only feeds the residual add (skipped in recompute)
+        lean_in_graph = False  # ... under a checkpoint whose recompute may save other tensors than the forward
+        traced_dequant = False  # kernels.traced_dequant: NF4 dequantization traced into compiled graphs
 
         def _fusable(self, args, kwargs) -> bool:
             if args or kwargs or self.disable_adapters or self.merged:
@@ -211,15 +215,16 @@ if _PeftLinear4bit is not None:
             return len(active) == 1 and active[0] not in self.lora_variant
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            if self.lean_tail and torch.compiler.is_compiling() and not _lean_in_graph():
+            if self.lean_tail and torch.compiler.is_compiling() and not self.lean_in_graph:
                 return self._eager_forward(x, *args, **kwargs)
             return self._forward(x, *args, **kwargs)
 
         @torch.compiler.disable
         def _eager_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            """A lean tail inside a compiled layer runs eagerly (a graph break): the compiled part is then
-            the same graph in the forward and in the recompute, which saves the same tensors in both (as
-            torch's checkpoint requires), and the skip is decided here, per call."""
+            """Under torch's checkpoint, a lean tail inside a compiled layer runs eagerly (a graph break): the
+            compiled part is then the same graph in the forward and in the recompute, which saves the same
+            tensors in both (as torch's checkpoint requires), and the skip is decided here, per call. Under
+            the offloaded checkpoint (lean_in_graph) the skip is traced into the recompute's graph instead."""
             return self._forward(x, *args, **kwargs)
 
         def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -237,6 +242,7 @@ if _PeftLinear4bit is not None:
                 x, x_lora, base.weight, _quant_state(base), base.bias,
                 self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), compute_dtype,
                 self.fp32_out and compute_dtype != torch.float32, self.lean_tail and _skip_now(),
+                self.traced_dequant,
             )
 
 else:  # pragma: no cover
@@ -267,7 +273,9 @@ LEAN_TAIL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def mark_lean_tails(model: torch.nn.Module) -> int:
-    """kernels.lean_recompute: mark each decoder layer's mlp.down_proj (fused layers, listed model types)."""
+    """kernels.lean_recompute: mark each decoder layer's mlp.down_proj (fused layers, listed model types).
+    A layer already checkpointed by a checkpoint that backprops through its own recompute (the offloaded
+    one: `recompute_is_free`) keeps the skip inside its compiled graph; others skip in an eager tail."""
     config = getattr(model, "config", None)
     if FusedLoraLinear4bit is None or getattr(config, "model_type", None) not in LEAN_TAIL_MODEL_TYPES:
         return 0
@@ -275,6 +283,19 @@ def mark_lean_tails(model: torch.nn.Module) -> int:
     for name, module in model.named_modules():
         if isinstance(module, FusedLoraLinear4bit) and name.endswith("mlp.down_proj"):
             module.lean_tail = True
+            layer = model.get_submodule(name[: -len(".mlp.down_proj")]) if "." in name else None
+            checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+            module.lean_in_graph = bool(getattr(checkpoint, "recompute_is_free", False))
+            n += 1
+    return n
+
+
+def use_traced_dequant(model: torch.nn.Module, on: bool = True) -> int:
+    """kernels.traced_dequant: the fused layers dequantize NF4 with tensor ops when traced (kernels/nf4.py)."""
+    n = 0
+    for module in model.modules():
+        if FusedLoraLinear4bit is not None and isinstance(module, FusedLoraLinear4bit):
+            module.traced_dequant = on
             n += 1
     return n
 

@@ -36,6 +36,7 @@ def add_lora(model, cfg: LoraConfig, *, seed: int, kernels: KernelsConfig | None
     without: PEFT's 4-bit layer returns its input's dtype, and in bf16 base + update is rounded
     after the base, which drops small updates; with an fp32 input it keeps them in fp32.)
     With `kernels.lean_recompute`, each layer's mlp.down_proj skips its GEMMs in the checkpoint recompute.
+    With `kernels.traced_dequant`, compiled layers dequantize NF4 in their own graph (kernels/nf4.py).
     With `kernels.fused_ce`, lm_head is marked for the fused lm_head + cross-entropy (train/loss.py).
     With train.embedding_on_cpu recorded on `model` (CUDA), the frozen input-embedding table moves to
     CPU memory (model/host_embedding.py).
@@ -60,6 +61,10 @@ def add_lora(model, cfg: LoraConfig, *, seed: int, kernels: KernelsConfig | None
             from qflash.model.fused_lora import mark_lean_tails
 
             mark_lean_tails(peft_model)
+        if kernels is not None and kernels.traced_dequant:
+            from qflash.model.fused_lora import use_traced_dequant
+
+            use_traced_dequant(peft_model)
         if kernels is not None and kernels.fused_norm:
             from qflash.kernels.rmsnorm import swap_rms_norms
 
