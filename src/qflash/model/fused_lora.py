@@ -279,13 +279,16 @@ def mark_lean_tails(model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
     if FusedLoraLinear4bit is None or getattr(config, "model_type", None) not in LEAN_TAIL_MODEL_TYPES:
         return 0
+    import os
+
+    out_of_graph = os.environ.get("QFLASH_EXPERIMENT_LEAN_OUT_OF_GRAPH") == "1"  # bench experiment only
     n = 0
     for name, module in model.named_modules():
         if isinstance(module, FusedLoraLinear4bit) and name.endswith("mlp.down_proj"):
             module.lean_tail = True
             layer = model.get_submodule(name[: -len(".mlp.down_proj")]) if "." in name else None
             checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
-            module.lean_in_graph = bool(getattr(checkpoint, "recompute_is_free", False))
+            module.lean_in_graph = bool(getattr(checkpoint, "recompute_is_free", False)) and not out_of_graph
             n += 1
     return n
 
