@@ -85,13 +85,15 @@ def test_lean_tail_is_left_alone_outside_a_recompute(tiny_models, identity_subse
     assert want.abs().max() > 0
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_lean_recompute_inside_compiled_layers(offload, tiny_models, identity_subset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("offload, in_graph", [(False, False), (True, False), (True, True)])
+def test_lean_recompute_inside_compiled_layers(offload, in_graph, tiny_models, identity_subset, tmp_path, monkeypatch):
     """Compiled decoder layers (aot_eager_decomp_partition: the min-cut partitioned graphs inductor gets) under
     torch's checkpoint, which requires the recompute to save what the forward saved (the lean tail runs
-    outside the graph), and under the offloaded one (the skip is traced into the recompute's graph): the
+    outside the graph), and under the offloaded one (outside, or traced into the recompute's graph): the
     recompute skips down_proj's GEMMs, and the gradients are those of uncompiled full recompute. The NF4
     weights are dequantized by traced tensor ops inside the graphs (kernels.traced_dequant, the default)."""
+    if in_graph:
+        monkeypatch.setenv("QFLASH_EXPERIMENT_LEAN_IN_GRAPH", "1")
     results = {}
     for variant in ("full-eager", "lean-compiled"):
         lean = variant.startswith("lean")
@@ -102,7 +104,7 @@ def test_lean_recompute_inside_compiled_layers(offload, tiny_models, identity_su
             if lean:  # as the trainer orders it: checkpointing first, then the LoRA layers are marked
                 fused_lora.mark_lean_tails(setup.model)
         tails = [m for m in setup.model.modules() if getattr(m, "lean_tail", False)]
-        assert all(m.lean_in_graph == offload for m in tails) and len(tails) == lean * 2, tails
+        assert all(m.lean_in_graph == in_graph for m in tails) and len(tails) == lean * 2, tails
         if lean:
             torch._dynamo.reset()
             for m in setup.model.modules():

@@ -21,14 +21,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     wraps that call from outside, so the compiled layer runs in the forward and in the recompute."""
     import os
 
-    # kernels.traced_dequant: the recompute's graph and the backward's both dequantize each NF4 weight; with
-    # AOTAutograd's common-subexpression elimination they become one node, which the partitioner then saves
-    # (a 16-bit copy of every weight of the layer, held from the recompute to the backward: +0.35 GB on
-    # Qwen2.5-7B). Without it the backward dequantizes again — one fused kernel — and holds nothing.
-    # The switch is process-wide (AOTAutograd reads it when a graph is compiled); Inductor still removes
-    # duplicate work inside each kernel.
-    traced = any(getattr(m, "traced_dequant", False) for m in model.modules())
-    if traced and os.environ.get("QFLASH_EXPERIMENT_CSE") != "1":  # the env switch: bench experiment only
+    if os.environ.get("QFLASH_EXPERIMENT_NO_CSE") == "1":  # bench experiment only
         torch._functorch.config.cse = False
     # Every compiled module shares one code object (nn.Module._call_impl), so its cache holds the variants
     # of every layer of every model in the process: forward without grad (offloaded checkpoint) and
