@@ -282,8 +282,8 @@ def mark_lean_tails(model: torch.nn.Module) -> int:
         return 0
     import os
 
-    # Inside the graph: 703 vs 720 ms a step on Qwen2.5-7B `fixed`, but +0.48 GB of peak memory (the recompute's
-    # graph then saves more for the backward); so off by default (bench/NOTES.md, session 5).
+    # Inside the graph the recompute's graph saves more for the backward: +0.48 GB of peak memory on Qwen2.5-7B
+    # `fixed` (over its 10 GB target), for a speed gain not re-established (bench/NOTES.md, session 5): off.
     in_graph = os.environ.get("QFLASH_EXPERIMENT_LEAN_IN_GRAPH") == "1"  # bench experiment only
     n = 0
     for name, module in model.named_modules():
