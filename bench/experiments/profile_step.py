@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from qflash.bench import runner
-from qflash.bench.shapes import model_config, random_model_dir
-from qflash.paths import qflash_home
 
 CATEGORIES = [
     ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "ampere_bf16", "sm80_xmma")),
@@ -56,12 +52,7 @@ def main() -> None:
                     help="for kernels whose name contains this: GPU time by the CPU op and Python stack that launched them")
     args = ap.parse_args()
 
-    runner.QFLASH_OVERRIDES[:] = args.set
-    model_dir = random_model_dir(args.shape, qflash_home() / "bench-models")
-    docs = runner.workload_docs(args.workload, model_config(args.shape).vocab_size)
-    model, optimizer, params = runner.qflash_model(model_dir, 0.0, 2e-4, "auto", 0)
-    batches = runner.qflash_batches(docs, 2048)
-    step = lambda: runner.qflash_step(model, optimizer, params, batches)  # noqa: E731
+    step, docs = runner.prepared_step(args.shape, args.workload, args.set)
     torch.cuda.reset_peak_memory_stats()
     _, times = runner._timed(step, 2, args.steps)
     wall = statistics.median(times)

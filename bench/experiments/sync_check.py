@@ -17,8 +17,6 @@ from collections import Counter
 import torch
 
 from qflash.bench import runner
-from qflash.bench.shapes import model_config, random_model_dir
-from qflash.paths import qflash_home
 
 
 def main() -> None:
@@ -29,13 +27,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
 
-    runner.QFLASH_OVERRIDES[:] = args.set
-    model_dir = random_model_dir(args.shape, qflash_home() / "bench-models")
-    docs = runner.workload_docs(args.workload, model_config(args.shape).vocab_size)
-    model, optimizer, params = runner.qflash_model(model_dir, 0.0, 2e-4, "auto", 0)
-    batches = runner.qflash_batches(docs, 2048)
+    step, _ = runner.prepared_step(args.shape, args.workload, args.set)
     for _ in range(args.warmup):
-        runner.qflash_step(model, optimizer, params, batches)
+        step()
     torch.cuda.synchronize()
 
     sites: Counter[str] = Counter()
@@ -51,7 +45,7 @@ def main() -> None:
     warnings.simplefilter("always")
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        loss = runner.qflash_step(model, optimizer, params, batches)  # its final float() is the one expected sync
+        loss = step()  # its final float() is the one expected sync
     finally:
         torch.cuda.set_sync_debug_mode("default")
         warnings.showwarning = original

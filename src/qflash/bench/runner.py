@@ -132,6 +132,19 @@ def qflash_step(model, optimizer, params, batches: list[Batch]) -> float:
     return float(total)
 
 
+def prepared_step(shape: str, workload: str, overrides: list[str], dropout: float = 0.0):
+    """The bench's qflash step on a random-weight `shape` model and `workload`, ready to call, and the workload's
+    documents (for bench/experiments: the same model, batches and step as `qflash bench`)."""
+    from qflash.paths import qflash_home
+
+    QFLASH_OVERRIDES[:] = overrides
+    model_dir = random_model_dir(shape, qflash_home() / "bench-models")
+    docs = workload_docs(workload, model_config(shape).vocab_size)
+    model, optimizer, params = qflash_model(model_dir, dropout, 2e-4, "auto", 0)
+    batches = qflash_batches(docs, 2048)
+    return (lambda: qflash_step(model, optimizer, params, batches)), docs
+
+
 # ------------------------------------------------------------------------------------------------
 # the seeds' recipe
 
