@@ -31,6 +31,15 @@ def test_traced_dequant_is_bitsandbytes_bit_for_bit(shape, dtype, nested):
     assert want.abs().max() > 0
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_traced_dequant_reads_other_quant_storage_as_bytes(storage):
+    """FSDP keeps the packed NF4 bytes in a float storage dtype: the same bytes, the same weight."""
+    w = (torch.randn(64, 96, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
+    packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=storage)
+    assert packed.dtype == storage
+    assert torch.equal(dequantize_nf4(packed, qs), bnbf.dequantize_4bit(packed, qs))
+
+
 def test_fp4_is_left_to_bitsandbytes():
     w = torch.randn(64, 64, dtype=torch.bfloat16)
     _, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="fp4")

@@ -11,7 +11,7 @@ code book and the per-block scales in, the 16-bit weight out.
 The arithmetic is bitsandbytes': per 64-value block, scale = code2[absmax_q] * absmax2[block / 256]
 + offset (fp32), then value = code[nibble] * scale in fp32, rounded once to the weight's dtype; the
 high nibble of each byte comes first. tests/unit/test_nf4.py checks it bit for bit against
-bitsandbytes on the CPU, tests/gpu/test_gpu.py against its CUDA kernel.
+bitsandbytes on the CPU, tests/gpu/test_compile.py against its CUDA kernel (eager and compiled).
 """
 
 from __future__ import annotations

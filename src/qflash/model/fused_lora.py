@@ -221,10 +221,10 @@ if _PeftLinear4bit is not None:
 
         @torch.compiler.disable
         def _eager_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            """Under torch's checkpoint, a lean tail inside a compiled layer runs eagerly (a graph break): the
+            """A lean tail inside a compiled layer runs eagerly (a graph break): the
             compiled part is then the same graph in the forward and in the recompute, which saves the same
-            tensors in both (as torch's checkpoint requires), and the skip is decided here, per call. Under
-            the offloaded checkpoint (lean_in_graph) the skip is traced into the recompute's graph instead."""
+            tensors in both (as torch's checkpoint requires), and the skip is decided here, per call. (The
+            lean_in_graph experiment traces the skip into the offloaded checkpoint's recompute instead.)"""
             return self._forward(x, *args, **kwargs)
 
         def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
