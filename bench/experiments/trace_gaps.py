@@ -94,13 +94,21 @@ def analyze(trace: dict, min_gap_us: float = 10.0, top: int = 20, depth: int = 5
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})}
+    ops = [e for e in events if e.get("cat") == "cpu_op"]
+    window = (max(e["ts"] + e.get("dur", 0) for e in ops) - min(e["ts"] for e in ops)) if ops else float("inf")
     by_tid: dict = defaultdict(list)
+    dropped = 0
     for e in events:
         if e.get("cat") in CPU_CATS:
+            if e.get("dur", 0) > window:  # Python frames left open when the profiler stopped (seen on the H100)
+                dropped += 1
+                continue
             by_tid[(e["pid"], e["tid"])].append(e)
     nests = {k: Nest(v) for k, v in by_tid.items()}
 
     lines = [] if gpu else ["no GPU kernels in the trace"]
+    if dropped:
+        lines.append(f"({dropped} CPU events longer than the traced window of {window / 1e3:.1f} ms left out)")
     if gpu:
         lines += _gaps(gpu, launches, nests, min_gap_us, top, depth)
     lines.append("CPU self time by thread (top functions / ops):")
