@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from qflash.data.batching import Batch
+from qflash.data.batching import Batch, labelled_positions
 from qflash.data.template import IGNORE
 from qflash.kernels import xent
 from qflash.model.host_embedding import HostEmbedding
@@ -196,7 +196,7 @@ def loss_sum(model: torch.nn.Module, batch: Batch, chunk_tokens: int = CHUNK_TOK
     hidden = lm.get_decoder()(**inputs).last_hidden_state  # (rows, seq, hidden)
     hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
     # only labelled positions need logits (found on the CPU when the batch came from there: no sync)
-    keep = batch.label_index if batch.label_index is not None else (labels != IGNORE).nonzero().squeeze(1)
+    keep = batch.label_index if batch.label_index is not None else labelled_positions(batch.labels)
     hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)
     if torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) > 0:
         fused = _fused_ce_head(lm)
