@@ -9,7 +9,8 @@ from qflash.config import DatasetSpec, load_config
 from qflash.data import pipeline
 from qflash.data.lengths import fit_to_max_len, truncate_left
 from qflash.data.pipeline import build_examples, data_fingerprint, load_conversations
-from qflash.data.stats import best_fit_decreasing, estimate_packing, length_histogram
+from qflash.data.batching import packed_micro_batches
+from qflash.data.stats import balanced_groups, best_fit_decreasing, estimate_packing, length_histogram
 from qflash.data.template import IGNORE, ChatRenderer, Example
 from qflash.errors import DataError
 
@@ -230,6 +231,36 @@ def test_best_fit_decreasing_and_histogram():
     with pytest.raises(ValueError):
         best_fit_decreasing([2000], 1024)
     assert length_histogram(np.array([1, 128, 129, 1024]), 1024, buckets=8)[:2] == [(1, 128, 2), (129, 256, 1)]
+
+
+def test_balanced_groups_spread_the_tokens_over_as_few_groups_as_allowed():
+    sizes = [2048, 2040, 2030, 2000, 1990, 1980, 1900, 1800, 450]  # best-fit-decreasing's bins: emptiest last
+    groups = balanced_groups(sizes, 4)
+    assert len(groups) == 3 and all(len(g) <= 4 for g in groups)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    sums = [sum(sizes[i] for i in g) for g in groups]
+    assert sums == sorted(sums, reverse=True) and max(sums) - min(sums) <= max(sizes), sums
+    # grouped in order it would be 8118, 7850 and 450 tokens
+    assert min(sums) >= 4000
+    assert balanced_groups([], 4) == [] and balanced_groups([7], 4) == [[0]]
+    assert balanced_groups([3, 3, 3, 3, 3], 2) == [[0, 3], [1, 4], [2]]
+    with pytest.raises(ValueError):
+        balanced_groups([1], 0)
+
+
+@pytest.mark.parametrize("varlen", [True, False])
+def test_packed_micro_batches_are_balanced_and_lose_no_sample(varlen):
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(500), 0.8, 32).round().astype(int), 32, 2048)
+    examples = [Example(np.arange(n) % 97 + 3, np.arange(n) % 97 + 3) for n in lengths]
+    batches = packed_micro_batches(examples, list(range(32)), 4, 2048, 0, varlen=varlen)
+    real = [b.real_tokens for b in batches]
+    assert sorted(i for b in batches for i in b.sample_ids) == list(range(32))  # every sample, once
+    assert sum(real) == int(lengths.sum())
+    bins = best_fit_decreasing(list(lengths), 2048)
+    assert len(batches) == -(-len(bins) // 4)  # as few micro-batches as before
+    assert all(b.input_ids.numel() <= 4 * 2048 for b in batches)
+    assert max(real) - min(real) <= 2048, real
 
 
 @pytest.mark.parametrize("name, spec", [

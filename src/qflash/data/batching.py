@@ -157,14 +157,17 @@ def stack_rows(rows: list[Batch], pad_id: int) -> Batch:
 def packed_micro_batches(
     examples: list[Example], sample_ids: list[int], micro_batch_size: int, capacity: int, pad_id: int, *, varlen: bool
 ) -> list[Batch]:
-    """One step's samples, best-fit-decreasing into bins of `capacity` tokens, `micro_batch_size` bins per micro-batch."""
-    from qflash.data.stats import best_fit_decreasing
+    """One step's samples, best-fit-decreasing into bins of `capacity` tokens, at most `micro_batch_size` bins per
+    micro-batch, as few micro-batches as that allows, with the tokens spread evenly over them (balanced_groups)."""
+    from qflash.data.stats import balanced_groups, best_fit_decreasing
 
-    bins = best_fit_decreasing([len(examples[i].input_ids) for i in sample_ids], capacity)
+    lengths = [len(examples[i].input_ids) for i in sample_ids]
+    bins = best_fit_decreasing(lengths, capacity)
+    sizes = [sum(lengths[j] for j in b) for b in bins]
     bins = [[sample_ids[j] for j in sorted(b)] for b in bins]
     out = []
-    for k in range(0, len(bins), micro_batch_size):
-        group = bins[k : k + micro_batch_size]
+    for members in balanced_groups(sizes, micro_batch_size):
+        group = [bins[k] for k in members]
         if varlen:
             out.append(pack_rows(examples, [i for b in group for i in b], varlen=True))
         else:

@@ -34,6 +34,27 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+def balanced_groups(sizes: Sequence[int], per_group: int) -> list[list[int]]:
+    """Indices of `sizes` in ceil(len / per_group) groups of at most `per_group`, the sums as even as greedy gets.
+
+    Largest first, each into the group with the smallest sum that has room (ties: the earlier group); groups
+    come out largest sum first, indices ascending. Best-fit-decreasing leaves its emptiest bins last: grouped
+    in order, a step's last micro-batch would get the leftovers (a 7B step of 17k tokens in micro-batches of
+    8k: 8k, 8k and 1k tokens — the last too small to keep the GPU busy). Deterministic.
+    """
+    if per_group < 1:
+        raise ValueError("per_group must be at least 1")
+    n_groups = -(-len(sizes) // per_group)
+    groups: list[list[int]] = [[] for _ in range(n_groups)]
+    sums = [0] * n_groups
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        g = min((k for k in range(n_groups) if len(groups[k]) < per_group), key=lambda k: (sums[k], k))
+        groups[g].append(i)
+        sums[g] += sizes[i]
+    order = sorted(range(n_groups), key=lambda k: (-sums[k], k))
+    return [sorted(groups[k]) for k in order]
+
+
 @dataclass
 class PackingEstimate:
     bins: int
