@@ -92,8 +92,8 @@ def test_lean_recompute_inside_compiled_layers(offload, in_graph, tiny_models, i
     outside the graph), and under the offloaded one (outside, or traced into the recompute's graph): the
     recompute skips down_proj's GEMMs, and the gradients are those of uncompiled full recompute. The NF4
     weights are dequantized by traced tensor ops inside the graphs (kernels.traced_dequant, the default)."""
-    if in_graph:
-        monkeypatch.setenv("QFLASH_EXPERIMENT_LEAN_IN_GRAPH", "1")
+    if offload and not in_graph:  # the default under the offloaded checkpoint is in the graph
+        monkeypatch.setenv("QFLASH_EXPERIMENT_LEAN_IN_GRAPH", "0")
     results = {}
     for variant in ("full-eager", "lean-compiled"):
         lean = variant.startswith("lean")
