@@ -286,24 +286,3 @@ def test_offload_leaves_host_memory_for_the_system(monkeypatch):
 def test_host_memory_reader_reads_this_machine():
     available = activation_offload.host_available_bytes()
     assert available is None or 0 < available < 1 << 50
-
-
-def test_run_ahead_waits_only_for_layers_beyond_the_window():
-    """The offloaded checkpoint's CPU throttle: after each layer call it waits for the GPU to finish the call
-    `window` layers back (never the newer ones), so at most `window` calls' freed tensors are still queued."""
-    from qflash.model.activation_offload import _RunAhead
-
-    waited: list[int] = []
-
-    class Mark:
-        def __init__(self, i):
-            self.i = i
-
-        def synchronize(self):
-            waited.append(self.i)
-
-    ahead = _RunAhead(2)
-    for i in range(6):
-        ahead.mark(Mark(i))
-        assert waited == list(range(max(0, i - 1))), (i, waited)  # calls 0..i-2 done, i-1 and i may be queued
-    assert len(ahead.marks) == 2

@@ -30,7 +30,6 @@ pinned one, so the CPU tests run the same autograd function with everything but 
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import logging
@@ -168,46 +167,6 @@ def _hold(t: torch.Tensor, keep: bool = False):
 
 
 # --------------------------------------------------------------------------------------------
-# How far the CPU may queue work ahead of the GPU.
-#
-# A tensor the CPU has let go of stays allocated until the GPU work queued on it is done: a layer input whose
-# copy out has not run yet, a prefetched input whose layer's backward has not run yet. With the CPU many layers
-# ahead of the GPU those pile up: 13 fp32 residual streams (1.5 GB on Qwen2.5-7B at 8k tokens) alive at the
-# forward's peak, 9 prefetched inputs at the backward's (H100, bench/NOTES.md session 6). After each offloaded
-# layer the CPU waits until the GPU has finished the layer RUN_AHEAD_LAYERS before it: the GPU always has that
-# much work queued, so a GPU-bound step loses nothing, and a CPU-bound one never waits.
-RUN_AHEAD_LAYERS = 2
-
-
-class _RunAhead:
-    """Per device: the GPU events that mark the end of the last few layer calls' queued work."""
-
-    def __init__(self, window: int):
-        self.window = window
-        self.marks: collections.deque = collections.deque()
-
-    def mark(self, event) -> None:
-        """Add the newest layer's end; wait (CPU only) for those more than `window` layers back."""
-        self.marks.append(event)
-        while len(self.marks) > self.window:
-            self.marks.popleft().synchronize()
-
-
-_run_ahead: dict[int, _RunAhead] = {}
-
-
-def _layer_done(tensors) -> None:
-    """A layer call's work is queued: bound how far ahead of the GPU the CPU gets (CUDA only)."""
-    t = next((t for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda), None)
-    if t is None:
-        return
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(t.device))
-    _run_ahead.setdefault(index, _RunAhead(RUN_AHEAD_LAYERS)).mark(event)
-
-
-# --------------------------------------------------------------------------------------------
 # One call of one layer: what its backward needs to recompute it.
 
 @dataclass
@@ -290,7 +249,6 @@ class _Recompute(torch.autograd.Function):
         inputs = tensors[: len(tensors) - call.n_params]
         call.held = [_hold(t, call.keep) for t in inputs]  # first, so the copy out overlaps the layer's compute
         out = call.run(*call.call_args(inputs))  # no graph: autograd functions run their forward without grad
-        _layer_done(inputs)
         ctx.call = call
         ctx.params = tensors[len(tensors) - call.n_params :]
         return out
@@ -319,7 +277,6 @@ class _Recompute(torch.autograd.Function):
         wanted += [p for p, need in zip(ctx.params, needs[n_inputs:]) if need]
         found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
                      if pairs and wanted else [None] * len(wanted))
-        _layer_done(inputs)
         return (None, *[next(found) if need else None for need in needs])
 
 
