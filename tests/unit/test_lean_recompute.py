@@ -92,8 +92,6 @@ def test_lean_recompute_inside_compiled_layers(offload, in_graph, tiny_models, i
     outside the graph), and under the offloaded one (outside, or traced into the recompute's graph): the
     recompute skips down_proj's GEMMs, and the gradients are those of uncompiled full recompute. The NF4
     weights are dequantized by traced tensor ops inside the graphs (kernels.traced_dequant, the default)."""
-    if offload and not in_graph:  # the default under the offloaded checkpoint is in the graph
-        monkeypatch.setenv("QFLASH_EXPERIMENT_LEAN_IN_GRAPH", "0")
     results = {}
     for variant in ("full-eager", "lean-compiled"):
         lean = variant.startswith("lean")
@@ -102,7 +100,7 @@ def test_lean_recompute_inside_compiled_layers(offload, in_graph, tiny_models, i
         if offload:
             offload_checkpointed_layers(setup.model)
             if lean:  # as the trainer orders it: checkpointing first, then the LoRA layers are marked
-                fused_lora.mark_lean_tails(setup.model)
+                fused_lora.mark_lean_tails(setup.model, in_graph=in_graph)
         tails = [m for m in setup.model.modules() if getattr(m, "lean_tail", False)]
         assert all(m.lean_in_graph == in_graph for m in tails) and len(tails) == lean * 2, tails
         if lean:

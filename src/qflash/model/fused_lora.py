@@ -230,7 +230,8 @@ if _PeftLinear4bit is not None:
             """A lean tail inside a compiled layer under torch's checkpoint runs eagerly (a graph break): the
             compiled part is then the same graph in the forward and in the recompute, which saves the same
             tensors in both (as torch's checkpoint requires), and the skip is decided here, per call. Under the
-            offloaded checkpoint (`lean_in_graph`) the skip is traced into the recompute's graph instead."""
+            offloaded checkpoint with kernels.lean_tail_in_graph (`lean_in_graph`) the skip is traced into the
+            recompute's graph instead."""
             return self._forward(x, *args, **kwargs)
 
         def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -278,19 +279,15 @@ def mark_residual_writers(model: torch.nn.Module) -> int:
 LEAN_TAIL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def mark_lean_tails(model: torch.nn.Module) -> int:
+def mark_lean_tails(model: torch.nn.Module, in_graph: bool = False) -> int:
     """kernels.lean_recompute: mark each decoder layer's mlp.down_proj (fused layers, listed model types).
-    Compiled, the skip is traced into the recompute's graph where the checkpoint backpropagates through its own
-    recompute (the offloaded one: `recompute_is_free`); under torch's checkpoint it happens in an eager tail (a
-    graph break per layer and pass: dynamo's guards and a resumed graph each time; the 0.5B bench step, CPU-bound,
-    is 13% faster without it)."""
+    Compiled, the skip happens in an eager tail (a graph break per layer and pass). `in_graph`
+    (kernels.lean_tail_in_graph) traces it into the recompute's graph instead, where the checkpoint
+    backpropagates through its own recompute (the offloaded one: `recompute_is_free`); torch's checkpoint
+    requires the recompute to save what the forward saved, so there the tail stays eager."""
     config = getattr(model, "config", None)
     if FusedLoraLinear4bit is None or getattr(config, "model_type", None) not in LEAN_TAIL_MODEL_TYPES:
         return 0
-    import os
-
-    # QFLASH_EXPERIMENT_LEAN_IN_GRAPH=0 keeps the eager tail under the offloaded checkpoint too (bench experiment).
-    in_graph = os.environ.get("QFLASH_EXPERIMENT_LEAN_IN_GRAPH") != "0"
     n = 0
     for name, module in model.named_modules():
         if isinstance(module, FusedLoraLinear4bit) and name.endswith("mlp.down_proj"):

@@ -60,7 +60,7 @@ def add_lora(model, cfg: LoraConfig, *, seed: int, kernels: KernelsConfig | None
         if kernels is not None and kernels.lean_recompute:
             from qflash.model.fused_lora import mark_lean_tails
 
-            mark_lean_tails(peft_model)
+            mark_lean_tails(peft_model, in_graph=kernels.lean_tail_in_graph)
         if kernels is not None and kernels.traced_dequant:
             from qflash.model.fused_lora import use_traced_dequant
 
