@@ -19,11 +19,12 @@ PLAIN = ["kernels.compile_layers=false", "kernels.lean_recompute=false", "kernel
          "train.offload_activations=false", "train.embedding_on_cpu=false"]
 
 
-def _losses(model_dir, compiled: bool, lengths_per_step, offload: bool = True) -> list[float]:
+def _losses(model_dir, compiled: bool, lengths_per_step, offload: bool = True, in_graph: bool = False) -> list[float]:
     from qflash.bench import runner
     from qflash.bench.runner import qflash_batches, qflash_model, qflash_step
 
-    runner.QFLASH_OVERRIDES[:] = (["kernels.compile_layers=true", f"train.offload_activations={str(offload).lower()}"]
+    runner.QFLASH_OVERRIDES[:] = (["kernels.compile_layers=true", f"train.offload_activations={str(offload).lower()}",
+                                   f"kernels.lean_tail_in_graph={str(in_graph).lower()}"]
                                   if compiled else PLAIN)
     try:
         model, optimizer, params = qflash_model(model_dir, dropout=0.0, lr=1e-3, attention="auto", seed=0)
@@ -39,10 +40,12 @@ def _losses(model_dir, compiled: bool, lengths_per_step, offload: bool = True) -
     return losses
 
 
-@pytest.mark.parametrize("offload", [True, False], ids=["offloaded-checkpoint", "torch-checkpoint"])
-def test_compiled_layers_take_any_packed_length_without_recompiling(offload, tmp_path, monkeypatch):
+@pytest.mark.parametrize("offload, in_graph", [(True, False), (True, True), (False, False)],
+                         ids=["offloaded-checkpoint", "offloaded-lean-tail-in-graph", "torch-checkpoint"])
+def test_compiled_layers_take_any_packed_length_without_recompiling(offload, in_graph, tmp_path, monkeypatch):
     """With torch's checkpoint the recompute must save what the forward saved (the lean tail runs outside
-    the compiled graph for that); with the offloaded one it backprops through its own recompute."""
+    the compiled graph for that); with the offloaded one it backprops through its own recompute (and may trace
+    the lean tail into it: kernels.lean_tail_in_graph)."""
     from test_gpu import _tiny_dir
 
     from qflash.model import activation_offload
@@ -57,7 +60,7 @@ def test_compiled_layers_take_any_packed_length_without_recompiling(offload, tmp
     torch._dynamo.reset()
     counters.clear()
     try:
-        compiled = _losses(model_dir, True, steps, offload)
+        compiled = _losses(model_dir, True, steps, offload, in_graph)
     finally:
         torch._dynamo.config.error_on_recompile = False
     # the layers ran compiled (inside the offloaded checkpoint too): graphs were captured and called
