@@ -63,3 +63,48 @@ def test_compiling_layers_raises_the_recompile_limit(tiny_models):
         assert compile_decoder_layers(model) == model.config.num_hidden_layers
         assert dynamo_config.recompile_limit == RECOMPILE_LIMIT >= 64
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("checkpointing", ["offloaded", "torch", "none"])
+def test_compiled_layers_run_the_layer_body_compiled(checkpointing, tiny_models, identity_subset, tmp_path):
+    """kernels.compile_layers compiles the body the checkpoint runs, whichever way the installed transformers
+    checkpoints (around __call__, or inside each layer class's forward: there, compiling the module would only
+    compile a wrapper that graph-breaks into the checkpoint, and the body would run eagerly). Seen through a
+    recording backend: the MLP's SiLU and the attention projections are in captured graphs, and the loss and
+    LoRA gradients are those of the uncompiled model."""
+    from test_memory_levers import _setup
+
+    from qflash.kernels.compile import compile_decoder_layers
+    from qflash.model.activation_offload import offload_checkpointed_layers
+    from qflash.train.loop import micro_batches
+    from qflash.train.loss import loss_sum
+
+    def loss_and_grads(setup):
+        batch = micro_batches(setup, list(range(8)))[0]
+        loss = loss_sum(setup.model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.requires_grad}
+
+    runs, graphs = {}, []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    for compiled in (False, True):
+        setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path / str(compiled),
+                       f"train.gradient_checkpointing={str(checkpointing != 'none').lower()}")
+        if checkpointing == "offloaded":
+            offload_checkpointed_layers(setup.model)
+        if compiled:
+            torch._dynamo.reset()
+            assert compile_decoder_layers(setup.model, backend=recording) == setup.model.config.num_hidden_layers
+        runs[compiled] = loss_and_grads(setup)
+    torch._dynamo.reset()
+    code = "\n".join(graphs)
+    # the MLP's activation and the attention's projections were traced (not only a wrapper around them)
+    assert "silu" in code and "q_proj" in code, code[:3000]
+    (loss, grads), (ref_loss, ref_grads) = runs[True], runs[False]
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
