@@ -76,8 +76,6 @@ def compile_decoder_layers(model: torch.nn.Module, **compile_kwargs) -> int:
 
     if os.environ.get("QFLASH_EXPERIMENT_NO_CSE") == "1":  # bench experiment only
         torch._functorch.config.cse = False
-    if os.environ.get("QFLASH_EXPERIMENT_NESTED_BREAKS") == "1":  # bench experiment only
-        torch._dynamo.config.nested_graph_breaks = True
     # Every compiled module shares one code object (nn.Module._call_impl), so its cache holds the variants
     # of every layer of every model in the process: forward without grad (offloaded checkpoint) and
     # recompute with it, a first layer whose input needs no grad, train and eval, static then dynamic
