@@ -134,7 +134,8 @@ def child(args) -> dict:
     torch.cuda.synchronize()
     rec["setup_s"] = time.perf_counter() - t0
     rec["allocated_after_setup_gb"] = torch.cuda.memory_allocated() / GB
-    step = lambda: runner.qflash_step(model, optimizer, params, batches)  # noqa: E731
+    micro = runner.qflash_loss(model, params, runner.qflash_config(args.dropout, 2e-4, "auto"))
+    step = lambda: runner.qflash_step(model, optimizer, params, batches, micro)  # noqa: E731
     torch.cuda.reset_peak_memory_stats()
     losses, times = runner._timed(step, args.warmup, args.steps)
     rec["peak_gb"] = torch.cuda.max_memory_allocated() / GB

@@ -48,6 +48,8 @@ class Measured:
     tokens_per_s: float | None = None
     step_s: float | None = None
     peak_mem_gb: float | None = None
+    peak_reserved_gb: float | None = None  # what the caching allocator held: CUDA graphs' pools included
+    graphs: str | None = None  # train.cuda_graphs' summary, when the step went through GraphedLoss
     losses: list[float] = field(default_factory=list)
     error: str | None = None
     max_tokens: int | None = None  # maxlen workload
@@ -106,6 +108,26 @@ def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, see
     return model, build_optimizer(params, cfg, device), params
 
 
+def qflash_loss(model, params, cfg=None):
+    """The micro-batch function of qflash_step: `(batch, scale) -> loss_sum`, backward done; through CUDA
+    graphs when train.cuda_graphs and the step allows (the training loop's choice, train/graphs.py)."""
+    from qflash.train.graphs import GraphedLoss, graph_blocker
+    from qflash.train.loss import loss_sum
+
+    cfg = cfg or qflash_config(0.0, 2e-4, "auto")
+    device = next(p.device for p in params)
+    blocker = graph_blocker(model, device) if cfg.train.cuda_graphs else "train.cuda_graphs=false"
+    if blocker is None:
+        return GraphedLoss(model, params)
+
+    def eager(batch, scale):
+        loss = loss_sum(model, batch)
+        (loss * scale).backward()
+        return loss.detach()
+
+    return eager
+
+
 def qflash_batches(docs: list[np.ndarray], capacity: int) -> list[Batch]:
     from qflash.model.attention import uses_varlen
 
@@ -115,7 +137,8 @@ def qflash_batches(docs: list[np.ndarray], capacity: int) -> list[Batch]:
             packed_micro_batches(examples, list(range(len(docs))), 4, capacity, 0, varlen=uses_varlen())]
 
 
-def qflash_step(model, optimizer, params, batches: list[Batch]) -> float:
+def qflash_step(model, optimizer, params, batches: list[Batch], micro=None) -> float:
+    """One optimizer step; `micro`: qflash_loss's micro-batch function (default: eager loss_sum)."""
     from qflash.data.batching import trained_tokens
     from qflash.train.loss import loss_sum
 
@@ -123,8 +146,11 @@ def qflash_step(model, optimizer, params, batches: list[Batch]) -> float:
     total = 0.0
     for b in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_sum(model, b) / n
-        loss.backward()
+            if micro is not None:
+                loss = micro(b, 1.0 / n) / n
+            else:
+                loss = loss_sum(model, b) / n
+                loss.backward()
         total += loss.detach()  # read once, at the end: no sync between micro-batches
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
@@ -142,7 +168,8 @@ def prepared_step(shape: str, workload: str, overrides: list[str], dropout: floa
     docs = workload_docs(workload, model_config(shape).vocab_size)
     model, optimizer, params = qflash_model(model_dir, dropout, 2e-4, "auto", 0)
     batches = qflash_batches(docs, 2048)
-    return (lambda: qflash_step(model, optimizer, params, batches)), docs
+    micro = qflash_loss(model, params)
+    return (lambda: qflash_step(model, optimizer, params, batches, micro)), docs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +252,8 @@ def _measure_once(recipe: str, model_dir: Path, docs: list[np.ndarray], warmup: 
     if recipe == "qflash":
         model, optimizer, params = qflash_model(model_dir, dropout, 2e-4, attention, seed)
         batches = qflash_batches(docs, 2048)
-        step = lambda: qflash_step(model, optimizer, params, batches)  # noqa: E731
+        micro = qflash_loss(model, params)
+        step = lambda: qflash_step(model, optimizer, params, batches, micro)  # noqa: E731
     else:
         model, optimizer, params = reference_model(model_dir, dropout, 2e-4)
         batches = reference_batches(docs)
@@ -235,6 +263,9 @@ def _measure_once(recipe: str, model_dir: Path, docs: list[np.ndarray], warmup: 
     out.step_s = statistics.median(times)
     out.tokens_per_s = sum(len(d) for d in docs) / out.step_s
     out.peak_mem_gb = torch.cuda.max_memory_allocated() / 1e9
+    out.peak_reserved_gb = torch.cuda.max_memory_reserved() / 1e9
+    if recipe == "qflash" and hasattr(micro, "summary"):
+        out.graphs = micro.summary()
     return out  # the model, optimizer and batches die with this frame
 
 
@@ -289,7 +320,8 @@ def _losses(recipe: str, model_dir: Path, data, steps: int, attention: str, init
     if recipe == "qflash":
         model, optimizer, params = qflash_model(model_dir, 0.0, 1e-4, attention, 0)
         batches = [qflash_batches(d, 2048) for d in data]
-        step = lambda i: qflash_step(model, optimizer, params, batches[i % len(batches)])  # noqa: E731
+        micro = qflash_loss(model, params)
+        step = lambda i: qflash_step(model, optimizer, params, batches[i % len(batches)], micro)  # noqa: E731
     else:
         model, optimizer, params = reference_model(model_dir, 0.0, 1e-4)
         batches = [reference_batches(d) for d in data]
@@ -380,6 +412,7 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
             rec.update({"real_tokens_per_step": int(sum(len(d) for d in docs)),
                         "steps_timed": steps, "warmup_steps": warmup,
                         "tokens_per_s": ours.tokens_per_s, "step_s": ours.step_s, "peak_mem_gb": ours.peak_mem_gb,
+                        "peak_reserved_gb": ours.peak_reserved_gb, "cuda_graphs": ours.graphs,
                         "mfu": (ours.tokens_per_s * fpt / peak) if (peak and ours.tokens_per_s) else None,
                         "flops_per_token": fpt, "error": ours.error, "losses": ours.losses})
             for recipe in REFERENCES:
@@ -424,7 +457,8 @@ def _print(rec: dict) -> None:
         print(line, flush=True)
         return
     line = (f"{rec['shape']} {rec['workload']}: qflash {rec['tokens_per_s'] or 0:,.0f} tok/s, "
-            f"peak {rec['peak_mem_gb'] or 0:.1f} GB, MFU {rec['mfu'] or 0:.1%}")
+            f"peak {rec['peak_mem_gb'] or 0:.1f} GB ({rec.get('peak_reserved_gb') or 0:.1f} reserved), "
+            f"MFU {rec['mfu'] or 0:.1%}" + (f" [cuda graphs: {rec['cuda_graphs']}]" if rec.get("cuda_graphs") else ""))
     for recipe in REFERENCES:
         key = recipe.replace("-", "_")
         if rec.get(f"{key}_tokens_per_s"):

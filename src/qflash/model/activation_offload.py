@@ -26,6 +26,14 @@ cu_seqlens: shared by all layers, small) stay where they are.
 
 On the CPU there is no device memory to free: `_HostTwin` keeps a copy where the CUDA path keeps a
 pinned one, so the CPU tests run the same autograd function with everything but the streams.
+
+Under CUDA graph capture (train.cuda_graphs, train/graphs.py) the same copies become graph nodes, with
+three differences: the pinned buffers come from a `HostArena` filled on the eager run before the capture
+(nothing may be allocated on the host while capturing, and every replay must find them at the same
+addresses); instead of record_stream (which would keep every layer input's GPU memory out of the graph's
+pool until the capture ends), the compute stream waits for each copy out before the layer input is let go,
+at the next layer's forward (`join_copies`), and copies back land in memory allocated on the compute
+stream; no RNG state is saved (graphs are only captured for steps that draw no random numbers).
 """
 
 from __future__ import annotations
@@ -69,30 +77,116 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return _side_streams[index]
 
 
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class HostArena:
+    """Pinned host buffers for the offloaded layer inputs of graphed micro-batches, taken in call order.
+
+    Filled on an eager run (allocating what is missing), then taken again by the capture, whose graph
+    keeps their addresses: a buffer is never freed or replaced while the arena lives (a larger need at
+    the same position gets a new buffer; the old one is kept for the graphs that use it). Every replay
+    runs its copies in stream order after the previous one's, so graphs can share the buffers."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []  # flat pinned byte buffers, by call position
+        self.kept: list[torch.Tensor] = []  # replaced ones, still used by earlier graphs
+        self.in_graphs: set[int] = set()  # ids of the buffers some captured graph uses
+        self.position = 0
+
+    def captured(self) -> None:
+        """A graph was captured with the buffers as they are: keep each of them while the arena lives."""
+        self.in_graphs.update(id(b) for b in self.buffers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.buffers + self.kept)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        need = t.numel() * t.element_size()
+        i, self.position = self.position, self.position + 1
+        if i < len(self.buffers) and self.buffers[i].numel() >= need:
+            flat = self.buffers[i]
+        elif capturing():
+            raise RuntimeError("train.cuda_graphs: a layer input has no pinned buffer from the eager run before "
+                               "the capture (the micro-batch offloaded differently)")
+        else:
+            flat = torch.empty(need, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            if i < len(self.buffers):
+                if id(self.buffers[i]) in self.in_graphs:
+                    self.kept.append(self.buffers[i])
+                self.buffers[i] = flat
+            else:
+                self.buffers.append(flat)
+        return flat[:need].view(t.dtype).view(t.shape)
+
+
+_arena: HostArena | None = None
+_unjoined: list[tuple[torch.Tensor, "torch.cuda.Event"]] = []  # captured copies out, not yet waited for
+
+
+@contextlib.contextmanager
+def host_arena(arena: HostArena):
+    """Offloaded layer inputs go to `arena`'s buffers, from its first position on."""
+    global _arena
+    before, _arena = _arena, arena
+    arena.position = 0
+    try:
+        yield arena
+    finally:
+        _arena = before
+
+
+def join_copies() -> None:
+    """Make the compute stream wait for the captured copies out, and let their GPU tensors go."""
+    while _unjoined:
+        t, done = _unjoined.pop()
+        torch.cuda.current_stream(t.device).wait_event(done)
+
+
 class _PinnedCopy:
     """A GPU tensor parked in pinned CPU memory between a layer's forward and its backward."""
 
-    def __init__(self, t: torch.Tensor):
+    def __init__(self, t: torch.Tensor, host: torch.Tensor | None = None):
         self.device = t.device
         self.stream = _side_stream(t.device)
-        self.host: torch.Tensor | None = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.captured = capturing()
+        self.host: torch.Tensor | None = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                          if host is None else host)
         self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t has been written
         with torch.cuda.stream(self.stream):
             self.host.copy_(t, non_blocking=True)
-        # When the model drops t, the allocator hands its memory out again only after the work queued
-        # on the side stream up to then (this copy) is done: the GPU tensor lives exactly as long as needed.
-        t.record_stream(self.stream)
+        if self.captured:
+            done = torch.cuda.Event()
+            done.record(self.stream)
+            _unjoined.append((t, done))  # joined at the next layer's forward, or at the end of the capture
+        else:
+            # When the model drops t, the allocator hands its memory out again only after the work queued
+            # on the side stream up to then (this copy) is done: the GPU tensor lives exactly as long as needed.
+            t.record_stream(self.stream)
         self.back: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
 
     def prefetch(self) -> None:
         if self.back is not None or self.host is None:
             return
-        with torch.cuda.stream(self.stream):  # after the copy out: same stream
-            self.back = self.host.to(self.device, non_blocking=True)
+        if self.captured:
+            # Allocated in stream order on the compute stream, which the copy waits for: no record_stream.
+            current = torch.cuda.current_stream(self.device)
+            self.back = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                self.back.copy_(self.host, non_blocking=True)
+        else:
+            with torch.cuda.stream(self.stream):  # after the copy out: same stream
+                self.back = self.host.to(self.device, non_blocking=True)
+        with torch.cuda.stream(self.stream):
             self.ready = torch.cuda.Event()
             self.ready.record(self.stream)
-        # The pinned block is reused only after the copy that reads it (the host allocator records it).
+        # The pinned block is reused only after the copy that reads it (the host allocator records it;
+        # an arena's buffer is next written by the next step's copy out, on the same stream).
         self.host = None
 
     def take(self) -> torch.Tensor:
@@ -100,7 +194,8 @@ class _PinnedCopy:
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self.ready)
         t, self.back, self.ready = self.back, None, None
-        t.record_stream(current)  # allocated on the side stream, used and freed on this one
+        if not self.captured:
+            t.record_stream(current)  # allocated on the side stream, used and freed on this one
         return t
 
 
@@ -155,6 +250,8 @@ def fits_in_host(nbytes: int, available: int | None = None) -> bool:
 def _hold(t: torch.Tensor, keep: bool = False):
     if not t.is_cuda:
         return _HostTwin(t)
+    if _unjoined:
+        join_copies()  # the previous layer's input: its copy ran beside that layer's compute
     nbytes = t.numel() * t.element_size()
     if keep or nbytes < MIN_OFFLOAD_BYTES:
         return _Kept(t)
@@ -163,7 +260,9 @@ def _hold(t: torch.Tensor, keep: bool = False):
         _warn_once(f"train.offload_activations: only {available / 1e9:.1f} GB of host memory available; layer "
                    f"inputs that do not fit stay on the GPU (each is {nbytes / 1e9:.2f} GB)")
         return _Kept(t)
-    return _PinnedCopy(t)
+    if _arena is None and capturing():
+        raise RuntimeError("train.cuda_graphs: an offloaded checkpoint was captured without a host arena")
+    return _PinnedCopy(t, _arena.take(t) if _arena is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +323,8 @@ class _LayerCall:
         self.held: list = []
         self.previous = weakref.ref(previous) if previous is not None else None
         cuda_devices = sorted({a.device.index for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
-        self.rng = _RngState.capture(cuda_devices)
+        # Captured graphs draw no random numbers (train/graphs.py refuses steps that would): nothing to replay.
+        self.rng = None if capturing() else _RngState.capture(cuda_devices)
         self.autocast = _AutocastState.capture("cuda" if cuda_devices else "cpu")
 
     def call_args(self, tensors) -> list:
@@ -268,7 +368,8 @@ class _Recompute(torch.autograd.Function):
             previous.prefetch()  # the next layer backward needs: its copy runs while this one computes
         inputs = [h.take().requires_grad_(needs[i]) for i, h in enumerate(call.held)]
         call.held = []
-        with torch.enable_grad(), call.rng.restored(), call.autocast.restored(), recomputing(free=True):
+        rng = call.rng.restored() if call.rng is not None else contextlib.nullcontext()
+        with torch.enable_grad(), rng, call.autocast.restored(), recomputing(free=True):
             out = call.run(*call.call_args(inputs))
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads)

@@ -140,8 +140,10 @@ class Parallel:
     """
 
     def __init__(self, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                 micro_batch_size: int, max_grad_norm: float, autocast_dtype: torch.dtype | None = None):
+                 micro_batch_size: int, max_grad_norm: float, autocast_dtype: torch.dtype | None = None,
+                 cuda_graphs: bool = False):
         self.accelerator = accelerator
+        self.autocast_dtype = autocast_dtype
         self.strategy = strategy_of(accelerator)
         self.max_grad_norm = max_grad_norm
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's order
@@ -167,6 +169,19 @@ class Parallel:
         # FSDP2 has replaced the parameters by sharded DTensors (Accelerate re-pointed the optimizer).
         by_name = dict(model.named_parameters())
         self.params = [by_name[n] for n in self.names]
+        self.graphed = None
+        self.graphs_note = "train.cuda_graphs=false"
+        if cuda_graphs:
+            from qflash.train.graphs import GraphedLoss, graph_blocker
+
+            device = self.params[0].device if self.params else torch.device("cpu")
+            blocker = ("several processes (captured steps are single-process only)" if self.strategy != "single"
+                       else graph_blocker(model, device))
+            if blocker is None:
+                self.graphed = GraphedLoss(model, self.params)
+                self.graphs_note = "on"
+            else:
+                self.graphs_note = f"off: {blocker}"
 
     # ---- a step ----
     @contextlib.contextmanager
@@ -184,6 +199,18 @@ class Parallel:
 
     def loss(self, batch: Batch) -> torch.Tensor:
         return self.module(**batch_fields(batch))
+
+    def loss_and_backward(self, batch: Batch, weight: float, poison: bool = False) -> torch.Tensor:
+        """The micro-batch's summed loss (detached), after backward of loss * weight; through a CUDA graph when
+        train.cuda_graphs is on here. `poison`: the loss is made NaN first (fault injection: eager)."""
+        if self.graphed is not None and not poison:
+            with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                return self.graphed(batch, weight)
+        token_loss = self.loss(batch)  # under the compute-dtype autocast, entered by the loss module
+        if poison:
+            token_loss = token_loss * float("nan")
+        self.backward(token_loss * weight)
+        return token_loss.detach()
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.strategy == "deepspeed":

@@ -74,6 +74,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     """(step, held-out loss) at every train.eval_every step and at the end."""
+    graphs: str | None = None
+    """train.cuda_graphs: what was captured and replayed (None when not in use)."""
 
     @property
     def final_loss(self) -> float:
@@ -359,7 +361,8 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
     # Master LoRA weights stay fp32; on GPU their matmuls run in the compute dtype like the base's.
     mixed = setup.dtype if setup.device.type == "cuda" and setup.dtype != torch.float32 else None
     par = Parallel(accelerator, model, optimizer, micro_batch_size=cfg.train.micro_batch_size,
-                   max_grad_norm=cfg.train.max_grad_norm, autocast_dtype=mixed)
+                   max_grad_norm=cfg.train.max_grad_norm, autocast_dtype=mixed,
+                   cuda_graphs=cfg.train.cuda_graphs and setup.device.type == "cuda")
     torch.manual_seed(cfg.train.seed + 1_000_003 * ranks.rank)  # LoRA dropout: each process its own masks
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed % 2**32)
@@ -412,6 +415,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
             f"{setup.stats.trained_tokens:,} trained), {steps} steps of {per_step} samples, "
             f"device {setup.device.type}, compute {str(setup.dtype).replace('torch.', '')}, "
             f"quant {cfg.quant.mode}, LoRA r={cfg.lora.r}"
+            + (f", CUDA graphs {par.graphs_note}" if setup.device.type == "cuda" else "")
             + (f", {ranks.world} processes ({par.strategy}{f' over {par.units} modules' if par.units else ''}; "
                f"process r takes samples r, r+{ranks.world}, ... of each step)"
                if ranks.distributed else "")
@@ -447,14 +451,11 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                     b = (micro[i] if real_batch else filler).to(setup.device)
                     last = i == rounds - 1
                     with par.micro_step(last):
-                        token_loss = par.loss(b)  # under the compute-dtype autocast, entered by the loss module
-                        if faults.loss_is_nan(step + 1):
-                            token_loss = token_loss * float("nan")
                         # token-weighted over the global batch; the strategies' mean over processes is undone by * world
                         weight = ranks.world / n_trained if real_batch else 0.0
-                        par.backward(token_loss * weight)
+                        token_loss = par.loss_and_backward(b, weight, poison=faults.loss_is_nan(step + 1))
                     if real_batch:
-                        local_sum += token_loss.detach()
+                        local_sum += token_loss
                 step_loss = ranks.sum(local_sum.item()) / n_trained if n_trained else float("nan")
                 lr = scheduler.get_last_lr()[0]
                 grad_norm, finite = par.step(math.isfinite(step_loss))
@@ -524,6 +525,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
             progress.close()
     assert last_saved == steps
     result.seconds = time.perf_counter() - t_start
+    result.graphs = par.graphed.summary() if par.graphed is not None else None
     weights = par.full_trainable()
     if ranks.main:
         result.adapter_dir = save_adapter(setup, out, weights)
@@ -558,6 +560,7 @@ def print_summary(r: TrainResult, setup: Setup) -> None:
         + (f", held-out loss {r.eval_losses[0][1]:.4f} (step {r.eval_losses[0][0]}) -> {r.eval_losses[-1][1]:.4f}"
            if r.eval_losses else "")
         + (f"; {setup.replay.samples} of the samples were base-model replay" if setup.replay else "")
+        + (f"; CUDA graphs: {r.graphs}" if r.graphs else "")
         + "\n"
         f"  adapter      {r.adapter_dir}\n"
         f"  metrics      {r.output_dir / 'metrics.jsonl'}  (TensorBoard: {r.output_dir / 'tensorboard'})\n"

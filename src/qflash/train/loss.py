@@ -180,6 +180,19 @@ def _fused_ce_head(lm: torch.nn.Module) -> torch.nn.Linear | None:
     return head
 
 
+def device_inputs(model: torch.nn.Module, batch: Batch) -> dict:
+    """The decoder's keyword arguments for `batch`, everything on the device: the host embedding's rows
+    already looked up (its table and the batch's ids are on the CPU)."""
+    lm = _causal_lm(model)
+    inputs = batch.model_inputs()
+    embedding = lm.get_input_embeddings()
+    if batch.host_input_ids is not None and isinstance(embedding, HostEmbedding):
+        # The table is on the CPU and so are these ids: no wait for the device to hand them back.
+        inputs["inputs_embeds"] = embedding(batch.host_input_ids)
+        del inputs["input_ids"]
+    return inputs
+
+
 def loss_sum(model: torch.nn.Module, batch: Batch, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """Sum over the batch's trained tokens of the next-token cross-entropy (fp32 scalar)."""
     lm = _causal_lm(model)
@@ -187,16 +200,19 @@ def loss_sum(model: torch.nn.Module, batch: Batch, chunk_tokens: int = CHUNK_TOK
     if not _plain_head(lm):
         logits = model(**batch.model_inputs()).logits[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum")
-    inputs = batch.model_inputs()
-    embedding = lm.get_input_embeddings()
-    if batch.host_input_ids is not None and isinstance(embedding, HostEmbedding):
-        # The table is on the CPU and so are these ids: no wait for the device to hand them back.
-        inputs["inputs_embeds"] = embedding(batch.host_input_ids)
-        del inputs["input_ids"]
-    hidden = lm.get_decoder()(**inputs).last_hidden_state  # (rows, seq, hidden)
-    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
     # only labelled positions need logits (found on the CPU when the batch came from there: no sync)
     keep = batch.label_index if batch.label_index is not None else labelled_positions(batch.labels)
+    return decoder_loss_sum(model, device_inputs(model, batch), labels, keep, chunk_tokens)
+
+
+def decoder_loss_sum(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, keep: torch.Tensor,
+                     chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """loss_sum's device work: the decoder on `inputs` (device_inputs), then the loss at the positions `keep`
+    of the shifted, flattened `labels` (a plain lm_head). No host work, no synchronization: what
+    train.cuda_graphs captures."""
+    lm = _causal_lm(model)
+    hidden = lm.get_decoder()(**inputs).last_hidden_state  # (rows, seq, hidden)
+    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
     hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)
     if torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) > 0:
         fused = _fused_ce_head(lm)

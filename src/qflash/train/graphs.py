@@ -1,0 +1,227 @@
+"""CUDA graphs of a micro-batch's forward and backward (`train.cuda_graphs`).
+
+A QLoRA step of a small model is bound by the CPU, not the GPU: per decoder layer and pass the host
+runs dynamo's guards, the compiled graphs' wrappers, the offloaded checkpoint's bookkeeping and the
+launches of a few hundred kernels, each shorter than its launch (Qwen2.5-0.5B at 8,192 tokens: the GPU
+is busy 97 ms of a 384 ms step, bench/NOTES.md). A CUDA graph records all of that once and replays
+the kernels with one launch.
+
+`GraphedLoss(model, params)(batch, scale)` does what `loss = loss_sum(model, batch);
+(loss * scale).backward()` does and returns the loss. Micro-batches are told apart by their signature
+(every input tensor's shape and dtype, the packed batch's max_seqlen): the first one of a signature
+runs eagerly (it compiles, and fills the pinned buffers of the activation offload), the second is
+captured into a graph and replayed, every later one is replayed. Replays copy the batch into the
+graph's static inputs and write the scale into a device scalar; the gradients accumulate into the
+parameters' `.grad` tensors the graph was captured with, which GraphedLoss puts back (zeroed) when
+an optimizer set them to None. At most `max_graphs` signatures are captured (they share one memory
+pool); the others stay eager.
+
+Not captured (eager, said once why): steps that draw random numbers (dropout > 0: the checkpoint's
+recompute must replay the forward's masks, which a graph's RNG offsets do not give), CPU runs, and
+models whose loss head is not a plain lm_head. A failed capture says why and leaves that signature
+eager; the step's result is the same either way (tested on the GPU: tests/gpu/test_graphs.py).
+
+`factory` makes the graph object: CUDA's by default; the CPU tests pass `RecordedGraph`, which keeps
+the captured function and runs it again on replay — the same static-buffer data flow, without CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import torch
+
+from qflash.data.batching import Batch, labelled_positions
+from qflash.model import activation_offload
+from qflash.train import loss as loss_mod
+
+log = logging.getLogger(__name__)
+
+
+def random_blocker(model: torch.nn.Module) -> str | None:
+    """Why a training step of `model` draws random numbers (None: it draws none)."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"{name or 'the model'} has dropout {m.p} (lora.dropout=0 lets the step be captured)"
+    lm = loss_mod._causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    for key, value in (vars(cfg).items() if cfg is not None else ()):
+        if "dropout" in key and isinstance(value, (int, float)) and value > 0:
+            return f"the model's config has {key}={value}"
+    return None
+
+
+def graph_blocker(model: torch.nn.Module, device: torch.device) -> str | None:
+    """Why micro-batches of `model` cannot be captured (None: they can)."""
+    if device.type != "cuda":
+        return "not on a CUDA device"
+    if not loss_mod._plain_head(loss_mod._causal_lm(model)):
+        return "the model scales or soft-caps its logits (the loss takes the full logits)"
+    return random_blocker(model)
+
+
+class RecordedGraph:
+    """The CPU twin of torch.cuda.CUDAGraph: `capture(fn)` runs fn once and keeps it; replay() runs it again,
+    reading the same static buffers a CUDA graph's kernels would read."""
+
+    def __init__(self):
+        self.fn: Callable[[], None] | None = None
+
+    def capture(self, fn: Callable[[], None], pool=None) -> None:
+        self.fn = fn
+        fn()
+
+    def replay(self) -> None:
+        self.fn()
+
+
+class _CudaGraph:
+    def __init__(self):
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, fn: Callable[[], None], pool=None) -> None:
+        with torch.cuda.graph(self.graph, pool=pool):
+            fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    def pool(self):
+        return self.graph.pool()
+
+
+class _Captured:
+    """One signature's graph and the tensors it reads and writes."""
+
+    def __init__(self, graph, inputs: dict, labels: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor,
+                 loss: torch.Tensor, grads: list[torch.Tensor]):
+        self.graph, self.inputs, self.labels, self.keep = graph, inputs, labels, keep
+        self.scale, self.loss, self.grads = scale, loss, grads
+
+
+def _signature(inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> tuple:
+    def sig(v):
+        return ("t", tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else ("v", v)
+
+    return (tuple((k, sig(v)) for k, v in sorted(inputs.items())), sig(labels), sig(keep),
+            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+
+
+class GraphedLoss:
+    """`(batch, scale)` -> loss_sum(model, batch), with (loss * scale).backward() done; captured per signature."""
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], *, max_graphs: int = 4,
+                 factory: Callable[[], object] | None = None):
+        self.model, self.params, self.max_graphs = model, list(params), max_graphs
+        self.factory = factory or _CudaGraph
+        self.seen: dict[tuple, int] = {}
+        self.graphs: dict[tuple, _Captured] = {}
+        self.failed: set[tuple] = set()
+        self.arena = activation_offload.HostArena()
+        self.pool = None
+        self.replays = 0
+        self.eager_runs = 0
+
+    # ---- the eager path --------------------------------------------------------------------------
+
+    def _eager(self, inputs: dict, labels: torch.Tensor, keep: torch.Tensor, scale: float,
+               arena: bool) -> torch.Tensor:
+        self.eager_runs += 1
+        with activation_offload.host_arena(self.arena) if arena else contextlib.nullcontext():
+            loss = loss_mod.decoder_loss_sum(self.model, inputs, labels, keep)
+            (loss * scale).backward()
+        return loss.detach()
+
+    # ---- capture and replay ----------------------------------------------------------------------
+
+    def _own_grads(self) -> list[torch.Tensor]:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
+    def _restore_grads(self, grads: list[torch.Tensor]) -> None:
+        """Put the captured .grad tensors back where an optimizer's zero_grad(set_to_none) dropped them."""
+        zero = []
+        for p, g in zip(self.params, grads):
+            if p.grad is None:
+                zero.append(g)
+                p.grad = g
+            elif p.grad is not g:
+                g.copy_(p.grad)
+                p.grad = g
+        if zero:
+            torch._foreach_zero_(zero)
+
+    def _capture(self, key: tuple, inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> _Captured:
+        static_inputs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        static_labels, static_keep = labels.clone(), keep.clone()
+        scale = torch.zeros((), dtype=torch.float32, device=labels.device)
+        grads = self._own_grads()
+        before = [g.clone() for g in grads] if self.factory is RecordedGraph else None
+        out: dict[str, torch.Tensor] = {}
+
+        def step() -> None:
+            with activation_offload.host_arena(self.arena):
+                loss = loss_mod.decoder_loss_sum(self.model, static_inputs, static_labels, static_keep)
+                (loss * scale).backward()
+                activation_offload.join_copies()
+            out["loss"] = loss.detach()
+
+        graph = self.factory()
+        if before is not None:
+            # The twin runs the function while "capturing"; a CUDA capture runs nothing. Undo its work.
+            graph.capture(step, pool=self.pool)
+            for g, b in zip(grads, before):
+                g.copy_(b)
+        else:
+            graph.capture(step, pool=self.pool)
+            if self.pool is None:
+                self.pool = graph.pool()
+        self.arena.captured()
+        return _Captured(graph, static_inputs, static_labels, static_keep, scale, out["loss"], grads)
+
+    def _replay(self, c: _Captured, inputs: dict, labels: torch.Tensor, keep: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor):
+                c.inputs[k].copy_(v, non_blocking=True)
+        c.labels.copy_(labels, non_blocking=True)
+        c.keep.copy_(keep, non_blocking=True)
+        c.scale.fill_(scale)
+        self._restore_grads(c.grads)
+        c.graph.replay()
+        self.replays += 1
+        return c.loss.clone()
+
+    def __call__(self, batch: Batch, scale: float) -> torch.Tensor:
+        inputs = loss_mod.device_inputs(self.model, batch)
+        labels = batch.labels[:, 1:].reshape(-1)
+        keep = batch.label_index if batch.label_index is not None else labelled_positions(batch.labels)
+        key = _signature(inputs, labels, keep)
+        captured = self.graphs.get(key)
+        if captured is not None:
+            return self._replay(captured, inputs, labels, keep, scale)
+        seen = self.seen.get(key, 0)
+        self.seen[key] = seen + 1
+        room = len(self.graphs) < self.max_graphs and key not in self.failed
+        if seen == 0 or not room:
+            return self._eager(inputs, labels, keep, scale, arena=room)
+        try:
+            captured = self._capture(key, inputs, labels, keep)
+        except Exception as e:  # noqa: BLE001 - any capture failure: this signature stays eager, said once
+            self.failed.add(key)
+            activation_offload._unjoined.clear()
+            log.warning("train.cuda_graphs: capture failed (%s: %s); this batch shape runs eagerly",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return self._eager(inputs, labels, keep, scale, arena=False)
+        self.graphs[key] = captured
+        return self._replay(captured, inputs, labels, keep, scale)
+
+    def summary(self) -> str:
+        return (f"{len(self.graphs)} graph(s) captured, {self.replays} micro-batches replayed, "
+                f"{self.eager_runs} eager" + (f", {len(self.failed)} shape(s) failed to capture" if self.failed else ""))

@@ -1,0 +1,111 @@
+"""train.cuda_graphs (CPU twin): GraphedLoss's static buffers, signatures, gradient adoption and fallbacks.
+
+RecordedGraph keeps the captured function and runs it again on replay, reading the graph's static
+input buffers: if a replay read stale inputs, skipped the scale, or accumulated into other tensors than
+the parameters' .grad, the losses and gradients below would differ from the eager ones.
+"""
+
+import pytest
+import torch
+
+from qflash.model.activation_offload import HostArena
+from qflash.train.graphs import GraphedLoss, RecordedGraph, graph_blocker, random_blocker
+from qflash.train.loop import micro_batches
+from qflash.train.loss import loss_sum
+from test_memory_levers import _setup
+
+
+def _eager_step(model, params, batches, n):
+    for b in batches:
+        (loss_sum(model, b) * (1.0 / n)).backward()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def _graphed_step(graphed, params, batches, n):
+    losses = [graphed(b, 1.0 / n) for b in batches]
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None  # an optimizer's zero_grad(set_to_none=True): GraphedLoss puts its tensors back, zeroed
+    return losses, grads
+
+
+def test_replays_give_the_eager_losses_and_gradients(tiny_models, identity_subset, tmp_path):
+    setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0")
+    model = setup.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Two data sets of different shapes, each seen three times (a signature is captured on its second sighting).
+    one, two = micro_batches(setup, list(range(8))), micro_batches(setup, list(range(8, 11)))
+    assert one[0].input_ids.shape != two[0].input_ids.shape
+    steps = [one, two, one, two, one, two]
+    graphed = GraphedLoss(model, params, factory=RecordedGraph)
+    for batches in steps:
+        n = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
+        want_losses = [loss_sum(model, b).item() for b in batches]
+        for p in params:
+            p.grad = None
+        want = _eager_step(model, params, batches, n)
+        losses, got = _graphed_step(graphed, params, batches, n)
+        assert [x.item() for x in losses] == pytest.approx(want_losses, rel=1e-6)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    assert graphed.graphs, "no signature was captured"
+    assert graphed.replays > 0 and graphed.eager_runs > 0
+    # Each signature: one eager run, then captured and replayed.
+    assert graphed.eager_runs == len(graphed.seen)
+
+
+def test_grads_the_caller_kept_are_accumulated_into(tiny_models, identity_subset, tmp_path):
+    setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0")
+    model = setup.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = micro_batches(setup, list(range(8)))[0]
+    half = _eager_step(model, params, [batch], 2)  # the gradients of loss / 2
+    graphed = GraphedLoss(model, params, factory=RecordedGraph)
+    for _ in range(2):  # eager, then capture + replay
+        graphed(batch, 1.0)
+    captured = graphed.graphs[next(iter(graphed.graphs))].grads
+    for p in params:
+        p.grad = torch.ones_like(p)  # someone else's tensors, with something in them
+    graphed(batch, 0.5)
+    for p, g, w in zip(params, captured, half):
+        assert p.grad is g  # the graph's own tensor is back in place, holding what was there plus loss / 2's
+        torch.testing.assert_close(p.grad, w + 1, rtol=1e-5, atol=1e-6)
+
+
+def test_more_shapes_than_graphs_run_eagerly(tiny_models, identity_subset, tmp_path):
+    setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0")
+    params = [p for p in setup.model.parameters() if p.requires_grad]
+    graphed = GraphedLoss(setup.model, params, max_graphs=1, factory=RecordedGraph)
+    a, b = micro_batches(setup, list(range(8)))[0], micro_batches(setup, list(range(1)))[0]
+    assert a.input_ids.shape != b.input_ids.shape
+    for batch in (a, a, b, b, b, a):
+        graphed(batch, 1.0)
+    assert len(graphed.graphs) == 1 and graphed.replays == 2 and graphed.eager_runs == 4
+
+
+def test_steps_that_draw_random_numbers_are_not_captured(tiny_models, identity_subset, tmp_path):
+    setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0.1")
+    assert "dropout 0.1" in random_blocker(setup.model)
+    assert graph_blocker(setup.model, torch.device("cpu")) == "not on a CUDA device"
+    quiet = _setup(tiny_models["qwen2"], identity_subset, tmp_path / "b", "lora.dropout=0")
+    assert random_blocker(quiet.model) is None
+
+
+def test_host_arena_keeps_buffers_graphs_use():
+    arena = HostArena()
+    t = torch.zeros(4, 8)
+    first = arena.take(t)
+    assert first.shape == t.shape and arena.position == 1
+    arena.position = 0
+    assert arena.take(t).data_ptr() == first.data_ptr()  # the same buffer again, in call order
+    arena.captured()
+    arena.position = 0
+    bigger = arena.take(torch.zeros(8, 8))
+    assert bigger.data_ptr() != first.data_ptr()
+    assert len(arena.kept) == 1  # the captured graph still writes the first one
+    arena.position = 0
+    arena.take(torch.zeros(16, 8))
+    assert len(arena.kept) == 1  # the 8 x 8 one no graph uses is let go
