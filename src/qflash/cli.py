@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="fine-tune the embedded model on the identity set and compare before/after")
-    d.add_argument("--config", default="configs/demo.yaml")
+    d.add_argument("--config", default=None,
+                   help="default: configs/demo.yaml of the working directory, else of the qflash source checkout")
     d.add_argument("overrides", nargs="*", help="e.g. data.vars.name=Nova data.vars.author=Acme")
     d.set_defaults(fn=cmd_demo)
     return p

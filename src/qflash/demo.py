@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from rich.table import Table
 
+from qflash.errors import ConfigError
 from qflash.train.metrics import console
 
 
@@ -80,12 +82,53 @@ def print_control(loaded, name: str) -> bool:
     return ok
 
 
-def run_demo(config: str, overrides: list[str]) -> int:
+DEMO_CONFIG = Path("configs/demo.yaml")
+
+
+def demo_root(cwd: Path | None = None) -> Path:
+    """The directory holding configs/demo.yaml and data/demo: the working directory when it has them, else the
+    source checkout this qflash runs from (an editable install, as `make setup` makes)."""
+    cwd = Path.cwd() if cwd is None else cwd
+    for root in (cwd, Path(__file__).resolve().parents[2]):
+        if (root / DEMO_CONFIG).is_file():
+            return root
+    raise ConfigError(f"qflash demo: no {DEMO_CONFIG} in {cwd} or in the qflash source tree; run it from a qflash "
+                      "checkout or pass --config with a config of your own")
+
+
+def _anchor_inputs(cfg, root: Path, cwd: Path) -> list[str]:
+    """Relative input files of `cfg` (datasets, replay and control prompts) that exist under `root` but not under
+    `cwd` are made absolute under `root`; output_dir stays where the user is. Returns the paths changed."""
+    moved = []
+
+    def anchored(path: str) -> str:
+        if not path or Path(path).is_absolute() or (cwd / path).exists() or not (root / path).exists():
+            return path
+        moved.append(path)
+        return str(root / path)
+
+    for spec in [*cfg.data.datasets, *cfg.data.eval_datasets]:
+        spec.path = anchored(spec.path)
+    cfg.data.replay.prompts = anchored(cfg.data.replay.prompts)
+    cfg.eval.control_prompts = anchored(cfg.eval.control_prompts)
+    return moved
+
+
+def run_demo(config: str | None, overrides: list[str]) -> int:
+    """`qflash demo`: configs/demo.yaml (from the working directory or the source checkout) unless `config`."""
     from qflash.config import load_config
     from qflash.train.loop import train
 
     t0 = time.perf_counter()
-    cfg = load_config(config, overrides)
+    if config is None:
+        cwd = Path.cwd()
+        root = demo_root(cwd)
+        cfg = load_config(root / DEMO_CONFIG, overrides)
+        if root != cwd:
+            _anchor_inputs(cfg, root, cwd)
+            console.print(f"demo config and data from {root}; the run goes to {Path(cfg.output_dir).resolve()}")
+    else:
+        cfg = load_config(config, overrides)
     console.rule("[bold]qflash demo: NF4 QLoRA on the embedded SmolLM2-135M-Instruct")
     result = train(cfg, overwrite=True)
     console.rule("[bold]before / after")
