@@ -115,10 +115,19 @@ def _restarts(position_ids: torch.Tensor) -> bool:
 _varlen_kwargs: dict | None = None
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
+_warned: set[str] = set()
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
     """q (tokens, heads, dim), k/v (tokens, kv_heads, dim)."""
     global _varlen_kwargs
     from torch.nn.attention.varlen import varlen_attn
+
+    if dropout > 0 and "dropout" not in _warned:
+        _warned.add("dropout")
+        log.warning("attention.backend=torch_varlen: the model asks for attention dropout %.3g, which PyTorch's varlen "
+                    "kernel does not implement; trained without it (attention.backend=flash_attn or sdpa apply it)",
+                    dropout)
 
     if _varlen_kwargs is None:
         params = inspect.signature(varlen_attn).parameters
@@ -131,7 +140,18 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **_varlen_kwargs)
 
 
-def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
+def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
+    if dropout > 0:  # FA3 has no dropout; FA2's varlen function has
+        try:
+            from flash_attn import flash_attn_varlen_func as fa2
+        except ImportError:
+            fa2 = None
+        if fa2 is not None:
+            return fa2(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=True)
+        if "dropout" not in _warned:
+            _warned.add("dropout")
+            log.warning("attention.backend=flash_attn: the model asks for attention dropout %.3g, which FA3 does not "
+                        "implement (the flash-attn 2 package does); trained without it", dropout)
     try:
         from flash_attn_interface import flash_attn_varlen_func  # FA3 (Hopper)
     except ImportError:
@@ -166,7 +186,8 @@ def qflash_attention(
         q = query[0].transpose(0, 1).to(kernel_dtype)  # (tokens, heads, head_dim)
         k = key[0].transpose(0, 1).to(kernel_dtype)
         v = value[0].transpose(0, 1).to(kernel_dtype)
-        out = _KERNELS[_active](q, k, v, cu_q, kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"], scaling)
+        out = _KERNELS[_active](q, k, v, cu_q, kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"],
+                                scaling, dropout)
         return out.unsqueeze(0).to(query.dtype), None
     position_ids = kwargs.get("position_ids")
     if attention_mask is None and position_ids is not None and query.shape[2] > 1 and _restarts(position_ids):
