@@ -134,7 +134,8 @@ def child(args) -> dict:
     torch.cuda.synchronize()
     rec["setup_s"] = time.perf_counter() - t0
     rec["allocated_after_setup_gb"] = torch.cuda.memory_allocated() / GB
-    micro = runner.qflash_loss(model, params, runner.qflash_config(args.dropout, 2e-4, "auto"))
+    micro = (runner.qflash_loss(model, params, runner.qflash_config(args.dropout, 2e-4, "auto"))
+             if args.workload == "fixed" else None)  # as runner.measure decides
     step = lambda: runner.qflash_step(model, optimizer, params, batches, micro)  # noqa: E731
     torch.cuda.reset_peak_memory_stats()
     losses, times = runner._timed(step, args.warmup, args.steps)

@@ -168,7 +168,7 @@ def prepared_step(shape: str, workload: str, overrides: list[str], dropout: floa
     docs = workload_docs(workload, model_config(shape).vocab_size)
     model, optimizer, params = qflash_model(model_dir, dropout, 2e-4, "auto", 0)
     batches = qflash_batches(docs, 2048)
-    micro = qflash_loss(model, params)
+    micro = qflash_loss(model, params) if workload == "fixed" else None  # as measure() decides
     return (lambda: qflash_step(model, optimizer, params, batches, micro)), docs
 
 
@@ -247,12 +247,12 @@ def _timed(step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
 
 
 def _measure_once(recipe: str, model_dir: Path, docs: list[np.ndarray], warmup: int, steps: int, dropout: float,
-                  attention: str, seed: int) -> Measured:
+                  attention: str, seed: int, graphs: bool = True) -> Measured:
     out = Measured(recipe)
     if recipe == "qflash":
         model, optimizer, params = qflash_model(model_dir, dropout, 2e-4, attention, seed)
         batches = qflash_batches(docs, 2048)
-        micro = qflash_loss(model, params)
+        micro = qflash_loss(model, params) if graphs else None
         step = lambda: qflash_step(model, optimizer, params, batches, micro)  # noqa: E731
     else:
         model, optimizer, params = reference_model(model_dir, dropout, 2e-4)
@@ -270,9 +270,12 @@ def _measure_once(recipe: str, model_dir: Path, docs: list[np.ndarray], warmup: 
 
 
 def measure(recipe: str, model_dir: Path, docs: list[np.ndarray], *, warmup: int, steps: int, dropout: float,
-            attention: str, seed: int = 0) -> Measured:
+            attention: str, seed: int = 0, graphs: bool = True) -> Measured:
+    """`graphs`: the step may use train.cuda_graphs. Only for workloads whose batch shapes repeat from step to
+    step in real training too (`fixed`): the bench reuses one step's batches, and replaying `varlen`'s would
+    measure something training on fresh variable-length data does not get."""
     try:
-        return _measure_once(recipe, model_dir, docs, warmup, steps, dropout, attention, seed)
+        return _measure_once(recipe, model_dir, docs, warmup, steps, dropout, attention, seed, graphs)
     except torch.OutOfMemoryError as e:
         return Measured(recipe, error=f"out of memory: {str(e).splitlines()[0]}")
     finally:
@@ -407,7 +410,8 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
                             f"{key}_peak_mem_gb": ref.peak_mem_gb if ref else None, f"{key}_tokens_per_s": None})
         else:
             docs = workload_docs(wl, vocab)
-            ours = measure("qflash", model_dir, docs, warmup=warmup, steps=steps, dropout=dropout, attention=attention)
+            ours = measure("qflash", model_dir, docs, warmup=warmup, steps=steps, dropout=dropout, attention=attention,
+                           graphs=wl == "fixed")
             fpt = flops_per_token(shape, docs)
             rec.update({"real_tokens_per_step": int(sum(len(d) for d in docs)),
                         "steps_timed": steps, "warmup_steps": warmup,

@@ -98,6 +98,13 @@ def uses_varlen() -> bool:
 # Masks: varlen kernels need none (cu_seqlens say where documents end); sdpa/eager get transformers'
 # own masks, which are block-diagonal when position_ids restart inside a row.
 
+# Passed as `attention_mask` with packed varlen batches (Batch.model_inputs): transformers returns a 4D mask
+# as it is, so it neither builds a mask nor runs its packed-sequence detection, whose `.all()` makes the CPU wait
+# for the GPU before every micro-batch's first layer. The varlen kernels read cu_seqlens instead; any other path
+# that meets it refuses (it is no mask).
+NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)
+
+
 def _mask(*args, **kwargs):
     from transformers.masking_utils import eager_mask, sdpa_mask
 
@@ -189,6 +196,9 @@ def qflash_attention(
         out = _KERNELS[_active](q, k, v, cu_q, kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"],
                                 scaling, dropout)
         return out.unsqueeze(0).to(query.dtype), None
+    if attention_mask is NO_MASK:
+        raise PackingError(f"a packed varlen batch (cu_seqlens) reached attention.backend={_active}, which cannot read "
+                           "it; build the batches after choosing the backend (packing follows attention.uses_varlen)")
     position_ids = kwargs.get("position_ids")
     if attention_mask is None and position_ids is not None and query.shape[2] > 1 and _restarts(position_ids):
         # The mask builder skipped packing detection (it does when a KV cache is passed): every

@@ -19,7 +19,8 @@ pool); the others stay eager.
 Not captured (eager, said once why): steps that draw random numbers (dropout > 0: the checkpoint's
 recompute must replay the forward's masks, which a graph's RNG offsets do not give), CPU runs, and
 models whose loss head is not a plain lm_head. A failed capture says why and leaves that signature
-eager; the step's result is the same either way (tested on the GPU: tests/gpu/test_graphs.py).
+eager; the step's result is meant to be the same either way (tests/gpu/test_graphs.py checks it; not yet run
+on a GPU: none was lent when this was written, so train.cuda_graphs is off by default).
 
 `factory` makes the graph object: CUDA's by default; the CPU tests pass `RecordedGraph`, which keeps
 the captured function and runs it again on replay — the same static-buffer data flow, without CUDA.
@@ -35,6 +36,7 @@ import torch
 
 from qflash.data.batching import Batch, labelled_positions
 from qflash.model import activation_offload
+from qflash.model.attention import NO_MASK
 from qflash.train import loss as loss_mod
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,11 @@ class _Captured:
         self.scale, self.loss, self.grads = scale, loss, grads
 
 
+def _varies(v) -> bool:
+    """An input tensor the graph reads from a static buffer (not the constant NO_MASK placeholder)."""
+    return isinstance(v, torch.Tensor) and v is not NO_MASK
+
+
 def _signature(inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> tuple:
     def sig(v):
         return ("t", tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else ("v", v)
@@ -156,7 +163,7 @@ class GraphedLoss:
             torch._foreach_zero_(zero)
 
     def _capture(self, key: tuple, inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> _Captured:
-        static_inputs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        static_inputs = {k: v.clone() if _varies(v) else v for k, v in inputs.items()}
         static_labels, static_keep = labels.clone(), keep.clone()
         scale = torch.zeros((), dtype=torch.float32, device=labels.device)
         grads = self._own_grads()
@@ -186,7 +193,7 @@ class GraphedLoss:
     def _replay(self, c: _Captured, inputs: dict, labels: torch.Tensor, keep: torch.Tensor,
                 scale: float) -> torch.Tensor:
         for k, v in inputs.items():
-            if isinstance(v, torch.Tensor):
+            if _varies(v):
                 c.inputs[k].copy_(v, non_blocking=True)
         c.labels.copy_(labels, non_blocking=True)
         c.keep.copy_(keep, non_blocking=True)

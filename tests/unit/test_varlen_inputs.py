@@ -1,0 +1,60 @@
+"""Packed varlen batches skip transformers' mask building (and the GPU sync of its packed-sequence detection):
+checked on the CPU with a per-document SDPA twin standing in for the varlen kernel. The documents still never
+see each other: the loss equals the sdpa backend's on block-diagonal masks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qflash.data.batching import packed_micro_batches
+from qflash.model import attention
+from qflash.train.loss import loss_sum
+from test_memory_levers import _setup
+
+
+def _varlen_twin(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
+    """q (tokens, heads, dim), k/v (tokens, kv_heads, dim): causal attention within each document."""
+    out = torch.empty_like(q)
+    rep = q.shape[1] // k.shape[1]
+    bounds = cu_q.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qq = q[s:e].transpose(0, 1).float()
+        kk = k[s:e].repeat_interleave(rep, dim=1).transpose(0, 1).float()
+        vv = v[s:e].repeat_interleave(rep, dim=1).transpose(0, 1).float()
+        out[s:e] = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scaling).transpose(0, 1).to(q.dtype)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_varlen_batches_build_no_mask_and_keep_documents_apart(arch, tiny_models, identity_subset, tmp_path, monkeypatch):
+    setup = _setup(tiny_models[arch], identity_subset, tmp_path, "lora.dropout=0", "train.gradient_checkpointing=false")
+    ids = list(range(12))
+    pad = setup.tokenizer.pad_token_id
+    with torch.no_grad():
+        want = sum(loss_sum(setup.model, b).item() for b in
+                   packed_micro_batches(setup.examples, ids, 4, setup.cfg.data.max_len, pad, varlen=False))
+
+    import transformers.masking_utils as mu
+
+    def no_detection(*a, **k):
+        raise AssertionError("transformers built a mask for a varlen batch")
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", no_detection)
+    monkeypatch.setattr(attention, "_active", "torch_varlen")
+    monkeypatch.setitem(attention._KERNELS, "torch_varlen", _varlen_twin)
+    batches = packed_micro_batches(setup.examples, ids, 4, setup.cfg.data.max_len, pad, varlen=True)
+    assert all(b.cu_seqlens is not None and b.model_inputs()["attention_mask"] is attention.NO_MASK for b in batches)
+    assert max(len(b.cu_seqlens) for b in batches) > 2  # several documents share a row
+    with torch.no_grad():
+        got = sum(loss_sum(setup.model, b).item() for b in batches)
+    # The kernel path casts q/k/v to bf16 (as FlashAttention takes them): 1.3e-4 and 6e-5 apart here. The same
+    # twin attending across the whole row (documents seeing each other) is 2.3e-3 and 1.0e-3 apart.
+    assert got == pytest.approx(want, rel=4e-4)
+
+
+def test_the_placeholder_is_refused_where_no_varlen_kernel_reads_it(tiny_models, identity_subset, tmp_path):
+    setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0")
+    batch = packed_micro_batches(setup.examples, list(range(4)), 4, setup.cfg.data.max_len,
+                                 setup.tokenizer.pad_token_id, varlen=True)[0]
+    with pytest.raises(attention.PackingError, match="cannot read"), torch.no_grad():
+        loss_sum(setup.model, batch)  # the active backend here is sdpa
