@@ -58,3 +58,17 @@ def test_the_placeholder_is_refused_where_no_varlen_kernel_reads_it(tiny_models,
                                  setup.tokenizer.pad_token_id, varlen=True)[0]
     with pytest.raises(attention.PackingError, match="cannot read"), torch.no_grad():
         loss_sum(setup.model, batch)  # the active backend here is sdpa
+
+
+def test_documents_longer_than_a_sliding_window_are_refused(monkeypatch):
+    monkeypatch.setattr(attention, "_active", "torch_varlen")
+    monkeypatch.setitem(attention._KERNELS, "torch_varlen", _varlen_twin)
+    q = torch.randn(1, 4, 10, 8)
+    kv = torch.randn(1, 2, 10, 8)
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
+    out, _ = attention.qflash_attention(torch.nn.Module(), q, kv, kv, attention.NO_MASK, scaling=0.35,
+                                        sliding_window=6, **kw)
+    assert out.shape == (1, 10, 4, 8)
+    with pytest.raises(attention.PackingError, match="window 5"):
+        attention.qflash_attention(torch.nn.Module(), q, kv, kv, attention.NO_MASK, scaling=0.35, sliding_window=5, **kw)

@@ -187,6 +187,13 @@ def qflash_attention(
     if _active in VARLEN and cu_q is not None:
         if query.shape[0] != 1:
             raise PackingError("varlen attention expects a packed batch of one row")
+        window = kwargs.get("sliding_window")
+        if window is not None and kwargs["max_length_q"] > window:
+            # The varlen kernels here run plain causal attention: past the window they would let a token see more
+            # than the model was made to.
+            raise PackingError(f"a {kwargs['max_length_q']}-token document reached a sliding-window attention layer "
+                               f"(window {window}), which attention.backend={_active} does not limit; keep data.max_len "
+                               f"<= {window} or use attention.backend=sdpa")
         # FlashAttention kernels take fp16/bf16 only; fp32 q/k/v appear when norms or RoPE run in fp32.
         kernel_dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else (
             torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16)
