@@ -52,12 +52,21 @@ def test_varlen_batches_build_no_mask_and_keep_documents_apart(arch, tiny_models
     assert got == pytest.approx(want, rel=4e-4)
 
 
-def test_the_placeholder_is_refused_where_no_varlen_kernel_reads_it(tiny_models, identity_subset, tmp_path):
+def test_the_placeholder_is_refused_where_no_varlen_kernel_reads_it(tiny_models, identity_subset, tmp_path,
+                                                                    monkeypatch):
     setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0")
     batch = packed_micro_batches(setup.examples, list(range(4)), 4, setup.cfg.data.max_len,
                                  setup.tokenizer.pad_token_id, varlen=True)[0]
+    assert "attention_mask" not in batch.model_inputs()  # sdpa: transformers builds the block-diagonal mask
+    with torch.no_grad():
+        want = loss_sum(setup.model, batch).item()
+    monkeypatch.setattr(attention, "_active", "torch_varlen")
+    inputs = batch.model_inputs()
+    assert inputs["attention_mask"] is attention.NO_MASK
+    monkeypatch.setattr(attention, "_active", "sdpa")  # the backend changed after the inputs were made
     with pytest.raises(attention.PackingError, match="cannot read"), torch.no_grad():
-        loss_sum(setup.model, batch)  # the active backend here is sdpa
+        setup.model(**inputs)
+    assert want > 0
 
 
 def test_documents_longer_than_a_sliding_window_are_refused(monkeypatch):
