@@ -109,3 +109,26 @@ def test_host_arena_keeps_buffers_graphs_use():
     arena.position = 0
     arena.take(torch.zeros(16, 8))
     assert len(arena.kept) == 1  # the 8 x 8 one no graph uses is let go
+
+
+class _FailingGraph(RecordedGraph):
+    def capture(self, fn, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_leaves_that_shape_eager_with_the_same_result(tiny_models, identity_subset, tmp_path, caplog):
+    setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0")
+    params = [p for p in setup.model.parameters() if p.requires_grad]
+    batch = micro_batches(setup, list(range(8)))[0]
+    want = _eager_step(setup.model, params, [batch], 1)
+    graphed = GraphedLoss(setup.model, params, factory=_FailingGraph)
+    for i in range(3):
+        with caplog.at_level("WARNING"):
+            graphed(batch, 1.0)
+        got = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    assert not graphed.graphs and len(graphed.failed) == 1 and graphed.eager_runs == 3
+    assert sum("capture failed" in r.message for r in caplog.records) == 1  # said once, on the second sighting
