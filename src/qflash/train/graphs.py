@@ -116,6 +116,11 @@ def _signature(inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> tuple:
             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
 
 
+def _state(model: torch.nn.Module) -> tuple:
+    """What else a captured graph depends on: training mode (checkpointing acts only in it)."""
+    return (model.training,)
+
+
 class GraphedLoss:
     """`(batch, scale)` -> loss_sum(model, batch), with (loss * scale).backward() done; captured per signature."""
 
@@ -167,7 +172,8 @@ class GraphedLoss:
         static_labels, static_keep = labels.clone(), keep.clone()
         scale = torch.zeros((), dtype=torch.float32, device=labels.device)
         grads = self._own_grads()
-        before = [g.clone() for g in grads] if self.factory is RecordedGraph else None
+        graph = self.factory()
+        before = [g.clone() for g in grads] if isinstance(graph, RecordedGraph) else None
         out: dict[str, torch.Tensor] = {}
 
         def step() -> None:
@@ -177,7 +183,6 @@ class GraphedLoss:
                 activation_offload.join_copies()
             out["loss"] = loss.detach()
 
-        graph = self.factory()
         if before is not None:
             # The twin runs the function while "capturing"; a CUDA capture runs nothing. Undo its work.
             graph.capture(step, pool=self.pool)
@@ -207,7 +212,7 @@ class GraphedLoss:
         inputs = loss_mod.device_inputs(self.model, batch)
         labels = batch.labels[:, 1:].reshape(-1)
         keep = batch.label_index if batch.label_index is not None else labelled_positions(batch.labels)
-        key = _signature(inputs, labels, keep)
+        key = _signature(inputs, labels, keep) + _state(self.model)
         captured = self.graphs.get(key)
         if captured is not None:
             return self._replay(captured, inputs, labels, keep, scale)
