@@ -132,3 +132,20 @@ def test_a_failed_capture_leaves_that_shape_eager_with_the_same_result(tiny_mode
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
     assert not graphed.graphs and len(graphed.failed) == 1 and graphed.eager_runs == 3
     assert sum("capture failed" in r.message for r in caplog.records) == 1  # said once, on the second sighting
+
+
+def test_static_inputs_keep_the_batch_aliasing():
+    """cu_seq_lens_q and cu_seq_lens_k are one tensor in a packed batch; the compiled layers guard on that, so
+    the graph's input buffers must keep them one (copied apart, dynamo recompiled inside the capture on the
+    H100, where nothing may compile, and every capture failed)."""
+    from qflash.model.attention import NO_MASK
+    from qflash.train.graphs import _static_copies
+
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    ids = torch.arange(5).view(1, 5)
+    inputs = {"input_ids": ids, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "attention_mask": NO_MASK,
+              "max_length_q": 3}
+    static = _static_copies(inputs)
+    assert static["cu_seq_lens_q"] is static["cu_seq_lens_k"] and static["cu_seq_lens_q"] is not cu
+    assert static["input_ids"] is not ids and torch.equal(static["input_ids"], ids)
+    assert static["attention_mask"] is NO_MASK and static["max_length_q"] == 3

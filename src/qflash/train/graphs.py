@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import traceback
 from typing import Callable
 
 import torch
@@ -108,6 +109,21 @@ def _varies(v) -> bool:
     return isinstance(v, torch.Tensor) and v is not NO_MASK
 
 
+def _static_copies(inputs: dict) -> dict:
+    """The graph's input buffers: a copy of each varying tensor, one per tensor object, so inputs that are
+    the same tensor (cu_seq_lens_q and _k) stay one. Compiled layers guard on that aliasing: copies made
+    apart would make dynamo recompile inside the capture, which cannot run there."""
+    copies: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in inputs.items():
+        if _varies(v):
+            if id(v) not in copies:
+                copies[id(v)] = v.clone()
+            v = copies[id(v)]
+        out[k] = v
+    return out
+
+
 def _signature(inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> tuple:
     def sig(v):
         return ("t", tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else ("v", v)
@@ -121,6 +137,19 @@ def _state(model: torch.nn.Module) -> tuple:
     return (model.training,)
 
 
+def _cause(e: BaseException) -> str:
+    """`e` in one line, with the error it followed from: a failed capture raises at its end ("operation
+    failed due to a previous error during capture") while the call that broke it raised first."""
+    def line(x: BaseException) -> str:
+        text = str(x).splitlines()[0] if str(x) else ""
+        return f"{type(x).__name__}: {text}"
+
+    first = e
+    while first.__context__ is not None and first.__context__ is not first:
+        first = first.__context__
+    return line(e) if first is e else f"{line(e)}; first {line(first)}"
+
+
 class GraphedLoss:
     """`(batch, scale)` -> loss_sum(model, batch), with (loss * scale).backward() done; captured per signature."""
 
@@ -130,7 +159,7 @@ class GraphedLoss:
         self.factory = factory or _CudaGraph
         self.seen: dict[tuple, int] = {}
         self.graphs: dict[tuple, _Captured] = {}
-        self.failed: set[tuple] = set()
+        self.failed: dict[tuple, str] = {}  # signature -> the failure's traceback (not the exception: its frames hold tensors)
         self.arena = activation_offload.HostArena()
         self.pool = None
         self.replays = 0
@@ -168,7 +197,7 @@ class GraphedLoss:
             torch._foreach_zero_(zero)
 
     def _capture(self, key: tuple, inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> _Captured:
-        static_inputs = {k: v.clone() if _varies(v) else v for k, v in inputs.items()}
+        static_inputs = _static_copies(inputs)
         static_labels, static_keep = labels.clone(), keep.clone()
         scale = torch.zeros((), dtype=torch.float32, device=labels.device)
         grads = self._own_grads()
@@ -197,8 +226,10 @@ class GraphedLoss:
 
     def _replay(self, c: _Captured, inputs: dict, labels: torch.Tensor, keep: torch.Tensor,
                 scale: float) -> torch.Tensor:
+        done = set()
         for k, v in inputs.items():
-            if _varies(v):
+            if _varies(v) and id(c.inputs[k]) not in done:
+                done.add(id(c.inputs[k]))
                 c.inputs[k].copy_(v, non_blocking=True)
         c.labels.copy_(labels, non_blocking=True)
         c.keep.copy_(keep, non_blocking=True)
@@ -224,10 +255,9 @@ class GraphedLoss:
         try:
             captured = self._capture(key, inputs, labels, keep)
         except Exception as e:  # noqa: BLE001 - any capture failure: this signature stays eager, said once
-            self.failed.add(key)
+            self.failed[key] = "".join(traceback.format_exception(e))
             activation_offload._unjoined.clear()
-            log.warning("train.cuda_graphs: capture failed (%s: %s); this batch shape runs eagerly",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            log.warning("train.cuda_graphs: capture failed (%s); this batch shape runs eagerly", _cause(e))
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             return self._eager(inputs, labels, keep, scale, arena=False)
