@@ -14,46 +14,66 @@ pytestmark = [
 ]
 
 
-def _train(model_dir, graphs: bool, steps, overrides=()):
-    from qflash.bench import runner
-    from qflash.bench.runner import qflash_batches, qflash_loss, qflash_model, qflash_step
-
-    runner.QFLASH_OVERRIDES[:] = [f"train.cuda_graphs={str(graphs).lower()}", *overrides]
-    try:
-        model, optimizer, params = qflash_model(model_dir, dropout=0.0, lr=1e-3, attention="auto", seed=0)
-        micro = qflash_loss(model, params)
-    finally:
-        runner.QFLASH_OVERRIDES[:] = []
-    rng = np.random.default_rng(0)
-    docs = {key: [rng.integers(0, 512, n) for n in lengths] for key, lengths in steps.items() if key != "order"}
-    losses = [qflash_step(model, optimizer, params, qflash_batches(docs[key], 1024), micro) for key in steps["order"]]
-    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return losses, lora, micro
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
+# Three batch shapes; every occurrence draws new tokens (a replay reading stale inputs would show).
 STEPS = {"a": (300, 200, 700), "b": (1000, 17, 512, 3), "c": (64,), "order": "aabacbbaab"}
 
 
 @pytest.mark.parametrize("overrides", [(), ("train.offload_activations=false",), ("train.gradient_checkpointing=false",)],
                          ids=["offloaded-checkpoint", "torch-checkpoint", "no-checkpointing"])
 def test_replayed_steps_train_like_eager_ones(overrides, tmp_path, monkeypatch):
+    """Lockstep: every step's micro-batches run eagerly and through GraphedLoss from the same weights; the
+    losses and LoRA gradients must agree (the backward's atomics make bitwise equality impossible even eager
+    vs eager, so over 10 Adam steps trajectories drift apart at the 1e-4 level: compared per step instead),
+    then the optimizer steps on the graphed gradients."""
     from test_gpu import _tiny_dir
 
+    from qflash.bench import runner
+    from qflash.data.batching import trained_tokens
     from qflash.model import activation_offload
+    from qflash.train.loss import loss_sum
 
     monkeypatch.setattr(activation_offload, "MIN_OFFLOAD_BYTES", 0)  # the tiny layers' inputs really leave
-    model_dir = _tiny_dir(tmp_path, "qwen2")
-    graphed, graphed_lora, micro = _train(model_dir, True, STEPS, overrides)
-    eager, eager_lora, _ = _train(model_dir, False, STEPS, overrides)
+    runner.QFLASH_OVERRIDES[:] = ["train.cuda_graphs=true", *overrides]
+    try:
+        model, optimizer, params = runner.qflash_model(_tiny_dir(tmp_path, "qwen2"), dropout=0.0, lr=1e-3,
+                                                       attention="auto", seed=0)
+        micro = runner.qflash_loss(model, params)
+    finally:
+        runner.QFLASH_OVERRIDES[:] = []
     assert hasattr(micro, "graphs"), "train.cuda_graphs did not apply"
-    # a, b and c are captured on their second appearance; the rest of the 10 steps replay
+    rng = np.random.default_rng(0)
+    worst_loss, worst_grad = 0.0, 0.0
+    for key in STEPS["order"]:
+        batches = runner.qflash_batches([rng.integers(0, 512, n) for n in STEPS[key]], 1024)
+        n = sum(trained_tokens(b) for b in batches)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager_losses = []
+            for b in batches:
+                loss = loss_sum(model, b)
+                (loss * (1.0 / n)).backward()
+                eager_losses.append(float(loss))
+        eager_grads = [p.grad.clone() for p in params]
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            graphed_losses = [float(micro(b, 1.0 / n)) for b in batches]
+        for g, e in zip(graphed_losses, eager_losses):
+            worst_loss = max(worst_loss, abs(g - e) / abs(e))
+        for p, e in zip(params, eager_grads):
+            worst_grad = max(worst_grad, _rel(p.grad, e))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    # a, b and c are captured on their second appearance; the later ones replay
     assert len(micro.graphs) >= 2 and micro.replays >= 5, micro.summary()
     if not overrides:
         assert micro.arena.buffers, "the offloaded checkpoint's copies were not captured"
-    for g, e in zip(graphed, eager):
-        assert g == pytest.approx(e, rel=1e-4), (graphed, eager)
-    for n in eager_lora:
-        torch.testing.assert_close(graphed_lora[n], eager_lora[n], rtol=1e-3, atol=1e-5)
+    assert worst_loss < 1e-4, worst_loss
+    assert worst_grad < 2e-2, worst_grad
+    print(f"graphed vs eager over 10 steps: loss {worst_loss:.2e}, LoRA grads {worst_grad:.2e} ({micro.summary()})")
 
 
 def test_dropout_steps_stay_eager(tmp_path):
