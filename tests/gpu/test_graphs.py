@@ -68,7 +68,7 @@ def test_replayed_steps_train_like_eager_ones(overrides, tmp_path, monkeypatch):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     # a, b and c are captured on their second appearance; the later ones replay
-    assert len(micro.graphs) >= 2 and micro.replays >= 5, micro.summary()
+    assert len(micro.graphs) >= 2 and micro.replays >= 5, (micro.summary(), *micro.failed.values())
     if not overrides:
         assert micro.arena.buffers, "the offloaded checkpoint's copies were not captured"
     assert worst_loss < 1e-4, worst_loss
