@@ -149,3 +149,27 @@ def test_static_inputs_keep_the_batch_aliasing():
     assert static["cu_seq_lens_q"] is static["cu_seq_lens_k"] and static["cu_seq_lens_q"] is not cu
     assert static["input_ids"] is not ids and torch.equal(static["input_ids"], ids)
     assert static["attention_mask"] is NO_MASK and static["max_length_q"] == 3
+
+
+def test_auto_captures_small_models_only(tiny_models, identity_subset, tmp_path, monkeypatch):
+    """train.cuda_graphs=auto: small models (CPU-bound steps) are captured, models of AUTO_MAX_PARAMETERS and
+    more stay eager; 4-bit weights count at their full shape, not their packed bytes."""
+    from transformers import AutoModelForCausalLM
+
+    from qflash.train import graphs
+
+    setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0")
+    model = setup.model
+    assert any(getattr(p, "quant_state", None) is not None for p in model.parameters()), "expected NF4 weights"
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2"]))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    n = graphs.model_parameters(model)
+    assert n == sum(p.numel() for p in plain.parameters()) + lora
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    assert graph_blocker(model, cuda, "auto") is None
+    assert graph_blocker(model, cuda, True) is None
+    assert graph_blocker(model, cuda, False) == "train.cuda_graphs=false"
+    monkeypatch.setattr(graphs, "AUTO_MAX_PARAMETERS", n)
+    reason = graph_blocker(model, cuda, "auto")
+    assert reason.startswith("auto:") and "train.cuda_graphs=true" in reason
+    assert graph_blocker(model, cuda, True) is None  # forced on: captured whatever the size

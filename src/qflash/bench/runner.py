@@ -116,7 +116,7 @@ def qflash_loss(model, params, cfg=None):
 
     cfg = cfg or qflash_config(0.0, 2e-4, "auto")
     device = next(p.device for p in params)
-    blocker = graph_blocker(model, device) if cfg.train.cuda_graphs else "train.cuda_graphs=false"
+    blocker = graph_blocker(model, device, cfg.train.cuda_graphs)
     if blocker is None:
         return GraphedLoss(model, params)
 

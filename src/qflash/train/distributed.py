@@ -141,7 +141,7 @@ class Parallel:
 
     def __init__(self, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  micro_batch_size: int, max_grad_norm: float, autocast_dtype: torch.dtype | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool | str = False):
         self.accelerator = accelerator
         self.autocast_dtype = autocast_dtype
         self.strategy = strategy_of(accelerator)
@@ -171,12 +171,12 @@ class Parallel:
         self.params = [by_name[n] for n in self.names]
         self.graphed = None
         self.graphs_note = "train.cuda_graphs=false"
-        if cuda_graphs:
+        if cuda_graphs is not False:
             from qflash.train.graphs import GraphedLoss, graph_blocker
 
             device = self.params[0].device if self.params else torch.device("cpu")
             blocker = ("several processes (captured steps are single-process only)" if self.strategy != "single"
-                       else graph_blocker(model, device))
+                       else graph_blocker(model, device, cuda_graphs))
             if blocker is None:
                 self.graphed = GraphedLoss(model, self.params)
                 self.graphs_note = "on"

@@ -362,7 +362,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
     mixed = setup.dtype if setup.device.type == "cuda" and setup.dtype != torch.float32 else None
     par = Parallel(accelerator, model, optimizer, micro_batch_size=cfg.train.micro_batch_size,
                    max_grad_norm=cfg.train.max_grad_norm, autocast_dtype=mixed,
-                   cuda_graphs=cfg.train.cuda_graphs and setup.device.type == "cuda")
+                   cuda_graphs=cfg.train.cuda_graphs if setup.device.type == "cuda" else False)
     torch.manual_seed(cfg.train.seed + 1_000_003 * ranks.rank)  # LoRA dropout: each process its own masks
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed % 2**32)
