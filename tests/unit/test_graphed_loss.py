@@ -139,7 +139,7 @@ def test_static_inputs_keep_the_batch_aliasing():
     the graph's input buffers must keep them one (copied apart, dynamo recompiled inside the capture on the
     H100, where nothing may compile, and every capture failed)."""
     from qflash.model.attention import NO_MASK
-    from qflash.train.graphs import _static_copies
+    from qflash.train.graphs import _signature, _static_copies
 
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)
     ids = torch.arange(5).view(1, 5)
@@ -149,6 +149,11 @@ def test_static_inputs_keep_the_batch_aliasing():
     assert static["cu_seq_lens_q"] is static["cu_seq_lens_k"] and static["cu_seq_lens_q"] is not cu
     assert static["input_ids"] is not ids and torch.equal(static["input_ids"], ids)
     assert static["attention_mask"] is NO_MASK and static["max_length_q"] == 3
+    # the same shapes with the two apart are another signature (the graph above would read only one of them)
+    apart = {**inputs, "cu_seq_lens_k": cu.clone()}
+    labels, keep = torch.zeros(4, dtype=torch.long), torch.arange(4)
+    assert _signature(apart, labels, keep) != _signature(inputs, labels, keep)
+    assert _signature({**inputs}, labels, keep) == _signature(inputs, labels, keep)
 
 
 def test_auto_captures_small_models_only(tiny_models, identity_subset, tmp_path, monkeypatch):
@@ -173,3 +178,27 @@ def test_auto_captures_small_models_only(tiny_models, identity_subset, tmp_path,
     reason = graph_blocker(model, cuda, "auto")
     assert reason.startswith("auto:") and "train.cuda_graphs=true" in reason
     assert graph_blocker(model, cuda, True) is None  # forced on: captured whatever the size
+
+
+def test_capture_redirects_stale_streams_only_while_capturing():
+    """Where torch has the switch, captures run with autograd's stale-stream redirect on, and it is put back."""
+    from qflash.train.graphs import _stale_streams_redirected
+
+    state = getattr(torch._C, "_override_stale_capture_stream", None)
+    if state is None:
+        pytest.skip("this torch has no stale-capture-stream switch")
+    before = bool(state())
+    with _stale_streams_redirected():
+        assert state() is True
+    assert bool(state()) == before
+
+
+def test_signature_memory_is_bounded():
+    """A long supervised run brings a new signature nearly every micro-batch: what GraphedLoss remembers of them
+    stays bounded, and a signature seen twice in a row still counts as repeated."""
+    graphed = GraphedLoss(torch.nn.Linear(2, 2), [], factory=RecordedGraph)
+    graphed.MAX_SEEN = 8
+    for i in range(100):
+        assert graphed._sighting(("shape", i)) == 0
+        assert len(graphed.seen) <= 8
+    assert graphed._sighting(("shape", 99)) == 1

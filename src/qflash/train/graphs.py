@@ -106,12 +106,31 @@ class RecordedGraph:
         self.fn()
 
 
+@contextlib.contextmanager
+def _stale_streams_redirected():
+    """While capturing, let autograd move work it would queue on a stream left over from an eager run
+    (a node built before the capture, e.g. on the default stream) to the capturing stream, where torch has
+    the switch for it (torch.autograd.graph.set_override_stale_capture_stream, newer than the H100's 2.11).
+    Without it such a wait crosses the capture's boundary and the capture fails (then the step runs eagerly)."""
+    switch = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    state = getattr(torch._C, "_override_stale_capture_stream", None)
+    if switch is None or state is None:
+        yield
+        return
+    before = bool(state())
+    switch(True)
+    try:
+        yield
+    finally:
+        switch(before)
+
+
 class _CudaGraph:
     def __init__(self):
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn: Callable[[], None], pool=None) -> None:
-        with torch.cuda.graph(self.graph, pool=pool):
+        with _stale_streams_redirected(), torch.cuda.graph(self.graph, pool=pool):
             fn()
 
     def replay(self) -> None:
@@ -154,7 +173,10 @@ def _signature(inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> tuple:
     def sig(v):
         return ("t", tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else ("v", v)
 
-    return (tuple((k, sig(v)) for k, v in sorted(inputs.items())), sig(labels), sig(keep),
+    # Which inputs are one tensor: a graph captured with cu_seq_lens_q and _k as one buffer reads only one.
+    first: dict[int, str] = {}
+    aliases = tuple((k, first.setdefault(id(v), k)) for k, v in sorted(inputs.items()) if _varies(v))
+    return (tuple((k, sig(v)) for k, v in sorted(inputs.items())), aliases, sig(labels), sig(keep),
             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
 
 
@@ -273,8 +295,7 @@ class GraphedLoss:
         captured = self.graphs.get(key)
         if captured is not None:
             return self._replay(captured, inputs, labels, keep, scale)
-        seen = self.seen.get(key, 0)
-        self.seen[key] = seen + 1
+        seen = self._sighting(key)
         room = len(self.graphs) < self.max_graphs and key not in self.failed
         if seen == 0 or not room:
             return self._eager(inputs, labels, keep, scale, arena=room)
@@ -295,6 +316,18 @@ class GraphedLoss:
             return self._eager(inputs, labels, keep, scale, arena=False)
         self.graphs[key] = captured
         return self._replay(captured, inputs, labels, keep, scale)
+
+    # Signatures remembered for their second sighting. Supervised batches bring a new one nearly every
+    # micro-batch: past this many the memory is cleared (the captured graphs stay), so a long run's does not grow.
+    MAX_SEEN = 4096
+
+    def _sighting(self, key: tuple) -> int:
+        """How often `key` was seen before (as far as remembered), counting this one."""
+        if key not in self.seen and len(self.seen) >= self.MAX_SEEN:
+            self.seen.clear()
+        seen = self.seen.get(key, 0)
+        self.seen[key] = seen + 1
+        return seen
 
     def summary(self) -> str:
         return (f"{len(self.graphs)} graph(s) captured, {self.replays} micro-batches replayed, "
