@@ -134,6 +134,27 @@ def test_a_failed_capture_leaves_that_shape_eager_with_the_same_result(tiny_mode
     assert sum("capture failed" in r.message for r in caplog.records) == 1  # said once, on the second sighting
 
 
+def test_captures_stop_after_repeated_failures(tiny_models, identity_subset, tmp_path, caplog):
+    """A cause that breaks one capture usually breaks every one: after MAX_FAILURES the run stays eager (no more
+    attempts, no more warnings), with the same gradients."""
+    setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0")
+    params = [p for p in setup.model.parameters() if p.requires_grad]
+    one, two, three = (micro_batches(setup, ids)[0] for ids in (list(range(8)), list(range(8, 11)), [11]))
+    assert len({b.input_ids.shape for b in (one, two, three)}) == 3
+    graphed = GraphedLoss(setup.model, params, factory=_FailingGraph)
+    graphed.MAX_FAILURES = 2
+    with caplog.at_level("WARNING"):
+        for batch in (one, one, two, two, three, three, three):
+            want = _eager_step(setup.model, params, [batch], 1)
+            graphed(batch, 1.0)
+            for p, w in zip(params, want):
+                torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
+                p.grad = None
+    warnings = [r.message for r in caplog.records if "capture failed" in r.message]
+    assert len(warnings) == 2 and "no more are tried" in warnings[-1]
+    assert len(graphed.failed) == 2 and graphed.eager_runs == 7 and not graphed.graphs
+
+
 def test_static_inputs_keep_the_batch_aliasing():
     """cu_seq_lens_q and cu_seq_lens_k are one tensor in a packed batch; the compiled layers guard on that, so
     the graph's input buffers must keep them one (copied apart, dynamo recompiled inside the capture on the

@@ -296,7 +296,8 @@ class GraphedLoss:
         if captured is not None:
             return self._replay(captured, inputs, labels, keep, scale)
         seen = self._sighting(key)
-        room = len(self.graphs) < self.max_graphs and key not in self.failed
+        room = (len(self.graphs) < self.max_graphs and key not in self.failed
+                and len(self.failed) < self.MAX_FAILURES)
         if seen == 0 or not room:
             return self._eager(inputs, labels, keep, scale, arena=room)
         try:
@@ -304,7 +305,10 @@ class GraphedLoss:
         except Exception as e:  # noqa: BLE001 - any capture failure: this signature stays eager, said once
             self.failed[key] = "".join(traceback.format_exception(e))
             activation_offload._unjoined.clear()
-            log.warning("train.cuda_graphs: capture failed (%s); this batch shape runs eagerly", _cause(e))
+            gave_up = len(self.failed) >= self.MAX_FAILURES
+            log.warning("train.cuda_graphs: capture failed (%s); %s", _cause(e),
+                        f"{len(self.failed)} captures failed: no more are tried, the run goes on eagerly"
+                        if gave_up else "this batch shape runs eagerly")
             captured = None
         if captured is None:
             # Out of the except block the failed graph and its traceback's frames are gone, so what the capture
@@ -316,6 +320,10 @@ class GraphedLoss:
             return self._eager(inputs, labels, keep, scale, arena=False)
         self.graphs[key] = captured
         return self._replay(captured, inputs, labels, keep, scale)
+
+    # Failed captures after which no more are tried (a cause that breaks one shape's capture usually breaks all,
+    # and each attempt costs a forward and backward's time and a warning).
+    MAX_FAILURES = 2
 
     # Signatures remembered for their second sighting. Supervised batches bring a new one nearly every
     # micro-batch: past this many the memory is cleared (the captured graphs stay), so a long run's does not grow.
