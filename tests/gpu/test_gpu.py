@@ -56,6 +56,47 @@ def test_varlen_backend_matches_per_document_sdpa(backend, heads, kv_heads):
         attention.activate("auto")
 
 
+@pytest.mark.parametrize("heads, kv_heads, dim", [(28, 4, 128), (8, 2, 64)])
+def test_documents_of_one_length_run_cudnn_attention(heads, kv_heads, dim):
+    """attention.cudnn (auto): equal-length documents go to cuDNN's kernel (no FlashAttention kernel runs) and
+    match each document's fp32 attention as closely as the varlen kernel does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qflash.model import attention
+
+    if attention.available("torch_varlen") or attention.cudnn_missing("auto", "torch_varlen"):
+        pytest.skip(f"needs torch_varlen and cuDNN attention: {attention.cudnn_missing('auto', 'torch_varlen')}")
+    attention.activate("torch_varlen", cudnn="auto")
+    try:
+        torch.manual_seed(0)
+        n, length = 4, 512
+        total = n * length
+        cu = torch.arange(0, total + 1, length, dtype=torch.int32, device="cuda")
+        q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(1, total, heads, dim, device="cuda")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out, _ = attention.qflash_attention(None, q, k, v, attention.NO_MASK, scaling=dim**-0.5, cu_seq_lens_q=cu,
+                                                cu_seq_lens_k=cu, max_length_q=length, max_length_k=length)
+            gq, gk, gv = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert not [x for x in names if "flash" in x.lower()], "a FlashAttention kernel ran for equal-length documents"
+        assert out.shape == (1, total, heads, dim)
+        qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref = torch.cat([F.scaled_dot_product_attention(qr[:, :, s:s + length], kr[:, :, s:s + length],
+                                                        vr[:, :, s:s + length], is_causal=True, scale=dim**-0.5,
+                                                        enable_gqa=True).transpose(1, 2)
+                         for s in range(0, total, length)], dim=1)
+        rq, rk, rv = torch.autograd.grad((ref * w).sum(), (qr, kr, vr))
+        errors = [rel_err(out, ref)] + [rel_err(g, r) for g, r in ((gq, rq), (gk, rk), (gv, rv))]
+        print(f"cuDNN vs fp32 per document: out/dq/dk/dv {' '.join(f'{e:.1e}' for e in errors)}")
+        assert errors[0] < 1e-2 and max(errors[1:]) < 2e-2
+    finally:
+        attention.activate("auto")
+
+
 def _tiny_dir(tmp_path, arch: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 

@@ -34,13 +34,12 @@ def _eager_micro(model, batch, scale: float) -> float:
 STEPS = {"a": (300, 200, 700), "b": (1000, 17, 512, 3), "c": (64,), "order": "aabacbbaab"}
 
 
-# Session 8, H100: in this lockstep the offloaded case's capture failed ("operation would make the legacy stream
-# depend on a capturing blocking stream", raised in the nested autograd.grad of the offloaded recompute) and the
-# steps ran eagerly; the bench's and parity's offloaded captures succeed. Changed since, not yet rerun: the
-# eager pass's graph no longer outlives it (_eager_micro), and captures redirect stale streams where torch can
-# (bench/NOTES.md "session 8"). Not strict: a fix shows as XPASS.
-OFFLOADED = pytest.param((), id="offloaded-checkpoint", marks=pytest.mark.xfail(
-    reason="session 8: capture failed after an eager offloaded pass whose graph was still alive; rerun"))
+# Session 8, H100: the offloaded case's capture failed ("operation would make the legacy stream depend on a
+# capturing blocking stream", in the offloaded recompute's nested autograd.grad) while the test kept the last
+# eager pass's autograd graph alive across the capture; training and the bench never do (their losses are
+# detached). With each eager graph dying first (_eager_micro) it passes (session 9, torch 2.11, which lacks the
+# stale-stream redirect: the live graph was the cause).
+OFFLOADED = pytest.param((), id="offloaded-checkpoint")
 
 
 @pytest.mark.parametrize("overrides", [OFFLOADED, ("train.offload_activations=false",),

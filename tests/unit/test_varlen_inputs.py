@@ -81,3 +81,62 @@ def test_documents_longer_than_a_sliding_window_are_refused(monkeypatch):
     assert out.shape == (1, 10, 4, 8)
     with pytest.raises(attention.PackingError, match="window 5"):
         attention.qflash_attention(torch.nn.Module(), q, kv, kv, attention.NO_MASK, scaling=0.35, sliding_window=5, **kw)
+
+
+def test_equal_documents_reads_shapes_and_ints_only():
+    cu = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
+    assert attention.equal_documents(12, 12, cu, cu, 4, 4) == 3
+    assert attention.equal_documents(12, 12, cu, cu, 5, 5) is None  # 3 documents, the longest 5: not all 4
+    assert attention.equal_documents(12, 12, cu, cu[:3], 4, 4) is None
+    assert attention.equal_documents(12, 12, cu, cu, torch.tensor(4), 4) is None  # a tensor would need a sync
+    one = torch.tensor([0, 9], dtype=torch.int32)
+    assert attention.equal_documents(9, 9, one, one, 9, 9) == 1  # a single long sequence
+
+
+def test_documents_of_one_length_take_the_dense_path_with_the_same_result(monkeypatch):
+    """attention.cudnn's routing and reshaping on the CPU (SDPA's default kernel stands in for cuDNN's): the same
+    output and gradients as the per-document varlen twin, GQA included; mixed lengths keep the varlen kernel."""
+    torch.manual_seed(0)
+    calls = []
+
+    def counting_twin(*a, **k):
+        calls.append(1)
+        return _varlen_twin(*a, **k)
+
+    monkeypatch.setattr(attention, "_active", "torch_varlen")
+    monkeypatch.setitem(attention._KERNELS, "torch_varlen", counting_twin)
+
+    def run(dense: bool, lengths: list[int]):
+        monkeypatch.setattr(attention, "_equal_dense", dense)
+        torch.manual_seed(1)
+        tokens = sum(lengths)
+        q = torch.randn(1, 6, tokens, 8, requires_grad=True)
+        k = torch.randn(1, 2, tokens, 8, requires_grad=True)
+        v = torch.randn(1, 2, tokens, 8, requires_grad=True)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        out, _ = attention.qflash_attention(torch.nn.Module(), q, k, v, attention.NO_MASK, scaling=0.3,
+                                            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+                                            max_length_k=max(lengths))
+        out.float().pow(2).sum().backward()
+        return out.detach(), q.grad, k.grad, v.grad
+
+    want = run(False, [5, 5, 5])
+    assert len(calls) == 1
+    got = run(True, [5, 5, 5])
+    assert len(calls) == 1  # the dense path: the varlen kernel was not called
+    assert got[0].shape == (1, 15, 6, 8)
+    leaky = run(True, [15])  # one 15-token document: what attending across the three would give
+    for g, w, wrong in zip(got, want, leaky):
+        # q/k/v go to the kernel in bf16; the twin then attends in fp32, CPU SDPA in bf16
+        assert (g - w).norm() / w.norm() < 1e-2 < (wrong - w).norm() / w.norm()
+    run(True, [6, 5, 4])
+    assert len(calls) == 2  # mixed lengths: the varlen kernel
+
+
+def test_attention_cudnn_true_without_cudnn_is_a_config_error():
+    from qflash.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention.cudnn=true needs"):
+        attention.activate("sdpa", cudnn=True)
+    assert attention.activate("sdpa", cudnn="auto") == "sdpa" and not attention._equal_dense
+    assert attention.cudnn_missing(False, "torch_varlen") == "off"

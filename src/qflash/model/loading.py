@@ -136,6 +136,7 @@ def load_base_model(
     device: torch.device,
     trust_remote_code: bool = False,
     attention: str = "auto",
+    attention_cudnn: bool | str = "auto",
     residual_dtype: str = "fp32",
     quant_storage: torch.dtype = torch.uint8,
 ):
@@ -147,7 +148,7 @@ def load_base_model(
 
     from qflash.model.attention import NAME, activate
 
-    activate(attention)
+    activate(attention, cudnn=attention_cudnn)
     kwargs: dict = {
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
@@ -207,6 +208,7 @@ def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torc
         device=device,
         trust_remote_code=cfg.model.trust_remote_code,
         attention=cfg.attention.backend,
+        attention_cudnn=cfg.attention.cudnn,
         residual_dtype=cfg.quant.residual_dtype,
         quant_storage=torch.bfloat16 if sharded else torch.uint8,
     )
