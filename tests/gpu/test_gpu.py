@@ -82,7 +82,9 @@ def test_documents_of_one_length_run_cudnn_attention(heads, kv_heads, dim):
             gq, gk, gv = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        assert not [x for x in names if "flash" in x.lower()], "a FlashAttention kernel ran for equal-length documents"
+        # cuDNN's own kernels are named ..._sdpa_sm90_flash_fprop...; PyTorch's FlashAttention-2 ones pytorch_flash::
+        assert not [x for x in names if "pytorch_flash" in x], "the varlen kernel ran for equal-length documents"
+        assert [x for x in names if "cudnn" in x and "sdpa" in x], names
         assert out.shape == (1, total, heads, dim)
         qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
         ref = torch.cat([F.scaled_dot_product_attention(qr[:, :, s:s + length], kr[:, :, s:s + length],
@@ -95,6 +97,20 @@ def test_documents_of_one_length_run_cudnn_attention(heads, kv_heads, dim):
         assert errors[0] < 1e-2 and max(errors[1:]) < 2e-2
     finally:
         attention.activate("auto")
+
+
+def test_fp32_output_projection_on_gpu():
+    """The base GEMM accumulating onto the fp32 LoRA update in cuBLAS's epilogue (addmm, out_dtype fp32)."""
+    from qflash.model import fused_lora
+
+    torch.manual_seed(0)
+    x, w = torch.randn(4096, 896, device="cuda").bfloat16(), torch.randn(896, 896, device="cuda").bfloat16()
+    xa, b = torch.randn(4096, 64, device="cuda").bfloat16(), torch.randn(896, 64, device="cuda").bfloat16()
+    want = x.double() @ w.double().t() + 0.25 * (xa.double() @ b.double().t())
+    for fn in (fused_lora._update_then_base_fp32, torch.ops.qflash.update_then_base_fp32):
+        got = fn(x, w, xa, b, 0.25)
+        assert got.dtype == torch.float32
+        assert rel_err(got.double(), want) < 1e-6
 
 
 def _tiny_dir(tmp_path, arch: str):

@@ -121,3 +121,22 @@ def test_accumulating_gemms_are_opaque_ops_under_compile():
     torch.testing.assert_close(y, want_y)
     torch.testing.assert_close(gx, want_gx)
     assert len(graphs) == 1 and "qflash.update_then_base" in graphs[0] and "qflash.grad_input" in graphs[0], graphs
+
+
+def test_fp32_output_projection_sums_base_and_update_in_fp32():
+    """Projections writing into an fp32 residual (o_proj, down_proj under quant.residual_dtype=fp32): base GEMM and
+    scaled LoRA update summed in fp32 from 16-bit operands, eagerly and through the op torch.compile sees."""
+    from qflash.model import fused_lora
+
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 32).bfloat16(), torch.randn(48, 32).bfloat16()
+    xa, b = torch.randn(64, 4).bfloat16(), torch.randn(48, 4).bfloat16()
+    want = x.double() @ w.double().t() + 0.25 * (xa.double() @ b.double().t())
+    for fn in (fused_lora._update_then_base_fp32, torch.ops.qflash.update_then_base_fp32,
+               fused_lora.update_then_base_fp32):
+        got = fn(x, w, xa, b, 0.25)
+        assert got.dtype == torch.float32 and got.shape == (64, 48)
+        assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+    # rounded to bf16 before the sum, the update would lose bits: the fp32 sum is not that
+    rounded = (x.float() @ w.float().t()).bfloat16().double() + 0.25 * (xa.double() @ b.double().t())
+    assert (rounded - want).abs().max() > 1e-3 * want.abs().max()

@@ -119,6 +119,34 @@ def update_then_base(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torc
     return (_update_then_base_op if torch.compiler.is_compiling() else _update_then_base)(x, w, xa, b, scaling)
 
 
+def _update_then_base_fp32(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torch.Tensor,
+                           scaling: float) -> torch.Tensor:
+    """fp32 (x W^T + s xa B^T) from 16-bit operands: the update's GEMM writes fp32, then the base GEMM adds
+    its fp32 accumulator onto it in the epilogue (cuBLAS addmm with out_dtype; no separate add pass over a
+    tokens x features fp32 tensor). The CPU twin: the same sums from fp32 copies (exact products)."""
+    y = _mm_fp32(xa, b.t())
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype:
+        return torch.addmm(y, x, w.t(), beta=scaling, out_dtype=torch.float32, out=y)
+    return y.mul_(scaling).addmm_(x.float(), w.float().t())
+
+
+@torch.library.custom_op("qflash::update_then_base_fp32", mutates_args=())
+def _update_then_base_fp32_op(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torch.Tensor,
+                              scaling: float) -> torch.Tensor:
+    return _update_then_base_fp32(x, w, xa, b, scaling)
+
+
+@_update_then_base_fp32_op.register_fake
+def _(x, w, xa, b, scaling):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def update_then_base_fp32(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float):
+    """fp32 x W^T + s (xa B^T), for projections that write into an fp32 residual stream."""
+    return (_update_then_base_fp32_op if torch.compiler.is_compiling() else _update_then_base_fp32)(x, w, xa, b,
+                                                                                                    scaling)
+
+
 def grad_input(g: torch.Tensor, w: torch.Tensor, gb: torch.Tensor, a: torch.Tensor, scaling: float):
     """g W + s (g B) A."""
     return (_grad_input_op if torch.compiler.is_compiling() else _grad_input)(g, w, gb, a, scaling)
@@ -157,8 +185,7 @@ class NF4LoraLinear(torch.autograd.Function):
             # This projection writes into the fp32 residual stream: base + update summed and kept in
             # fp32 (16-bit GEMMs with fp32 accumulation and output: no fp32 GEMM, no cast passes).
             w = _dequantize(weight, quant_state, traced_dequant).to(compute_dtype)
-            y = _mm_fp32(x2, w.t())
-            y.add_(_mm_fp32(xa, b.t()), alpha=scaling)
+            y = update_then_base_fp32(x2, w, xa, b, scaling)
             if bias is not None:
                 y.add_(bias.float())
         else:
