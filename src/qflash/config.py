@@ -189,13 +189,14 @@ class AttentionConfig:
     backend: Literal["auto", "flash_attn", "torch_varlen", "sdpa", "eager"] = "auto"
     """auto: flash-attn if installed, else PyTorch's varlen FlashAttention-2 on GPU, else SDPA (CPU)."""
     cudnn: bool | Literal["auto"] = "auto"
-    """Packed batches whose documents all have one length (fixed-length chunks of raw text, a single long
-    sequence, the bench's `fixed`) run through cuDNN's fused attention (SDPA's CUDNN backend, native GQA)
-    instead of the varlen FlashAttention-2 kernel: the same causal attention per document, rounded
-    differently at bf16 level. H100, torch 2.11 + cuDNN 9.19, Qwen2.5-7B heads, 4 x 2048 tokens: forward
+    """Packed batches whose documents all have one length (text cut beforehand into equal chunks, a
+    micro-batch holding one long document, the bench's `fixed`; supervised data rarely qualifies) run
+    through cuDNN's fused attention (SDPA's CUDNN backend, native GQA) instead of the varlen
+    FlashAttention-2 kernel: the same causal attention per document, rounded differently at bf16 level. H100, torch 2.11 + cuDNN 9.19, Qwen2.5-7B heads, 4 x 2048 tokens: forward
     0.57 -> 0.24 ms, forward + backward 1.97 -> 1.07 ms per layer. auto = on with backend torch_varlen on a
-    Hopper or newer GPU and no attention dropout; batches of mixed lengths keep the varlen kernel (torch
-    2.11's ragged cuDNN path gave wrong gradients there). true = also with flash_attn; false = never."""
+    Hopper or newer GPU and no attention dropout, for documents up to 16,384 tokens (the longest measured);
+    batches of mixed lengths keep the varlen kernel (torch 2.11's ragged cuDNN path gave wrong gradients
+    there). true = any length, also with flash_attn; false = never."""
 
 
 @dataclass

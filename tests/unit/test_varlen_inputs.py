@@ -105,6 +105,7 @@ def test_documents_of_one_length_take_the_dense_path_with_the_same_result(monkey
 
     monkeypatch.setattr(attention, "_active", "torch_varlen")
     monkeypatch.setitem(attention._KERNELS, "torch_varlen", counting_twin)
+    monkeypatch.setattr(attention, "_equal_dense_max", attention.CUDNN_AUTO_MAX_LENGTH)
 
     def run(dense: bool, lengths: list[int]):
         monkeypatch.setattr(attention, "_equal_dense", dense)
@@ -131,6 +132,9 @@ def test_documents_of_one_length_take_the_dense_path_with_the_same_result(monkey
         assert (g - w).norm() / w.norm() < 1e-2 < (wrong - w).norm() / w.norm()
     run(True, [6, 5, 4])
     assert len(calls) == 2  # mixed lengths: the varlen kernel
+    monkeypatch.setattr(attention, "_equal_dense_max", 4)
+    run(True, [5, 5, 5])
+    assert len(calls) == 3  # longer documents than auto's measured range: the varlen kernel
 
 
 def test_attention_cudnn_true_without_cudnn_is_a_config_error():

@@ -48,7 +48,7 @@ def relaunch(gpus: int, strategy: str, argv: list[str]) -> int:
 def run_data_parallel(shape: str, workload: str, *, steps: int, warmup: int, dropout: float, attention: str,
                       out_dir: Path, cache: Path, overrides: list[str], loss_steps: int, as_ranks: int) -> dict | None:
     from qflash.data.batching import trained_tokens
-    from qflash.model.attention import activate
+    from qflash.model.attention import activate, cudnn_equal_length
     from qflash.train.distributed import Parallel, fsdp_requested, make_accelerator
 
     accelerator = make_accelerator(cpu=False)
@@ -108,7 +108,8 @@ def run_data_parallel(shape: str, workload: str, *, steps: int, warmup: int, dro
     if rank == 0:
         rec = {
             "device": torch.cuda.get_device_name(), "gpus": world, "as_ranks": as_ranks if world == 1 else world,
-            "shape": shape, "workload": workload, "attention_backend": backend, "lora_r": 64, "lora_alpha": 16,
+            "shape": shape, "workload": workload, "attention_backend": backend,
+            "attention_cudnn_equal_length": cudnn_equal_length(), "lora_r": 64, "lora_alpha": 16,
             "lora_dropout": dropout, "overrides": overrides, "strategy": par.strategy,
             "global_real_tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
             "peak_mem_gb_per_gpu": float(peak[0].item()), "peak_reserved_gb_per_gpu": float(peak[1].item()),

@@ -371,13 +371,13 @@ def versions() -> dict:
 
 def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: int, warmup: int, dropout: float,
               attention: str, out_dir: Path, parity_steps: int, cache: Path, overrides: list[str] | None = None) -> list[dict]:
-    from qflash.model.attention import activate
+    from qflash.model.attention import activate, cudnn_missing
 
     QFLASH_OVERRIDES[:] = overrides or []
     qcfg = qflash_config(dropout, 2e-4, attention)  # validates the overrides before any work
     if not torch.cuda.is_available():
         raise SystemExit("qflash bench needs a CUDA GPU")
-    backend = activate(attention)
+    backend = activate(attention, cudnn=qcfg.attention.cudnn)
     device = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
     t0 = time.perf_counter()
@@ -388,6 +388,8 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
     common = {
         "device": device, "shape": shape, "lora_r": 64, "lora_alpha": 16, "lora_dropout": dropout,
         "quant": "nf4 double-quant, bf16 compute", "attention_backend": backend,
+        # attention.cudnn as resolved: documents of one length (`fixed`) go to cuDNN's kernel
+        "attention_cudnn_equal_length": cudnn_missing(qcfg.attention.cudnn, backend) is None,
         "residual_dtype": qcfg.quant.residual_dtype, "lora_fused": qcfg.lora.fused, "kernels": dict(vars(qcfg.kernels)),
         "optimizer": qcfg.train.optimizer, "overrides": list(QFLASH_OVERRIDES),
         "git_commit": os.environ.get("QFLASH_GIT_COMMIT"), "versions": versions(),

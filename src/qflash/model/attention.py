@@ -41,6 +41,9 @@ VARLEN = ("flash_attn", "torch_varlen")
 
 _active = "sdpa"
 _equal_dense = False  # attention.cudnn resolved: documents of one length go to cuDNN's dense attention
+# ... up to this length under auto (the longest measured against FlashAttention-2: bench/NOTES.md, session 9)
+CUDNN_AUTO_MAX_LENGTH = 16384
+_equal_dense_max = CUDNN_AUTO_MAX_LENGTH
 
 
 class PackingError(RuntimeError):
@@ -101,7 +104,7 @@ def cudnn_missing(setting: bool | str, backend: str) -> str | None:
 def activate(backend: str, cudnn: bool | str = "auto") -> str:
     """Register the facade with transformers (idempotent) and select the backend for this process.
     `cudnn`: attention.cudnn (auto | true | false)."""
-    global _active, _equal_dense
+    global _active, _equal_dense, _equal_dense_max
     chosen = resolve(backend)
     why_not = cudnn_missing(cudnn, chosen)
     if cudnn is True and why_not is not None:
@@ -110,6 +113,7 @@ def activate(backend: str, cudnn: bool | str = "auto") -> str:
         log.info("attention: packed documents of one length %s cuDNN's fused attention (attention.cudnn=%s)",
                  "go to" if why_not is None else "no longer go to", str(cudnn).lower())
     _equal_dense = why_not is None
+    _equal_dense_max = CUDNN_AUTO_MAX_LENGTH if cudnn == "auto" else sys.maxsize
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -124,6 +128,11 @@ def activate(backend: str, cudnn: bool | str = "auto") -> str:
 
 def active() -> str:
     return _active
+
+
+def cudnn_equal_length() -> bool:
+    """attention.cudnn as resolved by activate(): packed documents of one length go to cuDNN's kernel."""
+    return _equal_dense
 
 
 def uses_varlen() -> bool:
@@ -268,7 +277,7 @@ def qflash_attention(
         v = value[0].transpose(0, 1).to(kernel_dtype)
         cu_k, max_q, max_k = kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
         n = equal_documents(q.shape[0], k.shape[0], cu_q, cu_k, max_q, max_k) if _equal_dense and not dropout else None
-        if n is not None:
+        if n is not None and max_q <= _equal_dense_max:
             out = _dense_attention(q, k, v, n, scaling)
         else:
             out = _KERNELS[_active](q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout)
