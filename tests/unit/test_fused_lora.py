@@ -134,9 +134,11 @@ def test_fp32_output_projection_sums_base_and_update_in_fp32():
     want = x.double() @ w.double().t() + 0.25 * (xa.double() @ b.double().t())
     for fn in (fused_lora._update_then_base_fp32, torch.ops.qflash.update_then_base_fp32,
                fused_lora.update_then_base_fp32):
-        got = fn(x, w, xa, b, 0.25)
-        assert got.dtype == torch.float32 and got.shape == (64, 48)
-        assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+        for autocast in (False, True):  # CPU autocast (bf16 training on the CPU) must not round the sum
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                got = fn(x, w, xa, b, 0.25)
+            assert got.dtype == torch.float32 and got.shape == (64, 48)
+            assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
     # rounded to bf16 before the sum, the update would lose bits: the fp32 sum is not that
     rounded = (x.float() @ w.float().t()).bfloat16().double() + 0.25 * (xa.double() @ b.double().t())
     assert (rounded - want).abs().max() > 1e-3 * want.abs().max()

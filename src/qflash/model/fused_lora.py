@@ -75,7 +75,8 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     in summation order."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
         return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
+    with torch.autocast(a.device.type, enabled=False):  # autocast would round the fp32 GEMM's result to 16 bits
+        return torch.mm(a.float(), b.float())
 
 
 # The two accumulating GEMMs as opaque ops for torch.compile (kernels.compile_layers): traced, the
@@ -127,7 +128,8 @@ def _update_then_base_fp32(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b
     y = _mm_fp32(xa, b.t())
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype:
         return torch.addmm(y, x, w.t(), beta=scaling, out_dtype=torch.float32, out=y)
-    return y.mul_(scaling).addmm_(x.float(), w.float().t())
+    with torch.autocast(x.device.type, enabled=False):
+        return y.mul_(scaling).addmm_(x.float(), w.float().t())
 
 
 @torch.library.custom_op("qflash::update_then_base_fp32", mutates_args=())
