@@ -92,31 +92,22 @@ def _grad_input(g: torch.Tensor, w: torch.Tensor, gb: torch.Tensor, a: torch.Ten
     return torch.mm(g, w).addmm_(gb, a, alpha=scaling)
 
 
-@torch.library.custom_op("qflash::update_then_base", mutates_args=())
-def _update_then_base_op(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torch.Tensor,
-                         scaling: float) -> torch.Tensor:
-    return _update_then_base(x, w, xa, b, scaling)
+def _opaque_op(name: str, fn, fake):
+    """`fn` as the op qflash::`name`, which torch.compile does not trace into (`fake` gives its output's shape
+    and dtype). Eagerly the plain function is called instead: the op's dispatch would only add CPU time."""
+    op = torch.library.custom_op(f"qflash::{name}", fn, mutates_args=())
+    op.register_fake(fake)
+    return op
 
 
-@_update_then_base_op.register_fake
-def _(x, w, xa, b, scaling):
-    return x.new_empty((x.shape[0], w.shape[0]))
-
-
-@torch.library.custom_op("qflash::grad_input", mutates_args=())
-def _grad_input_op(g: torch.Tensor, w: torch.Tensor, gb: torch.Tensor, a: torch.Tensor,
-                   scaling: float) -> torch.Tensor:
-    return _grad_input(g, w, gb, a, scaling)
-
-
-@_grad_input_op.register_fake
-def _(g, w, gb, a, scaling):
-    return g.new_empty((g.shape[0], w.shape[1]))
+_update_then_base_op = _opaque_op("update_then_base", _update_then_base,
+                                  lambda x, w, xa, b, scaling: x.new_empty((x.shape[0], w.shape[0])))
+_grad_input_op = _opaque_op("grad_input", _grad_input,
+                            lambda g, w, gb, a, scaling: g.new_empty((g.shape[0], w.shape[1])))
 
 
 def update_then_base(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float):
     """x W^T + s (xa B^T): the update first, the base GEMM accumulating onto it (one rounding)."""
-    # eagerly the plain function: the op's dispatch would only add CPU time
     return (_update_then_base_op if torch.compiler.is_compiling() else _update_then_base)(x, w, xa, b, scaling)
 
 
@@ -132,15 +123,9 @@ def _update_then_base_fp32(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b
         return y.mul_(scaling).addmm_(x.float(), w.float().t())
 
 
-@torch.library.custom_op("qflash::update_then_base_fp32", mutates_args=())
-def _update_then_base_fp32_op(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torch.Tensor,
-                              scaling: float) -> torch.Tensor:
-    return _update_then_base_fp32(x, w, xa, b, scaling)
-
-
-@_update_then_base_fp32_op.register_fake
-def _(x, w, xa, b, scaling):
-    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+_update_then_base_fp32_op = _opaque_op(
+    "update_then_base_fp32", _update_then_base_fp32,
+    lambda x, w, xa, b, scaling: x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32))
 
 
 def update_then_base_fp32(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float):
