@@ -105,10 +105,9 @@ def test_documents_of_one_length_take_the_dense_path_with_the_same_result(monkey
 
     monkeypatch.setattr(attention, "_active", "torch_varlen")
     monkeypatch.setitem(attention._KERNELS, "torch_varlen", counting_twin)
-    monkeypatch.setattr(attention, "_equal_dense_max", attention.CUDNN_AUTO_MAX_LENGTH)
 
     def run(dense: bool, lengths: list[int]):
-        monkeypatch.setattr(attention, "_equal_dense", dense)
+        monkeypatch.setattr(attention, "_equal_dense_max", attention.CUDNN_AUTO_MAX_LENGTH if dense else 0)
         torch.manual_seed(1)
         tokens = sum(lengths)
         q = torch.randn(1, 6, tokens, 8, requires_grad=True)
@@ -132,7 +131,7 @@ def test_documents_of_one_length_take_the_dense_path_with_the_same_result(monkey
         assert (g - w).norm() / w.norm() < 1e-2 < (wrong - w).norm() / w.norm()
     run(True, [6, 5, 4])
     assert len(calls) == 2  # mixed lengths: the varlen kernel
-    monkeypatch.setattr(attention, "_equal_dense_max", 4)
+    monkeypatch.setattr(attention, "CUDNN_AUTO_MAX_LENGTH", 4)
     run(True, [5, 5, 5])
     assert len(calls) == 3  # longer documents than auto's measured range: the varlen kernel
 
@@ -142,5 +141,5 @@ def test_attention_cudnn_true_without_cudnn_is_a_config_error():
 
     with pytest.raises(ConfigError, match="attention.cudnn=true needs"):
         attention.activate("sdpa", cudnn=True)
-    assert attention.activate("sdpa", cudnn="auto") == "sdpa" and not attention._equal_dense
+    assert attention.activate("sdpa", cudnn="auto") == "sdpa" and not attention.cudnn_equal_length()
     assert attention.cudnn_missing(False, "torch_varlen") == "off"

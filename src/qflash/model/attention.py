@@ -40,10 +40,11 @@ BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa", "eager")
 VARLEN = ("flash_attn", "torch_varlen")
 
 _active = "sdpa"
-_equal_dense = False  # attention.cudnn resolved: documents of one length go to cuDNN's dense attention
-# ... up to this length under auto (the longest measured against FlashAttention-2: bench/NOTES.md, session 9)
+# attention.cudnn under auto: documents up to this length (the longest measured against FlashAttention-2:
+# bench/NOTES.md, session 9)
 CUDNN_AUTO_MAX_LENGTH = 16384
-_equal_dense_max = CUDNN_AUTO_MAX_LENGTH
+# attention.cudnn resolved: documents of one length up to this many tokens go to cuDNN's dense attention (0: off)
+_equal_dense_max = 0
 
 
 class PackingError(RuntimeError):
@@ -104,16 +105,15 @@ def cudnn_missing(setting: bool | str, backend: str) -> str | None:
 def activate(backend: str, cudnn: bool | str = "auto") -> str:
     """Register the facade with transformers (idempotent) and select the backend for this process.
     `cudnn`: attention.cudnn (auto | true | false)."""
-    global _active, _equal_dense, _equal_dense_max
+    global _active, _equal_dense_max
     chosen = resolve(backend)
     why_not = cudnn_missing(cudnn, chosen)
     if cudnn is True and why_not is not None:
         raise ConfigError(f"attention.cudnn=true needs {why_not}; use attention.cudnn=auto or false")
-    if (why_not is None) != _equal_dense:
+    if (why_not is None) != cudnn_equal_length():
         log.info("attention: packed documents of one length %s cuDNN's fused attention (attention.cudnn=%s)",
                  "go to" if why_not is None else "no longer go to", str(cudnn).lower())
-    _equal_dense = why_not is None
-    _equal_dense_max = CUDNN_AUTO_MAX_LENGTH if cudnn == "auto" else sys.maxsize
+    _equal_dense_max = 0 if why_not is not None else CUDNN_AUTO_MAX_LENGTH if cudnn == "auto" else sys.maxsize
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -132,7 +132,7 @@ def active() -> str:
 
 def cudnn_equal_length() -> bool:
     """attention.cudnn as resolved by activate(): packed documents of one length go to cuDNN's kernel."""
-    return _equal_dense
+    return _equal_dense_max > 0
 
 
 def uses_varlen() -> bool:
@@ -276,8 +276,8 @@ def qflash_attention(
         k = key[0].transpose(0, 1).to(kernel_dtype)
         v = value[0].transpose(0, 1).to(kernel_dtype)
         cu_k, max_q, max_k = kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
-        n = equal_documents(q.shape[0], k.shape[0], cu_q, cu_k, max_q, max_k) if _equal_dense and not dropout else None
-        if n is not None and max_q <= _equal_dense_max:
+        n = equal_documents(q.shape[0], k.shape[0], cu_q, cu_k, max_q, max_k) if _equal_dense_max and not dropout else None
+        if n is not None and max_q <= _equal_dense_max:  # n: max_q is an int
             out = _dense_attention(q, k, v, n, scaling)
         else:
             out = _KERNELS[_active](q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout)
