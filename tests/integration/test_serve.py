@@ -169,7 +169,7 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server):
 def test_sigterm_stops_with_a_summary_and_every_request_was_logged(server):
     server.proc.send_signal(signal.SIGTERM)
     out, err = server.proc.communicate(timeout=60)
-    assert server.proc.returncode == 0
+    assert server.proc.returncode == 0, err[-3000:]
     assert "qflash serve: stopped after" in out and "errors)" in out
     log = [line for line in err.splitlines() if '"' in line]
     assert any('"POST /v1/chat/completions" 200' in line and "(stream)" in line for line in log)
@@ -195,16 +195,16 @@ def local_server(tiny_engine):
 
     servers = []
 
-    def start(api_key: str | None = None):
+    def start(api_key: str | None = None, server: bool = False):
         srv = make_server(ServeState(tiny_engine, "tiny", SamplingOptions(max_new_tokens=4), api_key), "127.0.0.1", 0)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
-        return srv.server_address[1]
+        return srv if server else srv.server_address[1]
 
     yield start
     for srv in servers:
         srv.shutdown()
-        srv.server_close()
+        assert srv.stop() == 0
 
 
 def test_api_key_is_required_when_set(local_server):
@@ -293,3 +293,103 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(local_server, 
     while "499" not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.05)
     assert '"POST /v1/chat/completions" 499' in caplog.text and "client closed the connection" in caplog.text
+
+
+def test_stopping_cancels_the_reply_in_progress_ends_idle_connections_and_joins_every_thread(
+        local_server, tiny_engine, monkeypatch):
+    """What `qflash serve` does on Ctrl-C/SIGTERM; the earlier daemon threads made the exit abort (-6)."""
+    import socket
+
+    srv = local_server(server=True)
+    port = srv.server_address[1]
+    real, started = tiny_engine.complete, threading.Event()
+
+    def held_until_stop(prompt, opts, on_text=None, cancel=None):
+        started.set()
+        assert cancel is srv.state.stopping and cancel.wait(30)
+        return real(prompt, opts, on_text=on_text, cancel=cancel)  # cancelled at its first token
+
+    class ArrivalsLock:  # the model lock, counting the requests that came to it
+        def __init__(self):
+            self.lock, self.arrived = threading.Lock(), 0
+
+        def __enter__(self):
+            self.arrived += 1
+            self.lock.acquire()
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    monkeypatch.setattr(tiny_engine, "complete", held_until_stop)
+    srv.state.lock = lock = ArrivalsLock()
+    idle = socket.create_connection(("127.0.0.1", port), timeout=60)  # keep-alive, no request yet
+    answers: dict = {}
+
+    def ask(stream: bool) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "tiny", "messages": FRANCE, "max_tokens": 400, "stream": stream}))
+        resp = conn.getresponse()
+        answers[stream] = (resp.status, dict(resp.getheaders()), resp.read().decode())
+        conn.close()
+
+    plain = threading.Thread(target=ask, args=(False,))
+    plain.start()
+    assert started.wait(30)
+    streamed = threading.Thread(target=ask, args=(True,))  # queued behind the model lock
+    streamed.start()
+    deadline = time.monotonic() + 30
+    while lock.arrived < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lock.arrived == 2  # the streamed request waits for the model
+    srv.shutdown()
+    assert srv.stop(grace=20) == 0
+    plain.join(30)
+    streamed.join(30)
+    status, headers, body = answers[False]
+    assert status == 503 and json.loads(body)["error"]["code"] == "server_shutting_down"
+    assert headers["Retry-After"] == "30"
+    status, _, body = answers[True]  # queued: it meets the flag before generating
+    assert status == 503 and json.loads(body)["error"]["code"] == "server_shutting_down"
+    assert idle.recv(1) == b""  # the idle connection was closed by the server
+    idle.close()
+    assert not [t.name for t in threading.enumerate() if "process_request_thread" in t.name]
+    assert (srv.state.requests, srv.state.errors) == (2, 2)
+
+
+def test_a_cancelled_stream_ends_with_a_shutting_down_event(local_server, tiny_engine, monkeypatch):
+    srv = local_server(server=True)
+    real = tiny_engine.complete
+
+    def stop_after_first_piece(prompt, opts, on_text=None, cancel=None):
+        def on_piece(text):
+            on_text(text)
+            cancel.set()  # as stop() does, mid-reply
+
+        return real(prompt, opts, on_text=on_piece, cancel=cancel)
+
+    monkeypatch.setattr(tiny_engine, "complete", stop_after_first_piece)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": FRANCE, "max_tokens": 400, "stream": True}))
+    resp = conn.getresponse()
+    events = [e.removeprefix("data: ") for e in resp.read().decode().split("\n\n") if e]
+    conn.close()
+    assert resp.status == 200
+    assert json.loads(events[0])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [json.loads(e)["choices"][0] for e in events[1:-1]]  # what was generated before the cut
+    assert pieces and all(p["delta"]["content"] and p["finish_reason"] is None for p in pieces)
+    assert json.loads(events[-1])["error"]["code"] == "server_shutting_down"
+
+
+def test_engine_cancel_stops_generation_with_cancelled(tiny_engine):
+    from qflash.infer.engine import Cancelled
+    from qflash.infer.options import SamplingOptions
+
+    opts = SamplingOptions(max_new_tokens=8)
+    cancel = threading.Event()
+    done = tiny_engine.complete([1, 2, 3], opts, cancel=cancel)  # never set: an ordinary reply
+    assert done.completion_tokens >= 1
+    cancel.set()
+    with pytest.raises(Cancelled):
+        tiny_engine.complete([1, 2, 3], opts, cancel=cancel)

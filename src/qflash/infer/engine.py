@@ -8,10 +8,12 @@ context window) and what comes out (text, finish reason, token counts, streamed 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from qflash.errors import QflashError
 from qflash.infer.options import MessageError, SamplingOptions
@@ -33,6 +35,21 @@ class Completion:
 
 class ContextOverflow(QflashError):
     """A prompt that leaves no room for a reply in the context window."""
+
+
+class Cancelled(QflashError):
+    """Generation stopped early because its cancel event was set (the server is shutting down)."""
+
+
+class _CancelCriterion(StoppingCriteria):
+    """Ends generation at the next token once the event is set (checked once per generated token)."""
+
+    def __init__(self, event: threading.Event):
+        self.event, self.fired = event, False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.fired = self.fired or self.event.is_set()
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -177,21 +194,27 @@ class Engine:
 
     @torch.inference_mode()
     def complete(
-        self, prompt_ids: list[int], opts: SamplingOptions, on_text: Callable[[str], None] | None = None
+        self, prompt_ids: list[int], opts: SamplingOptions, on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Completion:
         """One reply; with on_text, its text is handed over in pieces as it is generated.
 
         An exception raised by on_text (a closed connection, Ctrl-C) stops generation and propagates.
+        cancel: once set, generation stops within a token and Cancelled is raised instead of a reply.
         """
         max_new = self._reply_budget(len(prompt_ids), opts.max_new_tokens)
         streamer = _DeltaStreamer(self, on_text) if on_text is not None else None
+        stop = _CancelCriterion(cancel) if cancel is not None else None
         if opts.seed is not None:
             torch.manual_seed(opts.seed)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.loaded.device)
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([stop]) if stop is not None else None,
             **self._generate_kwargs(opts, max_new),
         )
+        if stop is not None and stop.fired:
+            raise Cancelled("generation cancelled")
         return self._completion(out[0, len(prompt_ids):].tolist(), len(prompt_ids))
 
     @torch.inference_mode()

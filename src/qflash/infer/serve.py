@@ -10,6 +10,12 @@ Errors are OpenAI-shaped JSON {"error": {"message", "type", "code", "param"}}: 4
 incomplete requests, 401 missing/wrong API key, 404 unknown route or model, 405 wrong method,
 411 no Content-Length, 413 body too large, 422 values out of range or features not supported.
 A bug while answering is a 500 with the same JSON shape; the server keeps serving.
+
+Stopping (Ctrl-C, SIGTERM): new connections are no longer accepted, a reply being generated is cut
+within a token and answered 503 server_shutting_down, idle keep-alive connections are closed, and every
+request thread is joined before the summary is printed. No thread that ran the model outlives the
+server: a daemon thread still alive at interpreter exit could make the exit abort inside torch's C++
+teardown ("terminate called without an active exception", exit status -6).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from qflash.errors import ConfigError
-from qflash.infer.engine import ContextOverflow, Engine
+from qflash.infer.engine import Cancelled, ContextOverflow, Engine
 from qflash.infer.options import MessageError, SamplingOptions, check_messages
 
 log = logging.getLogger(__name__)
@@ -94,6 +100,8 @@ class ServeState:
     errors: int = 0
     tokens: int = 0
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    """Set when the server stops: generation in progress is cancelled, queued requests get 503."""
 
     def count(self, status: int, tokens: int = 0) -> None:
         with self.counter_lock:
@@ -168,9 +176,54 @@ def parse_chat_request(raw: bytes, state: ServeState) -> ChatRequest:
     return ChatRequest(messages, opts, stream, bool(so.get("include_usage", False)))
 
 
+SHUTDOWN_GRACE = 10.0  # seconds a request thread gets to finish after stop, before its socket is cut
+
+
 class QflashServer(ThreadingHTTPServer):
-    daemon_threads = True
+    daemon_threads = False  # joined in stop(); see the module docstring
+    block_on_close = True
     state: ServeState
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def _cut(self, how: int) -> int:
+        """socket.shutdown(how) on every open connection; how many there were."""
+        with self._open_lock:
+            conns = list(self._open)
+        for conn in conns:
+            try:
+                conn.shutdown(how)
+            except OSError:
+                pass  # already closed by the client
+        return len(conns)
+
+    def stop(self, grace: float = SHUTDOWN_GRACE) -> int:
+        """Cancel generation, end every connection, join every request thread; threads still running."""
+        self.state.stopping.set()
+        self._cut(socket.SHUT_RD)  # idle keep-alive readers see end-of-stream; replies can still be written
+        threads = list(vars(self).get("_threads", []))  # none before the first connection
+        deadline = time.monotonic() + grace
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in threads):
+            self._cut(socket.SHUT_RDWR)  # a client that does not read its reply: its write fails now
+            for t in threads:
+                t.join(5.0)
+        self.server_close()  # the listening socket; joins what is left (nothing, normally)
+        return sum(t.is_alive() for t in threads)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -286,6 +339,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except _Reported:
             pass  # sent inside the stream already
+        except OSError as e:  # the socket was cut while stopping (or another socket-level failure)
+            self._outcome.update(status=499, note=f"connection failed: {e}")
+            self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a bug in one request must not stop the server
             log.error("internal error on %s %s:\n%s", method, self.path, traceback.format_exc())
             self._outcome.update(status=500, note=f"{type(e).__name__}: {e}")
@@ -330,6 +386,8 @@ class Handler(BaseHTTPRequestHandler):
         # One request at a time uses the model, and the tokenizer too: a fast tokenizer shared between
         # threads can fail with "Already borrowed".
         with state.lock:
+            if state.stopping.is_set():
+                raise _shutting_down()
             try:
                 prompt = engine.prompt_ids(req.messages)
             except MessageError as e:
@@ -341,9 +399,11 @@ class Handler(BaseHTTPRequestHandler):
                 c = self._stream(engine, prompt, req, head)
             else:
                 try:
-                    c = engine.complete(prompt, req.opts)
+                    c = engine.complete(prompt, req.opts, cancel=state.stopping)
                 except ContextOverflow as e:
                     raise ApiError(400, str(e), "context_length_exceeded", "messages") from None
+                except Cancelled:
+                    raise _shutting_down() from None
                 self._send_json(200, {
                     **head, "object": "chat.completion", "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
@@ -367,9 +427,17 @@ class Handler(BaseHTTPRequestHandler):
         self._headers_sent = True
         self._sse(delta({"role": "assistant", "content": ""}))
         try:
-            c = engine.complete(prompt, req.opts, on_text=lambda text: self._sse(delta({"content": text})))
+            c = engine.complete(prompt, req.opts, on_text=lambda text: self._sse(delta({"content": text})),
+                                cancel=self.server.state.stopping)
         except (BrokenPipeError, ConnectionResetError):
             raise
+        except Cancelled:
+            err = _shutting_down()
+            self._sse(err.body())
+            self._chunk(b"")
+            self.close_connection = True
+            self._outcome.update(status=err.status, note=f"{err.code} (while streaming)")
+            raise _Reported() from None
         except Exception as e:  # noqa: BLE001 - headers are out: report in the stream, then end it
             log.error("internal error while streaming:\n%s", traceback.format_exc())
             self._sse(ApiError(500, f"internal error: {type(e).__name__}: {e}", "internal_error",
@@ -388,6 +456,12 @@ class Handler(BaseHTTPRequestHandler):
 
 class _Reported(Exception):
     """An error already sent to the client inside a stream."""
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; this request was not completed, send it again once "
+                    "the server is back", "server_shutting_down", type_="server_error",
+                    headers={"Retry-After": "30"})
 
 
 def _usage(c) -> dict:
@@ -429,7 +503,8 @@ def serve(engine: Engine, *, host: str, port: int, model_id: str, defaults: Samp
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        server.server_close()
+        stuck = server.stop()
     print(f"qflash serve: stopped after {time.perf_counter() - t0:.0f}s: {state.requests} requests "
-          f"({state.errors} errors), {state.tokens:,} tokens generated", flush=True)
+          f"({state.errors} errors), {state.tokens:,} tokens generated"
+          + (f"; {stuck} request thread(s) did not end" if stuck else ""), flush=True)
     return 0
