@@ -282,3 +282,55 @@ def _live_calls():
             calls.append(call)
             call = call.previous() if call.previous is not None else None
     return calls
+
+
+def test_kept_attention_runs_one_attention_forward_per_layer_on_gpu(tmp_path, monkeypatch):
+    """kernels.keep_attention (compiled layers, offloaded checkpoint, every tensor pinned however small): the
+    recompute runs no FlashAttention forward kernel; loss and LoRA gradients equal recomputing it (up to
+    FlashAttention's backward, which accumulates dq with atomics)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qflash.bench import runner
+    from qflash.data.batching import trained_tokens
+    from qflash.model import activation_offload
+    from qflash.train.loss import loss_sum
+
+    monkeypatch.setattr(activation_offload, "MIN_OFFLOAD_BYTES", 0)
+    model_dir = _tiny_dir(tmp_path, "qwen2")
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(0, 512, n) for n in (300, 200, 700, 64)]
+    results, forwards = {}, {}
+    for keep in (False, True):
+        runner.QFLASH_OVERRIDES[:] = [f"kernels.keep_attention={str(keep).lower()}", "attention.cudnn=false"]
+        try:
+            model, _, _ = runner.qflash_model(model_dir, dropout=0.0, lr=1e-3, attention="torch_varlen", seed=0)
+        finally:
+            runner.QFLASH_OVERRIDES[:] = []
+        with torch.no_grad():
+            gen = torch.Generator(device="cuda").manual_seed(7)
+            for n, p in sorted(model.named_parameters()):
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.05)
+        batches = runner.qflash_batches(docs, 1024)
+        n = sum(trained_tokens(b) for b in batches)
+        total = 0.0
+        for i, b in enumerate(batches):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = loss_sum(model, b) / n
+                if keep:
+                    kept = [type(h).__name__ for c in _live_calls() for pair in c.attention for h in pair]
+                    assert kept and set(kept) == {"_PinnedCopy", "_Kept"}, kept  # the last layer keeps its own
+                loss.backward()
+                torch.cuda.synchronize()
+            names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            forwards.setdefault(keep, []).append(sum("pytorch_flash" in x and "fwd" in x for x in names))
+            total += loss.item()
+        results[keep] = total, {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
+        layers = model.config.num_hidden_layers
+        del model
+    assert forwards == {False: [2 * layers] * len(batches), True: [layers] * len(batches)}, forwards
+    (base_loss, base), (loss, grads) = results[False], results[True]
+    assert abs(loss - base_loss) <= 1e-6 * abs(base_loss), (loss, base_loss)
+    for k in base:
+        assert rel_err(grads[k], base[k]) < 1e-3, (k, rel_err(grads[k], base[k]))

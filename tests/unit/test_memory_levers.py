@@ -286,3 +286,33 @@ def test_offload_leaves_host_memory_for_the_system(monkeypatch):
 def test_host_memory_reader_reads_this_machine():
     available = activation_offload.host_available_bytes()
     assert available is None or 0 < available < 1 << 50
+
+
+def test_kept_attention_spares_the_recompute_its_attention_forward(untied_qwen2, identity_subset, tmp_path,
+                                                                   monkeypatch):
+    """kernels.keep_attention: the offloaded checkpoint carries each layer's attention output and lse from the
+    forward to the recompute, which runs no attention forward; loss and every LoRA gradient are the same bits
+    (the torch_varlen backend's CPU twin, LoRA dropout on, bf16 autocast, a packed batch)."""
+    from qflash.data.batching import pack_rows
+    from qflash.model import attention
+
+    forwards = []
+    twin = attention._twin_forward
+    monkeypatch.setattr(attention, "_twin_forward", lambda *a: forwards.append(1) or twin(*a))
+    results, counts = {}, {}
+    for keep in (False, True):
+        setup = _setup(untied_qwen2, identity_subset, tmp_path / str(keep), "lora.dropout=0.1",
+                       "quant.compute_dtype=bf16")
+        monkeypatch.setattr(attention, "_active", "torch_varlen")  # after the setup, which activates the CPU's
+        offload_checkpointed_layers(setup.model, keep_attention=keep)
+        batch = pack_rows(setup.examples, list(range(6)), varlen=True)
+        assert batch.cu_seqlens is not None and len(batch.cu_seqlens) > 2
+        forwards.clear()
+        results[keep] = _loss_and_grads(setup, batch, autocast=True)
+        counts[keep] = len(forwards)
+    layers = setup.model.config.num_hidden_layers
+    assert counts == {False: 2 * layers, True: layers}
+    (loss, grads), (kept_loss, kept_grads) = results[False], results[True]
+    assert kept_loss == loss and grads.keys() == kept_grads.keys() and len(grads) == 2 * 7 * layers
+    for n, g in grads.items():
+        assert g.abs().max() > 0 and torch.equal(kept_grads[n], g), n

@@ -143,3 +143,60 @@ def test_attention_cudnn_true_without_cudnn_is_a_config_error():
         attention.activate("sdpa", cudnn=True)
     assert attention.activate("sdpa", cudnn="auto") == "sdpa" and not attention.cudnn_equal_length()
     assert attention.cudnn_missing(False, "torch_varlen") == "off"
+
+
+def _per_document_sdpa(q, k, v, cu, scale):
+    rep = q.shape[1] // k.shape[1]
+    outs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qq, kk, vv = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        kk, vv = kk.repeat_interleave(rep, 0), vv.repeat_interleave(rep, 0)
+        outs.append(F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_flash_varlen_twin_matches_per_document_attention_and_its_gradients():
+    """qflash::flash_varlen on the CPU (the twin of FlashAttention-2's varlen forward and backward, grouped k/v
+    read as they are): output, lse and gradients against autograd through per-document SDPA, in float64."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 6, 14, 21], dtype=torch.int32)
+    q = torch.randn(21, 6, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(21, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(21, 2, 8, dtype=torch.float64, requires_grad=True)
+    out, lse = attention.flash_varlen(q, k, v, cu, cu, 8, 8, 0.3)
+    ref = _per_document_sdpa(q, k, v, cu, 0.3)
+    g = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)
+    assert out.shape == q.shape and lse.shape == (6, 21) and lse.dtype == torch.float32
+    assert (out - ref).abs().max() < 1e-5  # the twin computes in fp32
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-5
+    # lse is what FlashAttention keeps: log of each query's softmax denominator over its own document
+    s = (q[5:6] * k[5:6].repeat_interleave(3, 1)).sum(-1) * 0.3  # a one-token document sees only itself
+    assert torch.allclose(lse[:, 5].double(), s[0], atol=1e-5)
+
+
+def test_keeping_and_reusing_hand_the_forward_outputs_to_the_recompute():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    q, k, v = torch.randn(9, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    kept: list = []
+    with attention.keeping(kept):
+        out, lse = attention.flash_varlen(q, k, v, cu, cu, 5, 5, 0.35)
+    assert len(kept) == 1 and torch.equal(kept[0][0], out) and kept[0][0] is not out  # a copy
+    assert torch.equal(kept[0][1], lse)
+    marked = (kept[0][0] + 1, kept[0][1])
+    with attention.reusing([marked]):
+        again, _ = attention.flash_varlen(q, k, v, cu, cu, 5, 5, 0.35)
+    assert again is marked[0]  # handed back, nothing computed
+    with pytest.raises(RuntimeError, match="recompute ran 0 attention calls, the forward 1"):
+        with attention.reusing([marked]):
+            pass
+    with pytest.raises(RuntimeError, match="more attention calls than the forward"):
+        with attention.reusing([]):
+            attention.flash_varlen(q, k, v, cu, cu, 5, 5, 0.35)
+    with pytest.raises(RuntimeError, match=r"has q \(4, 4, 8\)"):
+        with attention.reusing([marked]):
+            attention.flash_varlen(q[:4], k[:4], v[:4], cu[:2], cu[:2], 4, 4, 0.35)
+    out2, _ = attention.flash_varlen(q, k, v, cu, cu, 5, 5, 0.35)  # outside both: computes
+    assert torch.equal(out2, out)

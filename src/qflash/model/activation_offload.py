@@ -18,6 +18,12 @@ calls with (layer forward with its keyword arguments bound, *positional args) â€
 
 The last layer keeps its input on the GPU: its backward comes first, with nothing to overlap a copy.
 
+kernels.keep_attention: with the torch_varlen backend, each attention call's output and log-sum-exp from
+the forward (model/attention.py `keeping`) travel the same way as the layer input (the output, tokens x
+hidden in bf16, half the input's size; the lse is small and stays on the GPU), and the recompute takes
+them (`reusing`) instead of running the attention forward again: FlashAttention's backward reads only
+q, k, v, the output and the lse, so the gradients are the same bits.
+
 The gradients are plain checkpointing's: the same layer recomputed on the same input. The layer's
 trainable parameters are inputs of the autograd function, so their gradients leave its backward like
 any other input's and accumulate (and reach DDP's hooks) the normal way; a first layer whose input
@@ -46,6 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qflash.model.attention import keeping, reusing
 from qflash.model.fused_lora import checkpoint_contexts, recomputing
 
 log = logging.getLogger(__name__)
@@ -313,9 +320,12 @@ class _RngState:
 
 
 class _LayerCall:
-    def __init__(self, run, args: tuple, n_params: int, previous: "_LayerCall | None", keep: bool):
+    def __init__(self, run, args: tuple, n_params: int, previous: "_LayerCall | None", keep: bool,
+                 keep_attention: bool = False):
         self.run = run
         self.keep = keep  # hold the inputs where they are (the last layer: its backward comes first)
+        self.keep_attention = keep_attention
+        self.attention: list[tuple] = []  # holders of each attention call's (output, lse), kept_attention
         # Positional arguments with each tensor replaced by its slot number (the tensors travel apart).
         self.slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         self.args = [None if isinstance(a, torch.Tensor) else a for a in args]
@@ -336,6 +346,9 @@ class _LayerCall:
     def prefetch(self) -> None:
         for h in self.held:
             h.prefetch()
+        for pair in self.attention:
+            for h in pair:
+                h.prefetch()
 
 
 _last_call: dict[str, weakref.ref] = {}  # per device: the layer call of the forward before this one
@@ -348,7 +361,10 @@ class _Recompute(torch.autograd.Function):
     def forward(ctx, call: _LayerCall, *tensors):
         inputs = tensors[: len(tensors) - call.n_params]
         call.held = [_hold(t, call.keep) for t in inputs]  # first, so the copy out overlaps the layer's compute
-        out = call.run(*call.call_args(inputs))  # no graph: autograd functions run their forward without grad
+        kept: list = []
+        with keeping(kept) if call.keep_attention else contextlib.nullcontext():
+            out = call.run(*call.call_args(inputs))  # no graph: autograd functions run their forward without grad
+        call.attention = [(_hold(o, call.keep), _hold(lse, call.keep)) for o, lse in kept]
         ctx.call = call
         ctx.params = tensors[len(tensors) - call.n_params :]
         return out
@@ -361,15 +377,17 @@ class _Recompute(torch.autograd.Function):
             raise RuntimeError("train.offload_activations: a second backward through the same decoder-layer call "
                                "(retain_graph=True) is not supported: its input was handed over to the first")
         needs = ctx.needs_input_grad[1:]
-        for h in call.held:
-            h.prefetch()
+        call.prefetch()
         previous = call.previous() if call.previous is not None else None
         if previous is not None:
             previous.prefetch()  # the next layer backward needs: its copy runs while this one computes
         inputs = [h.take().requires_grad_(needs[i]) for i, h in enumerate(call.held)]
         call.held = []
+        attention = [(o.take(), lse.take()) for o, lse in call.attention]
+        call.attention = []
         rng = call.rng.restored() if call.rng is not None else contextlib.nullcontext()
-        with torch.enable_grad(), rng, call.autocast.restored(), recomputing(free=True):
+        reuse = reusing(attention) if call.keep_attention else contextlib.nullcontext()
+        with torch.enable_grad(), rng, call.autocast.restored(), recomputing(free=True), reuse:
             out = call.run(*call.call_args(inputs))
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads)
@@ -404,13 +422,15 @@ class OffloadedCheckpoint:
     """The checkpoint function of one decoder layer: `fn(layer_forward, *args)`, as transformers calls it.
 
     `keep`: checkpoint without moving the input (the last layer, whose backward comes first).
+    `keep_attention`: kernels.keep_attention (see the module docstring).
     """
 
     recompute_is_free = True  # backprops through its own recompute: that may save other tensors than the forward
 
-    def __init__(self, layer: torch.nn.Module, keep: bool = False):
+    def __init__(self, layer: torch.nn.Module, keep: bool = False, keep_attention: bool = False):
         self.layer = layer  # a strong reference (a cycle through the layer), so that deepcopy follows it
         self.keep = keep
+        self.keep_attention = keep_attention
 
     # Not traced by torch.compile (streams, RNG bookkeeping); the layer forward it calls is compiled
     # on its own (kernels.compile_layers compiles the layer's call inside the checkpoint function).
@@ -438,13 +458,14 @@ class OffloadedCheckpoint:
                        "checkpointed but not offloaded")
         key = str(tensors[0].device) if tensors else "none"
         previous = _last_call[key]() if key in _last_call else None
-        call = _LayerCall(function, args, len(params), previous, self.keep)
+        call = _LayerCall(function, args, len(params), previous, self.keep, self.keep_attention)
         _last_call[key] = weakref.ref(call)
         return _Recompute.apply(call, *tensors, *params)
 
 
-def offload_checkpointed_layers(model: torch.nn.Module) -> int:
+def offload_checkpointed_layers(model: torch.nn.Module, keep_attention: bool = False) -> int:
     """Give every checkpointed decoder layer of `model` an OffloadedCheckpoint; returns how many.
+    `keep_attention`: kernels.keep_attention.
 
     Call after transformers has enabled checkpointing (it marks the layers and sets the slot this fills).
     """
@@ -456,7 +477,8 @@ def offload_checkpointed_layers(model: torch.nn.Module) -> int:
               if GradientCheckpointingLayer is not None and isinstance(m, GradientCheckpointingLayer)
               and getattr(m, "gradient_checkpointing", False)]
     for i, layer in enumerate(layers):
-        layer._gradient_checkpointing_func = OffloadedCheckpoint(layer, keep=i == len(layers) - 1)
+        layer._gradient_checkpointing_func = OffloadedCheckpoint(layer, keep=i == len(layers) - 1,
+                                                                 keep_attention=keep_attention)
     n = len(layers)
     if n == 0:
         log.warning("train.offload_activations: no checkpointed decoder layer found in %s (needs transformers' "

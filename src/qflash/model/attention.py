@@ -16,13 +16,20 @@ attention.cudnn: a packed batch whose documents all have one length (n documents
 tokens fill the row exactly: known from shapes and the collator's ints, no GPU sync) is one dense
 batch of n rows, and goes to cuDNN's fused attention (SDPA's CUDNN backend, native GQA), which on an
 H100 runs the forward 2.4x and forward + backward 1.8x as fast as PyTorch's varlen FlashAttention-2.
+
+torch_varlen runs PyTorch's FlashAttention-2 kernels (the ones torch.nn.attention.varlen calls) through our
+own op, `qflash::flash_varlen`: grouped k/v go in as they are (the kernel reads one kv head per group of
+query heads; torch 2.11's varlen_attn wants them repeated to every query head, 7x for Qwen2.5-7B), and
+its output and log-sum-exp can be kept from a checkpointed layer's forward for that layer's recompute
+(`keeping` / `reusing`, used by model/activation_offload.py: kernels.keep_attention), which then runs
+no attention forward at all: FlashAttention's backward needs only q, k, v, the output and the lse. On the
+CPU the op is a per-document fp32 twin with the same backward formulas (from the output and the lse).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import logging
 import sys
 from typing import Callable
@@ -164,32 +171,18 @@ def _restarts(position_ids: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 
-_varlen_kwargs: dict | None = None
-
-
 _warned: set[str] = set()
 
 
 def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
-    """q (tokens, heads, dim), k/v (tokens, kv_heads, dim)."""
-    global _varlen_kwargs
-    from torch.nn.attention.varlen import varlen_attn
-
+    """q (tokens, heads, dim), k/v (tokens, kv_heads, dim): PyTorch's FlashAttention-2 through flash_varlen."""
     if dropout > 0 and "dropout" not in _warned:
         _warned.add("dropout")
         log.warning("attention.backend=torch_varlen: the model asks for attention dropout %.3g, which PyTorch's varlen "
                     "kernel does not implement; trained without it (attention.backend=flash_attn or sdpa apply it)",
                     dropout)
-
-    if _varlen_kwargs is None:
-        params = inspect.signature(varlen_attn).parameters
-        _varlen_kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-        if "enable_gqa" in params:
-            _varlen_kwargs["enable_gqa"] = True
-    if q.shape[1] != k.shape[1] and "enable_gqa" not in _varlen_kwargs:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **_varlen_kwargs)
+    scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
+    return flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale)[0]
 
 
 def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
@@ -213,6 +206,153 @@ def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
 
 
 _KERNELS: dict[str, Callable] = {"torch_varlen": _torch_varlen, "flash_attn": _flash_attn}
+
+
+# ---------------------------------------------------------------------------------------------
+# qflash::flash_varlen — see the module docstring.
+
+class _Memo:
+    """Where flash_varlen calls put their (output, lse) in a layer's forward, and take them in its recompute."""
+
+    mode: str | None = None  # "keep" | "reuse" | None
+    pairs: list = []
+    taken = 0
+
+
+_MEMO = _Memo()
+
+
+@contextlib.contextmanager
+def keeping(into: list):
+    """Each flash_varlen call inside appends a copy of its (output, lse) to `into` (a layer's forward)."""
+    before = (_MEMO.mode, _MEMO.pairs, _MEMO.taken)
+    _MEMO.mode, _MEMO.pairs, _MEMO.taken = "keep", into, 0
+    try:
+        yield into
+    finally:
+        _MEMO.mode, _MEMO.pairs, _MEMO.taken = before
+
+
+@contextlib.contextmanager
+def reusing(pairs: list):
+    """Each flash_varlen call inside returns the next of `pairs` (what keeping() collected in the same layer's
+    forward) instead of running the forward kernel; every pair must be taken, in order, by a call of its shape."""
+    before = (_MEMO.mode, _MEMO.pairs, _MEMO.taken)
+    _MEMO.mode, _MEMO.pairs, _MEMO.taken = "reuse", pairs, 0
+    try:
+        yield
+        if _MEMO.taken != len(pairs):
+            raise RuntimeError(f"kernels.keep_attention: the recompute ran {_MEMO.taken} attention calls, the forward "
+                               f"{len(pairs)}; set kernels.keep_attention=false and report this model")
+    finally:
+        _MEMO.mode, _MEMO.pairs, _MEMO.taken = before
+
+
+def _causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """One document's (heads, L, L) fp32 scores, k repeated to q's heads, the future at -inf."""
+    k = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    future = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+    return s.masked_fill(future, float("-inf"))
+
+
+def _twin_forward(q, k, v, cu_q, scale):
+    """The CPU twin of FlashAttention's varlen forward: per document, in fp32; lse (heads, tokens)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    rep = q.shape[1] // k.shape[1]
+    bounds = cu_q.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        s = _causal_scores(q[a:b], k[a:b], scale)
+        lse[:, a:b] = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[:, a:b, None])
+        out[a:b] = torch.einsum("hqk,khd->qhd", p, v[a:b].float().repeat_interleave(rep, dim=1)).to(q.dtype)
+    return out, lse
+
+
+def _twin_backward(grad, q, k, v, out, lse, cu_q, scale):
+    """FlashAttention's backward in fp32, per document, from the output and the lse (no softmax kept):
+    P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K s, dK = dS^T Q s."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    rep = heads // kv_heads
+    bounds = cu_q.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        p = torch.exp(_causal_scores(q[a:b], k[a:b], scale) - lse[:, a:b, None])
+        g, o = grad[a:b].float(), out[a:b].float()
+        vv = v[a:b].float().repeat_interleave(rep, dim=1)
+        kk = k[a:b].float().repeat_interleave(rep, dim=1)
+        ds = p * (torch.einsum("qhd,khd->hqk", g, vv) - (g * o).sum(-1).transpose(0, 1)[:, :, None])
+        dq[a:b] = (torch.einsum("hqk,khd->qhd", ds, kk) * scale).to(q.dtype)
+        dk_full = torch.einsum("hqk,qhd->khd", ds, q[a:b].float()) * scale
+        dv_full = torch.einsum("hqk,qhd->khd", p, g)
+        dk[a:b] = dk_full.view(b - a, kv_heads, rep, -1).sum(2).to(k.dtype)
+        dv[a:b] = dv_full.view(b - a, kv_heads, rep, -1).sum(2).to(v.dtype)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("qflash::flash_varlen", mutates_args=())
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                 max_q: int, max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within each packed document: q (tokens, heads, dim), k/v (tokens, kv_heads, dim), heads a
+    multiple of kv_heads. Returns (output (tokens, heads, dim), lse (heads, tokens) fp32)."""
+    if _MEMO.mode == "reuse":
+        if _MEMO.taken >= len(_MEMO.pairs):
+            raise RuntimeError("kernels.keep_attention: the recompute ran more attention calls than the forward; "
+                               "set kernels.keep_attention=false and report this model")
+        out, lse = _MEMO.pairs[_MEMO.taken]
+        _MEMO.taken += 1
+        if out.shape != q.shape or lse.shape != (q.shape[1], q.shape[0]):
+            raise RuntimeError(f"kernels.keep_attention: the recompute's attention call {_MEMO.taken} has q "
+                               f"{tuple(q.shape)}, the forward's output {tuple(out.shape)}")
+        return out, lse
+    if q.is_cuda:
+        out, lse, _, _, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale, window_size_left=-1,
+            window_size_right=0)
+    else:
+        out, lse = _twin_forward(q, k, v, cu_q, scale)
+    if _MEMO.mode == "keep":
+        # Copies: the caller's graph may reuse the returned buffers once it is done with them (Inductor does).
+        _MEMO.pairs.append((out.clone(), lse.clone()))
+    return out, lse
+
+
+@flash_varlen.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("qflash::flash_varlen_backward", mutates_args=())
+def flash_varlen_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.is_cuda:
+        rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: never read
+        return torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, True, rng,
+            torch.empty(0, device=q.device), scale=scale, window_size_left=-1, window_size_right=0)
+    return _twin_backward(grad, q, k, v, out, lse, cu_q, scale)
+
+
+@flash_varlen_backward.register_fake
+def _(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_varlen_setup(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+
+
+def _flash_varlen_grad(ctx, grad, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = flash_varlen_backward(grad, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+flash_varlen.register_autograd(_flash_varlen_grad, setup_context=_flash_varlen_setup)
 
 
 def equal_documents(tokens_q: int, tokens_k: int, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q, max_k) -> int | None:

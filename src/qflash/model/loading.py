@@ -186,14 +186,18 @@ class MemoryLevers:
 
     offload_activations: bool = False
     embedding_on_cpu: bool = False
+    keep_attention: bool = False
+    """kernels.keep_attention, with offload_activations (the offloaded checkpoint carries the kept tensors)."""
 
     @classmethod
-    def for_device(cls, train_cfg, device: torch.device, sharded: bool = False) -> "MemoryLevers":
+    def for_device(cls, train_cfg, device: torch.device, sharded: bool = False,
+                   keep_attention: bool = False) -> "MemoryLevers":
         """`sharded` (FSDP2): no offloading, whose autograd function does not follow FSDP2's parameter
         swaps (untested there; the layers would fall back to plain checkpointing anyway)."""
         cuda = device.type == "cuda"
-        return cls(offload_activations=cuda and not sharded and train_cfg.offload_activations,
-                   embedding_on_cpu=cuda and train_cfg.embedding_on_cpu)
+        offload = cuda and not sharded and train_cfg.offload_activations
+        return cls(offload_activations=offload, embedding_on_cpu=cuda and train_cfg.embedding_on_cpu,
+                   keep_attention=offload and keep_attention)
 
 
 def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype, *, sharded: bool = False):
@@ -212,7 +216,7 @@ def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torc
         residual_dtype=cfg.quant.residual_dtype,
         quant_storage=torch.bfloat16 if sharded else torch.uint8,
     )
-    model.qflash_memory = MemoryLevers.for_device(cfg.train, device, sharded)
+    model.qflash_memory = MemoryLevers.for_device(cfg.train, device, sharded, cfg.kernels.keep_attention)
     return model
 
 
@@ -260,9 +264,10 @@ def enable_activation_checkpointing(model, offload: bool | None = None) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    levers = getattr(model, "qflash_memory", MemoryLevers())
     if offload is None:
-        offload = getattr(model, "qflash_memory", MemoryLevers()).offload_activations
+        offload = levers.offload_activations
     if offload:
         from qflash.model.activation_offload import offload_checkpointed_layers
 
-        offload_checkpointed_layers(model)
+        offload_checkpointed_layers(model, keep_attention=levers.keep_attention)
