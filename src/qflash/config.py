@@ -223,11 +223,12 @@ class KernelsConfig:
     a resumed graph each time). Faster where the CPU limits the step: Qwen2.5-0.5B +13%, 7B +0.8% (H100);
     costs about one more MLP activation at the backward's peak (7B at 8k tokens: 9.89 -> 10.37 GB). Off by
     default: the 7B memory target (10 GB) wins; turn it on for small models. Exact either way."""
-    keep_attention: bool = True
+    keep_attention: bool = False
     """With train.offload_activations and attention.backend torch_varlen: each layer's attention output and
     log-sum-exp from the forward wait for its backward in pinned CPU memory beside the layer input (pinned: tokens x
     hidden x 2 bytes per layer, 1.6 GB for Qwen2.5-7B at 8k tokens), so the recompute runs no attention forward:
-    FlashAttention's backward reads only q, k, v, the output and the lse. Same bits; false = recompute it."""
+    FlashAttention's backward reads only q, k, v, the output and the lse. Same bits (CPU-tested). Off by default
+    until measured on a GPU (expected about 2% on Qwen2.5-7B `varlen`: the recompute's share of attention time)."""
     traced_dequant: bool = True
     """With lora.fused and compile_layers: NF4 dequantization written as tensor ops inside the compiled layer
     (one fused kernel per weight and pass instead of bitsandbytes' two custom ops and their Python dispatch).

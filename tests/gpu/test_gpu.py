@@ -17,41 +17,50 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn"])
+@pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn", "torch_varlen kept"])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
 def test_varlen_backend_matches_per_document_sdpa(backend, heads, kv_heads):
+    """"torch_varlen kept": inside keeping() (kernels.keep_attention), i.e. through qflash::flash_varlen, grouped k/v
+    handed to the aten FlashAttention-2 kernels as they are."""
+    import contextlib
+
     from qflash.model import attention
 
+    backend, kept = backend.split()[0], backend.endswith("kept")
     missing = attention.available(backend)
     if missing:
         pytest.skip(f"{backend} needs {missing}")
     attention.activate(backend)
+    pairs: list = []
     try:
-        torch.manual_seed(0)
-        lengths = [5, 37, 128, 300, 1]
-        total, dim = sum(lengths), 64
-        cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
-        q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        out, _ = attention.qflash_attention(None, q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                                            max_length_q=max(lengths), max_length_k=max(lengths))
-        assert out.shape == (1, total, heads, dim)
-        w = torch.randn_like(out)
-        gq, gk, gv = torch.autograd.grad((out.float() * w.float()).sum(), (q, k, v))
+        with attention.keeping(pairs) if kept else contextlib.nullcontext():
+            torch.manual_seed(0)
+            lengths = [5, 37, 128, 300, 1]
+            total, dim = sum(lengths), 64
+            cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
+            q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            out, _ = attention.qflash_attention(None, q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu,
+                                                cu_seq_lens_k=cu, max_length_q=max(lengths),
+                                                max_length_k=max(lengths))
+            assert out.shape == (1, total, heads, dim)
+            w = torch.randn_like(out)
+            gq, gk, gv = torch.autograd.grad((out.float() * w.float()).sum(), (q, k, v))
 
-        # reference: each document alone, fp32, causal
-        qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
-        outs = []
-        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-            o = F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], is_causal=True,
-                                               enable_gqa=heads != kv_heads)
-            outs.append(o.transpose(1, 2))
-        ref = torch.cat(outs, dim=1)
-        rq, rk, rv = torch.autograd.grad((ref * w.float()).sum(), (qr, kr, vr))
-        assert rel_err(out, ref) < 1e-2
-        for g, r in ((gq, rq), (gk, rk), (gv, rv)):
-            assert torch.isfinite(g).all() and rel_err(g, r) < 2e-2
+            # reference: each document alone, fp32, causal
+            qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+            outs = []
+            for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+                o = F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], is_causal=True,
+                                                   enable_gqa=heads != kv_heads)
+                outs.append(o.transpose(1, 2))
+            ref = torch.cat(outs, dim=1)
+            rq, rk, rv = torch.autograd.grad((ref * w.float()).sum(), (qr, kr, vr))
+            assert rel_err(out, ref) < 1e-2
+            for g, r in ((gq, rq), (gk, rk), (gv, rv)):
+                assert torch.isfinite(g).all() and rel_err(g, r) < 2e-2
+        assert len(pairs) == kept  # the kept case went through flash_varlen
     finally:
         attention.activate("auto")
 

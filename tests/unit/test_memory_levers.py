@@ -304,6 +304,10 @@ def test_kept_attention_spares_the_recompute_its_attention_forward(untied_qwen2,
         setup = _setup(untied_qwen2, identity_subset, tmp_path / str(keep), "lora.dropout=0.1",
                        "quant.compute_dtype=bf16")
         monkeypatch.setattr(attention, "_active", "torch_varlen")  # after the setup, which activates the CPU's
+        # the op's CPU twin for every call (outside keeping/reusing the backend calls torch's varlen_attn, CUDA only)
+        monkeypatch.setitem(attention._KERNELS, "torch_varlen",
+                            lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:
+                            attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling)[0])
         offload_checkpointed_layers(setup.model, keep_attention=keep)
         batch = pack_rows(setup.examples, list(range(6)), varlen=True)
         assert batch.cu_seqlens is not None and len(batch.cu_seqlens) > 2

@@ -183,6 +183,9 @@ def test_keeping_and_reusing_hand_the_forward_outputs_to_the_recompute():
     kept: list = []
     with attention.keeping(kept):
         out, lse = attention.flash_varlen(q, k, v, cu, cu, 5, 5, 0.35)
+        assert torch.equal(attention._torch_varlen(q, k, v, cu, cu, 5, 5, 0.35), out)  # the backend's route here
+    assert len(kept) == 2
+    del kept[1:]
     assert len(kept) == 1 and torch.equal(kept[0][0], out) and kept[0][0] is not out  # a copy
     assert torch.equal(kept[0][1], lse)
     marked = (kept[0][0] + 1, kept[0][1])

@@ -17,19 +17,21 @@ tokens fill the row exactly: known from shapes and the collator's ints, no GPU s
 batch of n rows, and goes to cuDNN's fused attention (SDPA's CUDNN backend, native GQA), which on an
 H100 runs the forward 2.4x and forward + backward 1.8x as fast as PyTorch's varlen FlashAttention-2.
 
-torch_varlen runs PyTorch's FlashAttention-2 kernels (the ones torch.nn.attention.varlen calls) through our
-own op, `qflash::flash_varlen`: grouped k/v go in as they are (the kernel reads one kv head per group of
-query heads; torch 2.11's varlen_attn wants them repeated to every query head, 7x for Qwen2.5-7B), and
-its output and log-sum-exp can be kept from a checkpointed layer's forward for that layer's recompute
-(`keeping` / `reusing`, used by model/activation_offload.py: kernels.keep_attention), which then runs
-no attention forward at all: FlashAttention's backward needs only q, k, v, the output and the lse. On the
-CPU the op is a per-document fp32 twin with the same backward formulas (from the output and the lse).
+kernels.keep_attention: inside a checkpointed layer's forward and recompute (`keeping` / `reusing`, entered by
+model/activation_offload.py), torch_varlen runs PyTorch's FlashAttention-2 kernels (the ones
+torch.nn.attention.varlen calls) through our own op, `qflash::flash_varlen`, whose output and log-sum-exp
+are kept from the forward and handed to the recompute, which then runs no attention forward at all:
+FlashAttention's backward needs only q, k, v, the output and the lse. Grouped k/v go in as they are (the
+kernel reads one kv head per group of query heads; torch 2.11's varlen_attn wants them repeated to every
+query head, 7x for Qwen2.5-7B). Elsewhere torch_varlen calls varlen_attn. On the CPU the op is a
+per-document fp32 twin with the same backward formulas (from the output and the lse).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
 import sys
 from typing import Callable
@@ -174,15 +176,33 @@ def _restarts(position_ids: torch.Tensor) -> bool:
 _warned: set[str] = set()
 
 
+_varlen_kwargs: dict | None = None
+
+
 def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
-    """q (tokens, heads, dim), k/v (tokens, kv_heads, dim): PyTorch's FlashAttention-2 through flash_varlen."""
+    """q (tokens, heads, dim), k/v (tokens, kv_heads, dim): PyTorch's FlashAttention-2 kernels; through
+    flash_varlen where a checkpointed layer keeps or reuses attention outputs (kernels.keep_attention)."""
+    global _varlen_kwargs
+
     if dropout > 0 and "dropout" not in _warned:
         _warned.add("dropout")
         log.warning("attention.backend=torch_varlen: the model asks for attention dropout %.3g, which PyTorch's varlen "
                     "kernel does not implement; trained without it (attention.backend=flash_attn or sdpa apply it)",
                     dropout)
-    scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
-    return flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale)[0]
+    if _MEMO.mode is not None:
+        scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
+        return flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale)[0]
+    from torch.nn.attention.varlen import varlen_attn
+
+    if _varlen_kwargs is None:
+        params = inspect.signature(varlen_attn).parameters
+        _varlen_kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        if "enable_gqa" in params:
+            _varlen_kwargs["enable_gqa"] = True
+    if q.shape[1] != k.shape[1] and "enable_gqa" not in _varlen_kwargs:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **_varlen_kwargs)
 
 
 def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
