@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import socket
+import socketserver
 import threading
 import time
 import traceback
@@ -222,7 +223,8 @@ class QflashServer(ThreadingHTTPServer):
             self._cut(socket.SHUT_RDWR)  # a client that does not read its reply: its write fails now
             for t in threads:
                 t.join(5.0)
-        self.server_close()  # the listening socket; joins what is left (nothing, normally)
+        # The listening socket only: ThreadingMixIn.server_close would join again, without a time limit.
+        socketserver.TCPServer.server_close(self)
         return sum(t.is_alive() for t in threads)
 
 
