@@ -371,7 +371,7 @@ def versions() -> dict:
 
 def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: int, warmup: int, dropout: float,
               attention: str, out_dir: Path, parity_steps: int, cache: Path, overrides: list[str] | None = None) -> list[dict]:
-    from qflash.model.attention import activate, cudnn_missing
+    from qflash.model.attention import activate, cudnn_equal_length
 
     QFLASH_OVERRIDES[:] = overrides or []
     qcfg = qflash_config(dropout, 2e-4, attention)  # validates the overrides before any work
@@ -389,7 +389,7 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
         "device": device, "shape": shape, "lora_r": 64, "lora_alpha": 16, "lora_dropout": dropout,
         "quant": "nf4 double-quant, bf16 compute", "attention_backend": backend,
         # attention.cudnn as resolved: documents of one length (`fixed`) go to cuDNN's kernel
-        "attention_cudnn_equal_length": cudnn_missing(qcfg.attention.cudnn, backend) is None,
+        "attention_cudnn_equal_length": cudnn_equal_length(),
         "residual_dtype": qcfg.quant.residual_dtype, "lora_fused": qcfg.lora.fused, "kernels": dict(vars(qcfg.kernels)),
         "optimizer": qcfg.train.optimizer, "overrides": list(QFLASH_OVERRIDES),
         "git_commit": os.environ.get("QFLASH_GIT_COMMIT"), "versions": versions(),
