@@ -320,3 +320,41 @@ def test_kept_attention_spares_the_recompute_its_attention_forward(untied_qwen2,
     assert kept_loss == loss and grads.keys() == kept_grads.keys() and len(grads) == 2 * 7 * layers
     for n, g in grads.items():
         assert g.abs().max() > 0 and torch.equal(kept_grads[n], g), n
+
+
+def test_kept_attention_inside_compiled_layers(untied_qwen2, identity_subset, tmp_path, monkeypatch):
+    """The same with compiled decoder layers (aot_eager_decomp_partition: the partitioned graphs Inductor gets):
+    flash_varlen traced into the forward's and the recompute's graphs keeps and reuses at run time, and the
+    gradients are those of eager layers recomputing their attention."""
+    from qflash.data.batching import pack_rows
+    from qflash.kernels.compile import compile_decoder_layers
+    from qflash.model import attention
+
+    forwards = []
+    twin = attention._twin_forward
+    monkeypatch.setattr(attention, "_twin_forward", lambda *a: forwards.append(1) or twin(*a))
+    results, counts = {}, {}
+    for variant in ("eager", "compiled-kept"):
+        kept = variant == "compiled-kept"
+        setup = _setup(untied_qwen2, identity_subset, tmp_path / variant, "lora.dropout=0", "quant.compute_dtype=bf16")
+        monkeypatch.setattr(attention, "_active", "torch_varlen")
+        if not kept:  # eager reference: the CPU twin for every call (varlen_attn is CUDA only)
+            monkeypatch.setitem(attention._KERNELS, "torch_varlen",
+                                lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:
+                                attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling)[0])
+        else:
+            monkeypatch.setitem(attention._KERNELS, "torch_varlen", attention._torch_varlen)
+            torch._dynamo.reset()
+            assert compile_decoder_layers(setup.model, backend="aot_eager_decomp_partition") > 0
+        offload_checkpointed_layers(setup.model, keep_attention=kept)
+        batch = pack_rows(setup.examples, list(range(6)), varlen=True)
+        forwards.clear()
+        results[variant] = _loss_and_grads(setup, batch, autocast=True)
+        counts[variant] = len(forwards)
+    torch._dynamo.reset()
+    layers = setup.model.config.num_hidden_layers
+    assert counts == {"eager": 2 * layers, "compiled-kept": layers}
+    (ref_loss, ref), (loss, grads) = results["eager"], results["compiled-kept"]
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for n, g in ref.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=lambda m: f"{n}: {m}")
