@@ -106,8 +106,11 @@ class DataConfig:
     """Share of the training records held out for evaluation (seeded), besides eval_datasets."""
     max_len: int = 1024
     """Longest tokenized sample, in tokens."""
-    too_long: Literal["truncate", "drop", "fail"] = "fail"
-    """A sample longer than max_len: truncate (keeps trained tokens and the final end-of-turn), drop (counted), fail."""
+    too_long: Literal["truncate", "split", "drop", "fail"] = "fail"
+    """A sample longer than max_len: truncate (keeps trained tokens and the final end-of-turn), drop (counted), fail,
+    or split — for samples trained on every token (raw text, train_on=all): consecutive pieces of max_len tokens,
+    each seeing the last token of the one before, so every token is trained once (long documents, continued
+    pretraining; full pieces pack into bins of one length, which attention.cudnn and train.cuda_graphs reward)."""
     on_error: Literal["fail", "skip"] = "fail"
     """A bad record: fail (exit 2, list the problems) or skip (count per reason, write them to a JSONL)."""
     num_proc: int = 0

@@ -120,6 +120,52 @@ def test_truncate_left_masks_a_reply_cut_at_its_start():
     assert fit_to_max_len(Example(ids, labels), 2, "truncate").example is None
 
 
+def test_split_pieces_train_every_target_of_the_sample_once():
+    """data.too_long=split: pieces of at most max_len tokens; each starts with the previous piece's last token as
+    context, so the next-token targets (labels[1:] of each piece, as the loss reads them) are the sample's, once."""
+    for n, max_len in ((10, 4), (11, 4), (9, 5), (5, 4), (100, 7)):
+        ids = np.arange(100, 100 + n)
+        pieces = fit_to_max_len(Example(ids, ids.copy(), "f", 3), max_len, "split").pieces
+        assert all(2 <= len(p.input_ids) <= max_len and (p.file, p.line) == ("f", 3) for p in pieces)
+        targets = [int(t) for p in pieces for t in p.labels[1:] if t != IGNORE]
+        assert targets == list(ids[1:]), (n, max_len)
+        assert [int(p.input_ids[0]) for p in pieces[1:]] == [int(p.input_ids[-1]) for p in pieces[:-1]]
+        assert all(p.labels[0] == IGNORE for p in pieces[1:])
+    short = np.arange(4)
+    assert fit_to_max_len(Example(short, short.copy()), 4, "split").example is not None  # fits: as it is
+    chat = np.array([IGNORE, IGNORE, 3, 4, 5, 6])
+    refused = fit_to_max_len(Example(np.arange(6), chat), 4, "split")
+    assert refused.kept == [] and "cannot be split" in refused.reason
+
+
+def test_too_long_split_for_raw_text_counts_and_holds_out_whole_documents(tmp_path, renderer, smol_tokenizer):
+    docs = [" ".join(f"word{i}x{j}" for j in range(40 + 30 * i)) for i in range(12)]
+    p = write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in docs])
+    cfg = data_cfg(p, "data.max_len=64", "data.too_long=split")
+    examples, stats = build_examples(cfg, renderer)
+    lengths = [len(smol_tokenizer(d)["input_ids"]) for d in docs]
+    long = [n for n in lengths if n + 1 > 64]  # + the end-of-sequence token
+    assert stats.split == len(long) > 0 and stats.pieces == len(examples) - (len(docs) - len(long))
+    assert max(len(ex.input_ids) for ex in examples) == 64
+    for i, d in enumerate(docs):  # each document's pieces, in order, rebuild it
+        mine = [ex for ex in examples if ex.line == i + 1]
+        ids = [int(t) for t in mine[0].input_ids] + [int(t) for ex in mine[1:] for t in ex.input_ids[1:]]
+        assert smol_tokenizer.decode(ids).startswith(d[:50]) and len(ids) == lengths[i] + 1
+    with pytest.raises(DataError, match="cannot be split"):  # chat data: truncate or drop, not split
+        build_examples(data_cfg(write_jsonl(tmp_path / "chat.jsonl", [sharegpt("q " * 100, "a")]),
+                                "data.max_len=40", "data.too_long=split"), renderer)
+    cfg = data_cfg(p, "data.max_len=64", "data.too_long=split", "data.eval_ratio=0.25")
+    train, st = build_examples(cfg, renderer, split="train", seed=3)
+    evals, _ = build_examples(cfg, renderer, split="eval", seed=3)
+    assert st.held_out == 3 and {ex.line for ex in train}.isdisjoint({ex.line for ex in evals})
+    assert len({ex.line for ex in evals}) == 3 and len(train) + len(evals) == len(examples)
+    cached = data_cfg(p, "data.max_len=64", "data.too_long=split", cache=True)
+    for state in ("written", "hit"):  # the counts survive the cache
+        again, st = build_examples(cached, renderer, cache_dir=tmp_path / "cache")
+        assert st.cache[str(p)] == state and (st.split, st.pieces) == (stats.split, stats.pieces)
+        assert len(again) == len(examples)
+
+
 def test_eval_ratio_split_is_seeded_and_complementary(tmp_path, renderer):
     p = write_jsonl(tmp_path / "d.jsonl", [sharegpt(f"q{i}", f"a{i}") for i in range(20)])
     cfg = data_cfg(p, "data.eval_ratio=0.25")

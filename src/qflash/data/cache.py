@@ -116,6 +116,8 @@ class CachedDataset:
     encodings: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     formats: dict[str, int] = field(default_factory=dict)
+    split: int = 0
+    pieces: int = 0
 
 
 def save(cache_dir: Path, key: str, data: CachedDataset) -> Path:
@@ -139,7 +141,7 @@ def save(cache_dir: Path, key: str, data: CachedDataset) -> Path:
         meta = {
             "version": CACHE_VERSION, "records": data.records, "truncated": data.truncated, "files": t.files,
             "encodings": data.encodings, "ignored": data.ignored, "problems": len(data.problems),
-            "formats": data.formats,
+            "formats": data.formats, "split": data.split, "pieces": data.pieces,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         with open(tmp / PROBLEMS_FILE, "w", encoding="utf-8", errors="backslashreplace") as f:
@@ -181,4 +183,5 @@ def load(cache_dir: Path, key: str) -> CachedDataset | None:
     )
     n = meta["problems"]
     return CachedDataset(examples, meta["records"], problems[:n], problems[n:], meta["truncated"],
-                         meta["encodings"], meta["ignored"], meta.get("formats", {}))
+                         meta["encodings"], meta["ignored"], meta.get("formats", {}), meta.get("split", 0),
+                         meta.get("pieces", 0))

@@ -165,7 +165,8 @@ def _print_datasets(out: Console, results: list[DatasetResult]) -> None:
             f"    {r.records:,} records -> {len(r.examples):,} samples"
             + (f", {len(r.problems):,} problems" if r.problems else "")
             + (f", {len(r.dropped):,} dropped (too long)" if r.dropped else "")
-            + (f", {r.truncated:,} truncated" if r.truncated else ""),
+            + (f", {r.truncated:,} truncated" if r.truncated else "")
+            + (f", {r.split:,} split into {r.pieces:,} pieces" if r.split else ""),
             highlight=False,
         )
         if r.ignored:
@@ -303,6 +304,7 @@ def run_preview(source: str, overrides, *, fmt: str | None = None, columns: str 
             fitted = fit_to_max_len(encoded, cfg.data.max_len, cfg.data.too_long)
             ex = fitted.example or encoded
             note = " [yellow]truncated[/]" if fitted.truncated else (
+                f" [yellow]split into {len(fitted.pieces)} pieces[/]" if fitted.pieces is not None else
                 f" [red]{fitted.reason}[/]" if fitted.example is None else "")
             shown += 1
             out.rule(f"sample {shown} · {escape(result.where)} · {len(ex.input_ids)} tokens, {ex.n_trained} trained{note}")

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from qflash.paths import qflash_home
 from qflash.config import DataConfig, DatasetSpec
 from qflash.data import cache
@@ -62,6 +64,10 @@ class DataStats:
     skipped: int = 0
     dropped_too_long: int = 0
     truncated: int = 0
+    split: int = 0
+    """Samples split into pieces (data.too_long=split) ..."""
+    pieces: int = 0
+    """... and the pieces they became."""
     held_out: int = 0
     """Records of the training datasets held out for evaluation by data.eval_ratio."""
     skipped_path: str | None = None
@@ -92,6 +98,10 @@ class DatasetResult:
     cache: str = "off"
     formats: dict[str, int] = field(default_factory=dict)
     """format -> records read as that format."""
+    split: int = 0
+    """Samples split into pieces by data.too_long=split ..."""
+    pieces: int = 0
+    """... and the pieces they became (consecutive in `examples`, with the sample's file and line)."""
 
 
 class LazyRenderer:
@@ -128,6 +138,10 @@ class EncodedChunk:
     """file -> records whose format could not be told."""
     formats: dict[str, int] = field(default_factory=dict)
     """format -> records read as that format (auto detects per record)."""
+    split: int = 0
+    """Samples longer than max_len split into pieces (data.too_long=split) ..."""
+    pieces: int = 0
+    """... and the pieces they became."""
 
 
 def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfig,
@@ -150,7 +164,7 @@ def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfi
             formats[res.meta["format"]] = formats.get(res.meta["format"], 0) + 1
     kept: list[Example] = []
     dropped: list[Problem] = []
-    truncated = 0
+    truncated = split = pieces = 0
     for conv, raw, res in zip(convs, raws, renderer.encode_many(convs) if convs else []):
         if isinstance(res, Problem):
             res.raw = raw
@@ -161,13 +175,16 @@ def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfi
                                     "of its turns and data.train_on", "template mismatch", raw))
             continue
         fitted = fit_to_max_len(res, cfg.max_len, cfg.too_long)
-        if fitted.example is not None:
-            kept.append(fitted.example)
+        if fitted.kept:
+            kept += fitted.kept
             truncated += fitted.truncated
+            if fitted.pieces is not None:
+                split, pieces = split + 1, pieces + len(fitted.pieces)
         else:
             (dropped if cfg.too_long == "drop" else problems).append(
                 Problem(conv.file, conv.line, "", fitted.reason, "too long", raw))
-    return EncodedChunk(ExampleTable.from_examples(kept), problems, dropped, truncated, unknown, formats)
+    return EncodedChunk(ExampleTable.from_examples(kept), problems, dropped, truncated, unknown, formats,
+                        split=split, pieces=pieces)
 
 
 def examples_of(chunks: Sequence[EncodedChunk]) -> ExampleTable:
@@ -275,7 +292,8 @@ def encode_dataset(
         hit = cache.load(cache_dir, key)
         if hit is not None:
             return DatasetResult(spec, hit.examples, hit.records, hit.problems, hit.dropped, hit.truncated,
-                                 hit.encodings, hit.ignored, cache="hit", formats=hit.formats)
+                                 hit.encodings, hit.ignored, cache="hit", formats=hit.formats, split=hit.split,
+                                 pieces=hit.pieces)
     reads: list[FileRead] = []
     for i, f in enumerate(files):
         progress(f"reading {f.name}", i, len(files))
@@ -296,6 +314,7 @@ def encode_dataset(
     result = DatasetResult(
         spec, examples_of(chunks), len(records) + unreadable, problems, [p for c in chunks for p in c.dropped],
         sum(c.truncated for c in chunks), {fr.path: fr.encoding for fr in reads}, [str(p) for p in ignored],
+        split=sum(c.split for c in chunks), pieces=sum(c.pieces for c in chunks),
     )
     for c in chunks:
         for fmt, n in c.formats.items():
@@ -303,7 +322,7 @@ def encode_dataset(
     if key is not None:
         cache.save(cache_dir, key, cache.CachedDataset(  # type: ignore[arg-type]
             result.examples, result.records, result.problems, result.dropped, result.truncated,
-            result.encodings, result.ignored, result.formats))
+            result.encodings, result.ignored, result.formats, result.split, result.pieces))
         result.cache = "written"
     return result
 
@@ -351,6 +370,20 @@ def settle_problems(results: Sequence[DatasetResult], on_error: str, skipped_pat
         write_problems_jsonl(problems + dropped, skipped_path)
         written = skipped_path
     return Settled(problems, dropped, written)
+
+
+def _held_out_samples(r: DatasetResult, ratio: float, seed: str) -> tuple[set[int], int]:
+    """(indices of r.examples held out for evaluation, how many records they are): held_out() over its samples,
+    or — when some were split into pieces — over its records, so the pieces of one document are all trained or
+    all held out."""
+    if not r.split:
+        held = held_out(len(r.examples), ratio, seed)
+        return held, len(held)
+    t = r.examples
+    first = np.flatnonzero(np.r_[True, (t.file_of[1:] != t.file_of[:-1]) | (t.lines[1:] != t.lines[:-1])])
+    ends = np.r_[first[1:], len(t)]
+    groups = held_out(len(first), ratio, seed)
+    return {k for g in groups for k in range(int(first[g]), int(ends[g]))}, len(groups)
 
 
 def held_out(n: int, ratio: float, seed: str) -> set[int]:
@@ -405,8 +438,8 @@ def build_examples(
     stats = DataStats(cache={r.spec.path: r.cache for r in results})
     examples: list[Example] = []
     for i, r in enumerate(train_results):
-        held = held_out(len(r.examples), cfg.eval_ratio, f"{seed}:{i}")
-        stats.held_out += len(held)
+        held, records = _held_out_samples(r, cfg.eval_ratio, f"{seed}:{i}")
+        stats.held_out += records
         if split == "train":
             kept = [ex for k, ex in enumerate(r.examples) if k not in held]
             part = _apply_weight(kept, r.spec.weight, seed + i)
@@ -420,6 +453,8 @@ def build_examples(
     for r in results:
         stats.records += r.records
         stats.truncated += r.truncated
+        stats.split += r.split
+        stats.pieces += r.pieces
     for ex in examples:
         stats.add(ex)
     stats.problems = count_by_kind(settled.left_out)
@@ -431,6 +466,9 @@ def build_examples(
 
 
 def _log_left_out(stats: DataStats) -> None:
+    if stats.split:  # asked for, so said as information
+        log.info("data: split %s sample(s) longer than data.max_len into %s pieces", f"{stats.split:,}",
+                 f"{stats.pieces:,}")
     if not (stats.skipped or stats.dropped_too_long or stats.truncated):
         return
     parts = []

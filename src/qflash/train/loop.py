@@ -421,10 +421,12 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                if ranks.distributed else "")
         )
         st = setup.stats
-        if st.skipped or st.dropped_too_long or st.truncated or st.held_out:
+        if st.skipped or st.dropped_too_long or st.truncated or st.held_out or st.split:
             console.print(
                 f"  data: {st.skipped} records skipped {dict(st.problems)}, {st.dropped_too_long} dropped and "
-                f"{st.truncated} truncated for data.max_len, {st.held_out} held out for eval"
+                f"{st.truncated} truncated for data.max_len"
+                + (f", {st.split} split into {st.pieces} pieces" if st.split else "")
+                + f", {st.held_out} held out for eval"
                 + (f"; left-out records in {st.skipped_path}" if st.skipped_path else "")
             )
         if setup.replay is not None:
