@@ -170,6 +170,15 @@ def test_packed_loss_equals_unpacked_on_gpu(tmp_path):
     assert packed_loss == pytest.approx(single, rel=5e-3)
 
 
+def _live_lora_b(model) -> None:
+    """LoRA B set non-zero (seeded), so every LoRA gradient is live (B starts at zero)."""
+    with torch.no_grad():
+        gen = torch.Generator(device="cuda").manual_seed(7)
+        for n, p in sorted(model.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.05)
+
+
 def _loss_and_lora_grads(model_dir, docs, overrides: list[str], compute: torch.dtype):
     """One forward/backward of qflash's training path; LoRA B set non-zero so every LoRA grad is live."""
     from qflash.bench import runner
@@ -188,11 +197,7 @@ def _loss_and_lora_grads(model_dir, docs, overrides: list[str], compute: torch.d
     enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=0, kernels=cfg.kernels)
     model.train()
-    with torch.no_grad():
-        gen = torch.Generator(device="cuda").manual_seed(7)
-        for n, p in sorted(model.named_parameters()):
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.05)
+    _live_lora_b(model)
     batches = runner.qflash_batches(docs, 1024)
     n = sum(trained_tokens(b) for b in batches)
     total = 0.0
@@ -252,11 +257,7 @@ def test_memory_levers_exact_on_gpu(arch, tmp_path, monkeypatch):
         finally:
             runner.QFLASH_OVERRIDES[:] = []
         assert isinstance(model.get_input_embeddings(), HostEmbedding) == on
-        with torch.no_grad():
-            gen = torch.Generator(device="cuda").manual_seed(7)
-            for n, p in sorted(model.named_parameters()):
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.05)
+        _live_lora_b(model)
         batches = qflash_batches(docs, 1024)
         n = sum(trained_tokens(b) for b in batches)
         torch.manual_seed(0)
@@ -315,11 +316,7 @@ def test_kept_attention_runs_one_attention_forward_per_layer_on_gpu(tmp_path, mo
             model, _, _ = runner.qflash_model(model_dir, dropout=0.0, lr=1e-3, attention="torch_varlen", seed=0)
         finally:
             runner.QFLASH_OVERRIDES[:] = []
-        with torch.no_grad():
-            gen = torch.Generator(device="cuda").manual_seed(7)
-            for n, p in sorted(model.named_parameters()):
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.05)
+        _live_lora_b(model)
         batches = runner.qflash_batches(docs, 1024)
         n = sum(trained_tokens(b) for b in batches)
         total = 0.0
