@@ -200,8 +200,8 @@ class QflashServer(ThreadingHTTPServer):
             self._open.discard(request)
         super().shutdown_request(request)
 
-    def _cut(self, how: int) -> int:
-        """socket.shutdown(how) on every open connection; how many there were."""
+    def _cut(self, how: int) -> None:
+        """socket.shutdown(how) on every open connection."""
         with self._open_lock:
             conns = list(self._open)
         for conn in conns:
@@ -209,7 +209,6 @@ class QflashServer(ThreadingHTTPServer):
                 conn.shutdown(how)
             except OSError:
                 pass  # already closed by the client
-        return len(conns)
 
     def stop(self, grace: float = SHUTDOWN_GRACE) -> int:
         """Cancel generation, end every connection, join every request thread; threads still running."""

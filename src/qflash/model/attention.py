@@ -268,10 +268,18 @@ def reusing(pairs: list):
         _MEMO.mode, _MEMO.pairs, _MEMO.taken = before
 
 
+def _documents(q, k, v, cu_q):
+    """Per packed document: (start, end, q, k, v) in fp32, k and v repeated to q's heads."""
+    rep = q.shape[1] // k.shape[1]
+    bounds = cu_q.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        yield (a, b, q[a:b].float(), k[a:b].float().repeat_interleave(rep, dim=1),
+               v[a:b].float().repeat_interleave(rep, dim=1))
+
+
 def _causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """One document's (heads, L, L) fp32 scores, k repeated to q's heads, the future at -inf."""
-    k = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    s = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    """One document's (heads, L, L) scores, q and k with the same heads, the future at -inf."""
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
     future = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
     return s.masked_fill(future, float("-inf"))
 
@@ -280,13 +288,10 @@ def _twin_forward(q, k, v, cu_q, scale):
     """The CPU twin of FlashAttention's varlen forward: per document, in fp32; lse (heads, tokens)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    rep = q.shape[1] // k.shape[1]
-    bounds = cu_q.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        s = _causal_scores(q[a:b], k[a:b], scale)
+    for a, b, qq, kk, vv in _documents(q, k, v, cu_q):
+        s = _causal_scores(qq, kk, scale)
         lse[:, a:b] = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse[:, a:b, None])
-        out[a:b] = torch.einsum("hqk,khd->qhd", p, v[a:b].float().repeat_interleave(rep, dim=1)).to(q.dtype)
+        out[a:b] = torch.einsum("hqk,khd->qhd", torch.exp(s - lse[:, a:b, None]), vv).to(q.dtype)
     return out, lse
 
 
@@ -294,17 +299,13 @@ def _twin_backward(grad, q, k, v, out, lse, cu_q, scale):
     """FlashAttention's backward in fp32, per document, from the output and the lse (no softmax kept):
     P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K s, dK = dS^T Q s."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    heads, kv_heads = q.shape[1], k.shape[1]
-    rep = heads // kv_heads
-    bounds = cu_q.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        p = torch.exp(_causal_scores(q[a:b], k[a:b], scale) - lse[:, a:b, None])
+    kv_heads, rep = k.shape[1], q.shape[1] // k.shape[1]
+    for a, b, qq, kk, vv in _documents(q, k, v, cu_q):
+        p = torch.exp(_causal_scores(qq, kk, scale) - lse[:, a:b, None])
         g, o = grad[a:b].float(), out[a:b].float()
-        vv = v[a:b].float().repeat_interleave(rep, dim=1)
-        kk = k[a:b].float().repeat_interleave(rep, dim=1)
         ds = p * (torch.einsum("qhd,khd->hqk", g, vv) - (g * o).sum(-1).transpose(0, 1)[:, :, None])
         dq[a:b] = (torch.einsum("hqk,khd->qhd", ds, kk) * scale).to(q.dtype)
-        dk_full = torch.einsum("hqk,qhd->khd", ds, q[a:b].float()) * scale
+        dk_full = torch.einsum("hqk,qhd->khd", ds, qq) * scale
         dv_full = torch.einsum("hqk,qhd->khd", p, g)
         dk[a:b] = dk_full.view(b - a, kv_heads, rep, -1).sum(2).to(k.dtype)
         dv[a:b] = dv_full.view(b - a, kv_heads, rep, -1).sum(2).to(v.dtype)
