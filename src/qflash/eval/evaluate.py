@@ -169,7 +169,7 @@ def teacher_forced_closeness(loaded, prompts: Sequence[Prompt], base: Sequence[A
     examples, _ = replay_examples(prompts, base, loaded.renderer, max_len=1 << 30, unfinished="keep")
     model = loaded.model
     tuned_parts, base_parts = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), loaded.compute():
         for k in range(0, len(examples), rows):
             b = pad_batch(examples[k:k + rows], list(range(k, k + rows)), loaded.tokenizer.pad_token_id).to(loaded.device)
             kw = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "use_cache": False}
@@ -254,9 +254,9 @@ def evaluate_run(
     if examples:
         kw = dict(pad_id=loaded.tokenizer.pad_token_id, device=loaded.device, max_len=cfg.data.max_len,
                   rows=cfg.train.micro_batch_size, packing=cfg.data.packing, varlen=uses_varlen())
-        tuned_loss = held_out_loss(loaded.model, examples, **kw)
+        tuned_loss = held_out_loss(loaded.model, examples, autocast=loaded.compute(), **kw)
         with loaded.model.disable_adapter():
-            base_loss = held_out_loss(loaded.model, examples, **kw)
+            base_loss = held_out_loss(loaded.model, examples, autocast=loaded.compute(), **kw)
         result.eval_tokens = tuned_loss.tokens
         result.tuned.eval_loss, result.tuned.perplexity = tuned_loss.loss, tuned_loss.perplexity
         result.base.eval_loss, result.base.perplexity = base_loss.loss, base_loss.perplexity

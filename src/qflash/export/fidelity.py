@@ -144,7 +144,7 @@ def check_fidelity(merged_dir: Path, model_dir: Path, adapter_dir: Path, cfg: Co
     from transformers import AutoModelForCausalLM
 
     from qflash.export.merge import DTYPES
-    from qflash.model.loading import load_configured_base
+    from qflash.model.loading import NO_HUB_KERNELS, load_configured_base
     from qflash.model.lora import load_adapter
 
     report = FidelityReport()
@@ -172,10 +172,11 @@ def check_fidelity(merged_dir: Path, model_dir: Path, adapter_dir: Path, cfg: Co
 
     merged = timed("merged model (plain transformers)",
                    lambda: AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32,
-                                                                trust_remote_code=trust))
+                                                                trust_remote_code=trust, **NO_HUB_KERNELS))
 
     def base_16bit_with_adapter():
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype_name], trust_remote_code=trust)
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype_name], trust_remote_code=trust,
+                                                    **NO_HUB_KERNELS)
         return PeftModel.from_pretrained(base.float(), str(adapter_dir))
 
     references = [(f"base {dtype_name} + adapter", base_16bit_with_adapter)]

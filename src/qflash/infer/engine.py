@@ -192,7 +192,10 @@ class Engine:
             kw.update(temperature=opts.temperature, top_p=opts.top_p, top_k=0)
         return kw
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the model that generates may be trained next (replay answers come from the
+    # model about to be trained), and a tensor that a layer creates or caches under inference mode can never
+    # be saved for backward. Generation must leave nothing behind that depends on whether it ran first.
+    @torch.no_grad()
     def complete(
         self, prompt_ids: list[int], opts: SamplingOptions, on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
@@ -208,16 +211,17 @@ class Engine:
         if opts.seed is not None:
             torch.manual_seed(opts.seed)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.loaded.device)
-        out = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([stop]) if stop is not None else None,
-            **self._generate_kwargs(opts, max_new),
-        )
+        with self.loaded.compute():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([stop]) if stop is not None else None,
+                **self._generate_kwargs(opts, max_new),
+            )
         if stop is not None and stop.fired:
             raise Cancelled("generation cancelled")
         return self._completion(out[0, len(prompt_ids):].tolist(), len(prompt_ids))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def complete_batch(self, prompts: list[list[int]], opts: SamplingOptions) -> list[Completion]:
         """Replies to several prompts in one left-padded batch (generation starts at the same column)."""
         if not prompts:
@@ -231,10 +235,11 @@ class Engine:
             mask[row, width - len(p):] = 1
         if opts.seed is not None:
             torch.manual_seed(opts.seed)
-        out = self.model.generate(
-            input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device),
-            **self._generate_kwargs(opts, max_new),
-        )
+        with self.loaded.compute():
+            out = self.model.generate(
+                input_ids=ids.to(self.loaded.device), attention_mask=mask.to(self.loaded.device),
+                **self._generate_kwargs(opts, max_new),
+            )
         return [self._completion(row, len(p)) for row, p in zip(out[:, width:].tolist(), prompts)]
 
     def _completion(self, generated: list[int], prompt_len: int) -> Completion:

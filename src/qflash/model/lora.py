@@ -90,3 +90,27 @@ def load_adapter(model, adapter_dir: Path, trainable: bool = False):
 def lora_state(model) -> dict[str, torch.Tensor]:
     """The trainable (LoRA) tensors by name, detached copies on CPU."""
     return {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def layer_paths(model: torch.nn.Module) -> str:
+    """Which implementation each kind of layer runs, in one line (the training banner): the adapted projections
+    (qflash's fused NF4 + LoRA, or PEFT's own layer), the norms and their dtype, the attention backend, and how
+    many layers a Hugging Face Hub kernel replaced (none: qflash loads with use_kernels=False)."""
+    from collections import Counter
+
+    from qflash.model import attention
+
+    lora, norms = Counter(), Counter()
+    hub = 0
+    for module in model.modules():
+        name = type(module).__name__
+        hub += "_kernel_repo" in module.__dict__
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            lora["fused NF4+LoRA (qflash)" if name == "FusedLoraLinear4bit" else f"{name} (PEFT)"] += 1
+        elif name.endswith("Norm") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            norms[f"{name} {str(module.weight.dtype).replace('torch.', '')}"] += 1
+    parts = [", ".join(f"{n} projections {k}" for k, n in lora.items()) or "no LoRA projections",
+             ", ".join(f"{n} {k}" for k, n in norms.items()) or "no norms",
+             f"attention {attention.active()}",
+             f"{hub} layers replaced by Hub kernels"]
+    return "layers: " + "; ".join(parts)

@@ -38,7 +38,7 @@ from qflash.model.loading import (
     resolve_model_dir,
 )
 from qflash.model.attention import uses_varlen
-from qflash.model.lora import add_lora
+from qflash.model.lora import add_lora, layer_paths
 from qflash.paths import inside, replaced_atomically
 from qflash.train.checkpoint import (
     CKPT_DIR,
@@ -147,7 +147,8 @@ def _base_model_replay(cfg: Config, model, tok, renderer: ChatRenderer, model_di
     from qflash.infer.generate import Loaded, answer
 
     rp = cfg.data.replay
-    loaded = Loaded(model=model, tokenizer=tok, renderer=renderer, cfg=cfg, has_adapter=False, device=device)
+    loaded = Loaded(model=model, tokenizer=tok, renderer=renderer, cfg=cfg, has_adapter=False, device=device,
+                    dtype=dtype)
     t0 = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -431,6 +432,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
             )
         if setup.replay is not None:
             console.print("  " + setup.replay.summary(cfg.data.replay))
+        console.print("  " + layer_paths(model))
     metrics = MetricsWriter(out, purge_step=start + 1 if start else None) if ranks.main else None
     samples_log = open(out / SAMPLES_LOG, "a", encoding="utf-8") if ranks.main else None
     progress = StepProgress(steps, start=start) if not quiet else None
