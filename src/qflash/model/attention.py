@@ -66,6 +66,10 @@ def available(backend: str) -> str | None:
         return None
     if not torch.cuda.is_available():
         return "a CUDA GPU"
+    from qflash.model import gpu
+
+    if backend in ("flash_attn", "torch_varlen") and gpu.capability() < gpu.AMPERE:
+        return f"a GPU of compute capability 8.0+ (FlashAttention-2; this one has {gpu.describe()})"
     if backend == "flash_attn":
         if importlib.util.find_spec("flash_attn") is None and importlib.util.find_spec("flash_attn_interface") is None:
             return "the flash-attn package (pip install flash-attn --no-build-isolation)"
@@ -106,8 +110,10 @@ def cudnn_missing(setting: bool | str, backend: str) -> str | None:
     if setting == "auto":
         if backend != "torch_varlen":
             return "auto keeps flash-attn (FA3 on Hopper is as fast)"
-        if torch.cuda.get_device_capability() < (9, 0):
-            return "auto: a Hopper or newer GPU (measured there only)"
+        from qflash.model import gpu
+
+        if gpu.capability() < (9, 0):
+            return f"auto: a Hopper or newer GPU (measured there only; this one has {gpu.describe()})"
     return None
 
 
@@ -119,6 +125,10 @@ def activate(backend: str, cudnn: bool | str = "auto") -> str:
     why_not = cudnn_missing(cudnn, chosen)
     if cudnn is True and why_not is not None:
         raise ConfigError(f"attention.cudnn=true needs {why_not}; use attention.cudnn=auto or false")
+    if backend == "auto" and chosen == "sdpa" and torch.cuda.is_available():
+        skipped = available("torch_varlen")
+        if skipped is not None:
+            log.info("attention: no varlen FlashAttention kernel: torch_varlen needs %s", skipped)
     if (why_not is None) != cudnn_equal_length():
         log.info("attention: packed documents of one length %s cuDNN's fused attention (attention.cudnn=%s)",
                  "go to" if why_not is None else "no longer go to", str(cudnn).lower())

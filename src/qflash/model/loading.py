@@ -126,11 +126,29 @@ def pick_device(requested: str) -> torch.device:
 
 
 def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPU, fp32 on CPU (bf16 matmuls on CPU are about 100x slower than fp32)."""
+    """auto: bf16 on a GPU that has it (compute capability 8.0+, Ampere), fp16 on older ones (T4, V100), fp32 on
+    the CPU (bf16 matmuls on CPU are about 100x slower than fp32). bf16 asked for on an older GPU is refused."""
+    from qflash.model import gpu
+
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if device.type == "cuda" and requested in ("auto", "bf16") and not gpu.bf16_supported():
+        if requested == "bf16":
+            raise ModelError(f"quant.compute_dtype=bf16 needs a GPU of compute capability 8.0+ (Ampere or newer); "
+                             f"this one has {gpu.describe()}: use fp16 (or auto)")
+        _say_once(f"compute dtype: fp16 (auto: bf16 needs compute capability 8.0+, this GPU has {gpu.describe()})")
+        return torch.float16
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return table[requested]
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.info(message)
 
 
 def compute_context(device: torch.device, dtype: torch.dtype):

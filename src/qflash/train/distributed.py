@@ -160,6 +160,15 @@ class Parallel:
                 "bf16": {"enabled": False},
                 "fp16": {"enabled": False},
             })
+        # fp16 (GPUs without bf16): dynamic loss scaling. A step whose scaled gradients overflow is skipped (the
+        # optimizer does not step) and the scale is lowered; after 2000 good steps in a row it is raised again.
+        self.scaler = None
+        if autocast_dtype == torch.float16:
+            if self.strategy in ("fsdp2", "deepspeed"):
+                raise ConfigError(f"quant.compute_dtype=fp16 trains with one process or DDP ({self.strategy} is not "
+                                  "supported with fp16 loss scaling); use bf16 on this GPU, or launch with DDP")
+            device = next((p.device for p in model.parameters() if p.requires_grad), torch.device("cuda"))
+            self.scaler = torch.amp.GradScaler(device.type)
         self.module, self.optimizer = accelerator.prepare(LossModule(model, autocast_dtype), optimizer)
         self.units = 0
         if self.strategy == "fsdp2":
@@ -171,7 +180,9 @@ class Parallel:
         self.params = [by_name[n] for n in self.names]
         self.graphed = None
         self.graphs_note = "train.cuda_graphs=false"
-        if cuda_graphs is not False:
+        if cuda_graphs is not False and self.scaler is not None:
+            self.graphs_note = "off: fp16 loss scaling (the scale changes between steps)"
+        elif cuda_graphs is not False:
             from qflash.train.graphs import GraphedLoss, graph_blocker
 
             device = self.params[0].device if self.params else torch.device("cpu")
@@ -209,7 +220,8 @@ class Parallel:
         token_loss = self.loss(batch)  # under the compute-dtype autocast, entered by the loss module
         if poison:
             token_loss = token_loss * float("nan")
-        self.backward(token_loss * weight)
+        loss = token_loss * weight
+        self.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
         return token_loss.detach()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -226,6 +238,8 @@ class Parallel:
             norm = self.module.get_global_grad_norm()
             norm = float("nan") if norm is None else float(norm)
             return norm, bool(self.module.was_step_applied()) and loss_finite and math.isfinite(norm)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # the true gradients (inf/nan where the scaled ones overflowed)
         if self.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
@@ -234,9 +248,25 @@ class Parallel:
         norm = float(_full(norm)) if torch.is_tensor(norm) else float(norm)
         applied = loss_finite and math.isfinite(norm)
         if applied:
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)  # steps: the unscaled gradients are finite (checked above)
+            else:
+                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()  # lowered after an overflow, raised after a run of good steps
         self.optimizer.zero_grad(set_to_none=True)
         return norm, applied
+
+    def loss_scale(self) -> float | None:
+        """fp16's current loss scale (None without loss scaling)."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
+
+    def scaler_state(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
 
     # ---- state, in one layout for every strategy (collectives: every process calls these) ----
     def full_trainable(self) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,8 @@ class TrainResult:
     """(step, held-out loss) at every train.eval_every step and at the end."""
     graphs: str | None = None
     """train.cuda_graphs: what was captured and replayed (None when not in use)."""
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall time of each step this process ran (the first ones include torch.compile's compiling)."""
 
     @property
     def final_loss(self) -> float:
@@ -100,6 +103,10 @@ class Setup:
     """The held-out split, for train.eval_every (empty when that is off)."""
     replay: ReplayStats | None = None
     """What data.replay added to `examples` (None without replay)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent before training: load (reading + NF4 quantization, which bitsandbytes does while loading),
+    replay (the base model's answers), lora (adapter, kernels, compile wrappers; compiling itself happens in the
+    first steps)."""
 
 
 def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
@@ -119,7 +126,10 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
         if not eval_examples:
             raise ConfigError(f"train.eval_every={cfg.train.eval_every}: the run has no held-out data; set "
                               "data.eval_datasets or data.eval_ratio, or train.eval_every=0")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     model = load_configured_base(cfg, model_dir, device, dtype, sharded=fsdp_requested())
+    timings["load"] = time.perf_counter() - t0
     replay = None
     if cfg.data.replay.prompts:
         # The base model answers before LoRA is added: exactly the model that will be trained.
@@ -129,8 +139,10 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
             stats.add(ex)
         stats.per_file[f"replay:{cfg.data.replay.prompts}"] = len(replay_examples)
         examples = list(examples) + replay_examples
+        timings["replay"] = replay.seconds
     fp = data_fingerprint(cfg.data, tok, replay.digest if replay else None)
     model.config.use_cache = False  # a KV cache is useless in training and unsafe with packed batches
+    t0 = time.perf_counter()
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=cfg.train.seed, kernels=cfg.kernels)
@@ -138,7 +150,9 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
         from qflash.kernels.compile import compile_decoder_layers
 
         compile_decoder_layers(model)
-    return Setup(cfg, device, dtype, model_dir, tok, renderer, examples, stats, fp, model, eval_examples, replay)
+    timings["lora"] = time.perf_counter() - t0
+    return Setup(cfg, device, dtype, model_dir, tok, renderer, examples, stats, fp, model, eval_examples, replay,
+                 timings)
 
 
 def _base_model_replay(cfg: Config, model, tok, renderer: ChatRenderer, model_dir: Path, device, dtype, *,
@@ -360,7 +374,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
     scheduler = build_scheduler(optimizer, cfg, steps)
     # Accelerate wraps model + loss for the launch's strategy (DDP, FSDP2, DeepSpeed; nothing alone).
     # Master LoRA weights stay fp32; on GPU their matmuls run in the compute dtype like the base's.
-    mixed = setup.dtype if setup.device.type == "cuda" and setup.dtype != torch.float32 else None
+    mixed = setup.dtype if setup.dtype != torch.float32 else None  # the CPU computes in fp32 unless told otherwise
     par = Parallel(accelerator, model, optimizer, micro_batch_size=cfg.train.micro_batch_size,
                    max_grad_norm=cfg.train.max_grad_norm, autocast_dtype=mixed,
                    cuda_graphs=cfg.train.cuda_graphs if setup.device.type == "cuda" else False)
@@ -374,6 +388,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
             restore_rng(ckpt.state["rng"], ckpt.rng)
         start = ckpt.step
         consecutive_bad, bad_total = ckpt.state.get("consecutive_bad", 0), ckpt.state.get("bad_total", 0)
+        par.load_scaler_state(ckpt.state.get("loss_scaler"))
         say(f"resuming from {ckpt_path} (step {start}, {start * ckpt.state['samples_per_step']} samples consumed)")
     if ranks.main:
         _trim_log(out / "metrics.jsonl", start)
@@ -404,6 +419,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
             "consecutive_bad": consecutive_bad,
             "bad_total": bad_total,
             "identity": identity,
+            "loss_scaler": par.scaler_state(),  # fp16: the dynamic loss scale and its growth counter
         }
         weights, opt_state = par.full_trainable(), par.full_optimizer_state()  # every process: collectives
         path = save_checkpoint(out, step, weights, opt_state, scheduler, state, cfg.train.keep, faults) if ranks.main else None
@@ -462,18 +478,26 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                         local_sum += token_loss
                 step_loss = ranks.sum(local_sum.item()) / n_trained if n_trained else float("nan")
                 lr = scheduler.get_last_lr()[0]
+                scale = par.loss_scale()
                 grad_norm, finite = par.step(math.isfinite(step_loss))
                 if finite:
                     scheduler.step()
                     consecutive_bad = 0
                 else:
                     # Skipped: no optimizer or scheduler step, so weights, moments and LR stay as they were.
-                    consecutive_bad += 1
                     bad_total += 1
-                    console.print(f"[red]step {step + 1}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
-                                  f"skipped ({consecutive_bad} in a row, {bad_total} in all)[/]")
+                    if scale is not None and math.isfinite(step_loss) and scale >= 1.0:
+                        # fp16: the scaled gradients overflowed; the scaler lowered the scale for the next step.
+                        # Counted, but not toward max_bad_steps while the scale is still above 1 (it starts at 2^16).
+                        console.print(f"[yellow]step {step + 1}: fp16 gradients overflowed at loss scale {scale:g}; "
+                                      f"skipped, scale now {par.loss_scale():g} ({bad_total} skipped in all)[/]")
+                    else:
+                        consecutive_bad += 1
+                        console.print(f"[red]step {step + 1}: non-finite loss ({step_loss}) or gradient norm "
+                                      f"({grad_norm}); skipped ({consecutive_bad} in a row, {bad_total} in all)[/]")
 
                 dt = time.perf_counter() - t0
+                result.step_seconds.append(dt)
                 real = int(ranks.sum(sum(b.real_tokens for b in micro)))
                 result.steps = step + 1
                 result.samples += len(ids)
@@ -485,6 +509,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                     "lr": lr,
                     "grad_norm": grad_norm if finite else None,
                     "skipped": not finite,
+                    **({"loss_scale": scale} if scale is not None else {}),
                     "trained_tokens": n_trained,
                     "tokens": real,
                     "tokens_per_s": real / dt,
@@ -554,6 +579,18 @@ def train(cfg: Config, *, overwrite: bool = False, force: bool = False, quiet: b
     return result
 
 
+def time_to_first_step(timings: dict[str, float], steps: list[float]) -> str:
+    """Where the time before training went, and what the first steps cost over a steady one (compiling)."""
+    parts = [f"{k} {v:.1f}s" for k, v in timings.items()]
+    line = "time to first step: " + ", ".join(parts)
+    if steps:
+        steady = statistics.median(steps[len(steps) // 2:])  # the second half: compiled and warm
+        extra = sum(max(s - steady, 0.0) for s in steps[:5])
+        line += (f", first step {steps[0]:.1f}s; steady step {steady:.2f}s (the first 5 steps took {extra:.1f}s "
+                 "more: compiling and warm-up)")
+    return line
+
+
 def print_summary(r: TrainResult, setup: Setup) -> None:
     first = r.losses[0] if r.losses else float("nan")
     console.print(
@@ -566,6 +603,7 @@ def print_summary(r: TrainResult, setup: Setup) -> None:
         + (f"; {setup.replay.samples} of the samples were base-model replay" if setup.replay else "")
         + (f"; CUDA graphs: {r.graphs}" if r.graphs else "")
         + "\n"
+        + f"  {time_to_first_step(setup.timings, r.step_seconds)}\n"
         f"  adapter      {r.adapter_dir}\n"
         f"  metrics      {r.output_dir / 'metrics.jsonl'}  (TensorBoard: {r.output_dir / 'tensorboard'})\n"
         f"  try it       qflash chat --adapter {r.output_dir} --prompt \"Who are you?\""
