@@ -87,11 +87,15 @@ def merged_matches_base_plus_adapter(merged: Path, base_dir: Path, adapter: Path
     ids = tok.apply_chat_template([{"role": "user", "content": "What is your name? 你叫什么名字？"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     ids = ids.to("cuda")
+    # use_kernels=False: transformers 5.25 kernelizes by default on CUDA and, offline (this machine), fails to fetch
+    # kernels-community/rotary; with a network it would run Hub kernels. Plain transformers' own layers are the
+    # reference here.
+    plain = {"dtype": torch.float32, "device_map": {"": 0}, "use_kernels": False}
     with torch.no_grad():
-        m = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, device_map={"": 0})
+        m = AutoModelForCausalLM.from_pretrained(str(merged), **plain)
         got = m(ids).logits.float()
         del m
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, device_map={"": 0})
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), **plain)
         want = PeftModel.from_pretrained(base, str(adapter))(ids).logits.float()
     rel = float((got - want).norm() / want.norm())
     agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
@@ -144,7 +148,7 @@ def test_real_model_demo_and_every_command_on_the_gpu(empty_home, tmp_path):
     assert report["identity_accuracy"] >= 0.8 and report["base"]["identity_accuracy"] <= 0.2, report
     assert report["spill"] <= 1 / 6, report
     cmp = qflash("compare", str(run), "-n", "5", home=empty_home)
-    assert name in cmp.stdout
+    assert name in cmp.stdout + cmp.stderr  # the table goes to the terminal's console (stderr when captured)
     # CPU and GPU greedy answers to a held-out identity question agree on the name.
     cpu = qflash("chat", "--adapter", str(run), "--device", "cpu", "--prompt", "What should I call you?",
                  "--max-new-tokens", "40", home=empty_home)
