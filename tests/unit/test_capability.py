@@ -28,3 +28,19 @@ def test_a_malformed_override_says_what_is_expected(monkeypatch):
     monkeypatch.setenv(gpu.CAPABILITY_ENV, "turing")
     with pytest.raises(ValueError, match="MAJOR.MINOR"):
         gpu.capability()
+
+
+def test_a_model_on_the_cpu_takes_cpu_attention_where_a_gpu_is_present(monkeypatch):
+    """train.device=cpu on a GPU machine: auto picked the GPU's varlen kernel for CPU tensors (found by the GPU e2e
+    tier: a run trained on the CPU there failed on an op with no CPU kernel)."""
+    from qflash.errors import ConfigError
+    from qflash.model import attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(gpu.CAPABILITY_ENV, "9.0")
+    assert attention.resolve("auto", on_cuda=False) == "sdpa"
+    assert attention.cudnn_missing("auto", "torch_varlen", on_cuda=False) == "a CUDA GPU"
+    with pytest.raises(ConfigError, match="it is on the CPU"):
+        attention.resolve("torch_varlen", on_cuda=False)
+    monkeypatch.setenv(gpu.CAPABILITY_ENV, "7.5")
+    assert "compute capability 8.0+" in attention.available("torch_varlen")

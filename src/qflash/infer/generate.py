@@ -57,7 +57,7 @@ class Loaded:
     """The compute dtype (quant.compute_dtype as resolved for `device`)."""
 
     def compute(self):
-        """The context every forward of this model runs in (autocast to `dtype` on CUDA, as in training)."""
+        """The context every forward of this model runs in (autocast to a 16-bit `dtype`, as training does)."""
         return compute_context(self.device, self.dtype)
 
 

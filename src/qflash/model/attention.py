@@ -60,12 +60,15 @@ class PackingError(RuntimeError):
     """Packed documents would see each other: refuse instead of training on the wrong attention."""
 
 
-def available(backend: str) -> str | None:
-    """None when usable here, else what is missing."""
+def available(backend: str, on_cuda: bool = True) -> str | None:
+    """None when usable here, else what is missing. `on_cuda`: the model runs on the GPU (train.device=cpu on a
+    machine with one: the CPU's backends only)."""
     if backend in ("sdpa", "eager"):
         return None
     if not torch.cuda.is_available():
         return "a CUDA GPU"
+    if not on_cuda:
+        return "the model on a CUDA GPU (it is on the CPU)"
     from qflash.model import gpu
 
     if backend in ("flash_attn", "torch_varlen") and gpu.capability() < gpu.AMPERE:
@@ -83,23 +86,23 @@ def available(backend: str) -> str | None:
     return f"a known backend (one of {', '.join(BACKENDS)})"
 
 
-def resolve(backend: str) -> str:
+def resolve(backend: str, on_cuda: bool = True) -> str:
     """The backend to use for `attention.backend`; raises when an explicit choice is unavailable."""
     if backend == "auto":
         for candidate in ("flash_attn", "torch_varlen", "sdpa"):
-            if available(candidate) is None:
+            if available(candidate, on_cuda) is None:
                 return candidate
-    missing = available(backend)
+    missing = available(backend, on_cuda)
     if missing:
         raise ConfigError(f"attention.backend={backend} needs {missing}; use attention.backend=auto or sdpa")
     return backend
 
 
-def cudnn_missing(setting: bool | str, backend: str) -> str | None:
+def cudnn_missing(setting: bool | str, backend: str, on_cuda: bool = True) -> str | None:
     """None when attention.cudnn=`setting` turns the equal-length cuDNN path on next to `backend`, else why not."""
     if setting is False or backend not in VARLEN:
         return "off" if setting is False else f"attention.backend={backend} (not a varlen kernel)"
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or not on_cuda:
         return "a CUDA GPU"
     if not torch.backends.cudnn.is_available():
         return "PyTorch built with cuDNN"
@@ -117,15 +120,16 @@ def cudnn_missing(setting: bool | str, backend: str) -> str | None:
     return None
 
 
-def activate(backend: str, cudnn: bool | str = "auto") -> str:
+def activate(backend: str, cudnn: bool | str = "auto", on_cuda: bool = True) -> str:
     """Register the facade with transformers (idempotent) and select the backend for this process.
-    `cudnn`: attention.cudnn (auto | true | false)."""
+    `cudnn`: attention.cudnn (auto | true | false). `on_cuda`: False for a model on the CPU (CPU backends only,
+    also where a GPU is present)."""
     global _active, _equal_dense_max
-    chosen = resolve(backend)
-    why_not = cudnn_missing(cudnn, chosen)
+    chosen = resolve(backend, on_cuda)
+    why_not = cudnn_missing(cudnn, chosen, on_cuda)
     if cudnn is True and why_not is not None:
         raise ConfigError(f"attention.cudnn=true needs {why_not}; use attention.cudnn=auto or false")
-    if backend == "auto" and chosen == "sdpa" and torch.cuda.is_available():
+    if backend == "auto" and chosen == "sdpa" and torch.cuda.is_available() and on_cuda:
         skipped = available("torch_varlen")
         if skipped is not None:
             log.info("attention: no varlen FlashAttention kernel: torch_varlen needs %s", skipped)

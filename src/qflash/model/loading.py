@@ -187,7 +187,7 @@ def load_base_model(
 
     from qflash.model.attention import NAME, activate
 
-    activate(attention, cudnn=attention_cudnn)
+    activate(attention, cudnn=attention_cudnn, on_cuda=device.type == "cuda")
     kwargs: dict = {
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
@@ -217,22 +217,18 @@ def load_base_model(
     return model
 
 
-def keep_standard_nf4_layout(model: torch.nn.Module) -> int:
+def keep_standard_nf4_layout(model: torch.nn.Module) -> None:
     """bitsandbytes' 4-bit layers keep their standard NF4 layout on every CPU.
 
-    On a CPU with AVX512-BF16, bitsandbytes (0.48+) repacks a Linear4bit's weight in place into a CPU-only
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight in place into a CPU-only
     layout at its first eval-mode forward without gradients, and from then on multiplies in bf16. In qflash
     that forward is the replay or eval generation, and the model generating is the model that trains next:
     the fused layers read the weight in the standard layout (wrong values after a repack), the repacked
     weight made under inference mode cannot be saved for backward, and the CPU path computes in fp32
-    (the compute dtype) everywhere else. So the model is one model whichever ran first. Returns the number
-    of layers."""
-    n = 0
+    (the compute dtype) everywhere else. So the model is one model whichever ran first."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 @dataclass(frozen=True)
