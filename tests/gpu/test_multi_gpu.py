@@ -1,8 +1,8 @@
 """GPU tier, 2+ GPUs (device kind nvidia-h200-x2): `qflash train` under each shipped accelerate config
 (DDP, FSDP2, DeepSpeed ZeRO-2) trains like one GPU, and its checkpoints resume with one GPU and back.
 
-Needs a tiny model directory with a tokenizer: $QFLASH_TINY_MODEL, or .device/fixtures/qwen2-tiny
-(the CPU tests' tiny Qwen2, copied there because the device has no embedded model to build it from).
+The tiny Qwen2 is built here as the CPU tests build it (conftest.make_tiny_model, the embedded model's tokenizer:
+tools/device-stage.sh installs it on the device); $QFLASH_TINY_MODEL names another one.
 """
 
 from __future__ import annotations
@@ -22,21 +22,23 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
 ]
 
-TINY = Path(os.environ.get("QFLASH_TINY_MODEL", REPO / ".device" / "fixtures" / "qwen2-tiny"))
+TINY = os.environ.get("QFLASH_TINY_MODEL")
 CONFIGS = {"ddp": "ddp.yaml", "fsdp2": "fsdp2.yaml", "deepspeed": "deepspeed_zero2.yaml"}
 
 
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory):
-    if not (TINY / "config.json").exists():
-        pytest.skip(f"no tiny model at {TINY} (set QFLASH_TINY_MODEL)")
-    from conftest import DEMO, tiny_config
+    from conftest import DEMO, make_tiny_model, tiny_config
+    from qflash.config import EMBEDDED_MODEL
+    from qflash.model.loading import load_tokenizer, resolve_model_dir
 
     root = tmp_path_factory.mktemp("gpu-dist")
+    tiny = Path(TINY) if TINY else make_tiny_model(root / "qwen2", "qwen2",
+                                                   load_tokenizer(resolve_model_dir(EMBEDDED_MODEL)))
     records = json.loads((DEMO / "identity.json").read_text(encoding="utf-8"))
     data = root / "identity16.json"
     data.write_text(json.dumps(records[:12] + records[-4:], ensure_ascii=False), encoding="utf-8")
-    cfg = tiny_config(TINY, data, root / "unused", "train.device=cuda", "train.micro_batch_size=1",
+    cfg = tiny_config(tiny, data, root / "unused", "train.device=cuda", "train.micro_batch_size=1",
                       "train.grad_accum=3", "train.max_steps=6", "train.save_every=3", "train.lr=1e-2",
                       "train.schedule=constant", "data.packing=false")
     cfg_path = root / "tiny.yaml"

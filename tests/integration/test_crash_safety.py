@@ -153,7 +153,7 @@ def test_non_finite_steps_are_skipped_untouched(tiny_models, identity_subset, tm
     assert [r["skipped"] for r in logged] == [False, False, True, True, False, False]
     for n in snapshots[2]:
         assert torch.equal(snapshots[2][n], snapshots[4][n]), "skipped steps leave the weights as they were"
-        assert not torch.equal(snapshots[4][n], snapshots[5][n]) or "lora_A" in n
+        assert not torch.equal(snapshots[4][n], snapshots[5][n]), f"{n}: a good step after the skipped ones moves it"
     assert result.steps == 6
     from qflash.train.checkpoint import load_checkpoint
 

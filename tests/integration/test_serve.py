@@ -106,12 +106,21 @@ def test_openai_client_streaming(server):
     assert len({c.id for c in chunks}) == 1
 
 
-def test_sampling_with_a_seed_is_reproducible(server):
+def test_sampling_with_a_seed_is_reproducible_and_samples(server):
+    """A seeded temperature-0.9 reply is reproducible and is not the greedy one (sampling happens); top_p is
+    applied: a nucleus so small that only the most likely token is left gives the greedy reply back."""
     client = server.client()
-    ask = lambda: client.chat.completions.create(  # noqa: E731
-        model=server.model, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=12,
-        temperature=0.9, top_p=0.95, seed=7).choices[0].message.content
-    assert ask() == ask()
+
+    def ask(**sampling):
+        return client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24,
+            **sampling).choices[0].message.content
+
+    sampled = ask(temperature=0.9, top_p=0.95, seed=7)
+    greedy = ask(temperature=0)
+    assert sampled == ask(temperature=0.9, top_p=0.95, seed=7)
+    assert sampled != greedy, "temperature 0.9 gave the greedy reply: sampling is not applied"
+    assert ask(temperature=0.9, top_p=1e-6, seed=7) == greedy, "top_p is not applied"
 
 
 def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server):

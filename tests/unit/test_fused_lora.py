@@ -48,16 +48,19 @@ def test_function_matches_unfused_math(bias, separate_lora_input):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_fused_model_matches_peft_loss_and_lora_grads(arch, tiny_models, identity_subset, tmp_path):
-    """A whole tiny NF4 model: the fused layers give PEFT's loss and LoRA gradients, and keep its names."""
+@pytest.mark.parametrize("arch, switch", [("qwen2", "lora.rslora=false"), ("llama", "lora.rslora=false"),
+                                          ("qwen2", "lora.rslora=true"), ("qwen2", "lora.dora=true")])
+def test_fused_model_matches_peft_loss_and_lora_grads(arch, switch, tiny_models, identity_subset, tmp_path):
+    """A whole tiny NF4 model: the fused layers give PEFT's loss and LoRA gradients, and keep its names; under
+    rsLoRA (scale alpha/sqrt(r), 5.66 here, not alpha/r = 2) too; DoRA is left to PEFT's own layer."""
     results = {}
+    dora = switch == "lora.dora=true"
     for fused in (True, False):
         cfg = tiny_config(tiny_models[arch], identity_subset, tmp_path / f"run{fused}", f"lora.fused={str(fused).lower()}",
-                          "lora.dropout=0.0")
+                          "lora.dropout=0.0", switch)
         setup = build_setup(cfg)
         kinds = {type(m).__name__ for m in setup.model.modules() if hasattr(m, "lora_A")}
-        assert kinds == ({"FusedLoraLinear4bit"} if fused else {"Linear4bit"}), kinds
+        assert kinds == ({"FusedLoraLinear4bit"} if fused and not dora else {"Linear4bit"}), kinds
         # LoRA B starts at zero; give it values so the update is visible in the loss.
         with torch.no_grad():
             gen = torch.Generator().manual_seed(3)
@@ -70,7 +73,7 @@ def test_fused_model_matches_peft_loss_and_lora_grads(arch, tiny_models, identit
         grads = {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.requires_grad}
         results[fused] = (loss.item(), grads)
     (lf, gf), (lu, gu) = results[True], results[False]
-    assert gf.keys() == gu.keys() and len(gf) == 2 * 7 * 2
+    assert gf.keys() == gu.keys() and len(gf) == 2 * 7 * (3 if dora else 2)
     assert abs(lf - lu) <= 1e-4 * abs(lu), (lf, lu)
     for n in gu:
         torch.testing.assert_close(gf[n], gu[n], rtol=1e-4, atol=1e-4 * gu[n].abs().max().item(), msg=lambda m: f"{n}: {m}")

@@ -42,11 +42,15 @@ def test_swap_shares_weights_and_keeps_state_dict(tiny_models):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2"]), dtype=torch.float32)
     keys = list(model.state_dict())
+    norms = {name: m for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
     ids = torch.randint(0, 100, (2, 9))
     before = model(ids).logits
     n = swap_rms_norms(model, compiled=False)
     assert n == 2 * 2 + 1  # two per layer and the final norm
     assert list(model.state_dict()) == keys
+    for name, old in norms.items():  # the swapped-in norm holds the same weight tensor, not a copy
+        new = model.get_submodule(name)
+        assert new is not old and new.weight is old.weight, name
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,160 @@
+"""`make mutants`: break the code on purpose and check that the test that claims to cover it fails.
+
+Each mutation below replaces one exact piece of a source file in a throwaway copy of the checkout (tracked
+files, as they are in the working tree) and runs only the test that must catch it, with PYTHONPATH pointing
+at the copy (the venv's editable install would otherwise import the unbroken checkout and every mutation
+would "survive"). One line per mutation: caught, SURVIVED, or skipped (GPU tests on a machine without one).
+Exit status 1 if any mutation survived or the unbroken copy fails a target test.
+
+A new switch or numerics-sensitive piece of code that gets a test gets a mutation here too.
+
+    python tools/mutants.py                 # all that run here
+    python tools/mutants.py -k sampling     # those whose name contains "sampling"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    test: str
+    gpu: bool = False
+
+
+MUTANTS = [
+    Mutant("sampling forced to greedy", "src/qflash/infer/engine.py",
+           '"do_sample": not opts.greedy,', '"do_sample": False,',
+           "tests/integration/test_serve.py::test_sampling_with_a_seed_is_reproducible_and_samples"),
+    Mutant("top_p ignored", "src/qflash/infer/engine.py",
+           "kw.update(temperature=opts.temperature, top_p=opts.top_p, top_k=0)",
+           "kw.update(temperature=opts.temperature, top_k=0)",
+           "tests/integration/test_serve.py::test_sampling_with_a_seed_is_reproducible_and_samples"),
+    Mutant("fused LoRA scale alpha/r under rsLoRA", "src/qflash/model/fused_lora.py",
+           "float(self.scaling[name])", "float(self.lora_alpha[name] / self.r[name])",
+           "tests/unit/test_fused_lora.py::test_fused_model_matches_peft_loss_and_lora_grads[qwen2-lora.rslora=true]"),
+    Mutant("host memory reader returns None", "src/qflash/model/activation_offload.py",
+           "return int(line.split()[1]) * 1024", "return None",
+           "tests/unit/test_memory_levers.py::test_host_memory_reader_reads_this_machine"),
+    Mutant("lora.r undocumented", "src/qflash/config.py",
+           '    r: int = 16\n    """Rank of the LoRA update."""\n', "    r: int = 16\n",
+           "tests/unit/test_config.py::test_every_field_is_documented"),
+    Mutant("no did-you-mean", "src/qflash/config.py",
+           "    # The exact name in another section", '    return ""\n    # The exact name in another section',
+           "tests/integration/test_cli_e2e.py::test_bad_config_is_one_line_without_traceback"),
+    Mutant("fused norm copies the weight", "src/qflash/kernels/rmsnorm.py",
+           "FusedRMSNorm(child.weight, float(eps), compiled)",
+           "FusedRMSNorm(torch.nn.Parameter(child.weight.detach().clone()), float(eps), compiled)",
+           "tests/unit/test_kernels.py::test_swap_shares_weights_and_keeps_state_dict"),
+    # This session's (issues 20, 21)
+    Mutant("bitsandbytes' CPU repack left on", "src/qflash/model/loading.py",
+           "module.support_avx512bf16_for_cpu = False", "pass",
+           "tests/integration/test_generate_then_train.py::test_replay_generation_then_training_equals_training_alone"),
+    Mutant("generation under inference_mode", "src/qflash/infer/engine.py",
+           "    @torch.no_grad()\n    def complete_batch(", "    @torch.inference_mode()\n    def complete_batch(",
+           "tests/integration/test_generate_then_train.py::test_replay_generation_then_training_equals_training_alone"),
+    Mutant("inference outside the compute dtype", "src/qflash/model/loading.py",
+           "        return torch.autocast(device.type, dtype=dtype)\n", "        pass\n",
+           "tests/integration/test_generate_then_train.py::test_16bit_compute_with_the_fp32_residual_generates_and_evaluates"),
+    Mutant("fp16 loss scale not restored on resume", "src/qflash/train/loop.py",
+           'par.load_scaler_state(ckpt.state.get("loss_scaler"))', "pass",
+           "tests/integration/test_fp16.py::test_fp16_trains_with_a_loss_scale_and_resumes_exactly"),
+    Mutant("fp16 overflow counted toward max_bad_steps", "src/qflash/train/loop.py",
+           "if scale is not None and math.isfinite(step_loss) and scale >= 1.0:", "if False:",
+           "tests/integration/test_fp16.py::test_overflowed_fp16_steps_are_skipped_counted_and_the_scale_lowered"),
+    Mutant("NF4 twin reads the low nibble first", "src/qflash/kernels/nf4.py",
+           "torch.stack((data >> 4, data & 15)", "torch.stack((data & 15, data >> 4)",
+           "tests/unit/test_nf4.py"),
+    Mutant("untested versions not reported", "src/qflash/versions.py",
+           "        if not _minor(low) <= _minor(version) <= _minor(high):", "        if False:",
+           "tests/unit/test_versions.py"),
+    Mutant("bf16 allowed below Ampere", "src/qflash/model/loading.py",
+           "and requested in (\"auto\", \"bf16\") and not gpu.bf16_supported():", "and False:",
+           "tests/unit/test_capability.py"),
+]
+
+
+def tracked_copy(dst: Path) -> None:
+    """The working tree's tracked files (uncommitted edits included) into `dst`."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+def run_test(copy: Path, test: str) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": str(copy / "src"), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test], cwd=copy,
+                       env=env, capture_output=True, text=True, timeout=1200)
+    return p.returncode, (p.stdout + p.stderr)[-1500:]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="only mutations whose name contains this")
+    args = parser.parse_args(argv)
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    chosen = [m for m in MUTANTS if args.k.lower() in m.name.lower()]
+    copy = Path(tempfile.mkdtemp(prefix="qflash-mutants-"))
+    failures = 0
+    try:
+        tracked_copy(copy)
+        runnable = [m for m in chosen if has_gpu or not m.gpu]
+        for test in dict.fromkeys(m.test for m in runnable):  # the unbroken copy passes every target test
+            code, tail = run_test(copy, test)
+            if code != 0:
+                print(f"baseline FAILED  {test}\n{tail}")
+                return 1
+        print(f"baseline: {len(set(m.test for m in runnable))} target tests pass on the unbroken copy")
+        for m in chosen:
+            if m.gpu and not has_gpu:
+                print(f"skipped   {m.name}  (needs a GPU: {m.test})")
+                continue
+            target = copy / m.path
+            original = target.read_text(encoding="utf-8")
+            count = original.count(m.old)
+            if count != 1:
+                print(f"BROKEN    {m.name}: the text to replace occurs {count} times in {m.path}")
+                failures += 1
+                continue
+            target.write_text(original.replace(m.old, m.new), encoding="utf-8")
+            t0 = time.perf_counter()
+            try:
+                code, tail = run_test(copy, m.test)
+            finally:
+                target.write_text(original, encoding="utf-8")
+            caught = code == 1  # a test failed (2-5: errors, interrupted, no tests collected)
+            if not caught:
+                failures += 1
+            verdict = "caught  " if caught else ("SURVIVED" if code == 0 else f"ERROR {code}")
+            print(f"{verdict}  {m.name}  ({m.test}, {time.perf_counter() - t0:.0f}s)")
+            if code not in (0, 1):
+                print(tail)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    print(f"{len(chosen)} mutations: {failures} not caught" if failures else f"{len(chosen)} mutations: all caught "
+          "(or skipped where they need a GPU)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
