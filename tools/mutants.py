@@ -65,9 +65,6 @@ MUTANTS = [
     Mutant("bitsandbytes' CPU repack left on", "src/qflash/model/loading.py",
            "module.support_avx512bf16_for_cpu = False", "pass",
            "tests/integration/test_generate_then_train.py::test_replay_generation_then_training_equals_training_alone"),
-    Mutant("generation under inference_mode", "src/qflash/infer/engine.py",
-           "    @torch.no_grad()\n    def complete_batch(", "    @torch.inference_mode()\n    def complete_batch(",
-           "tests/integration/test_generate_then_train.py::test_replay_generation_then_training_equals_training_alone"),
     Mutant("inference outside the compute dtype", "src/qflash/model/loading.py",
            "        return torch.autocast(device.type, dtype=dtype)\n", "        pass\n",
            "tests/integration/test_generate_then_train.py::test_16bit_compute_with_the_fp32_residual_generates_and_evaluates"),
@@ -99,6 +96,11 @@ def tracked_copy(dst: Path) -> None:
             shutil.copy2(src, dst / rel)
 
 
+# Not listed: generation under torch.inference_mode instead of no_grad. With bitsandbytes' repack off, nothing in
+# the models qflash trains keeps a tensor made during generation, so no test can tell the two apart (tried: it
+# survives); no_grad stays as the safe choice for a model that trains next.
+
+
 def run_test(copy: Path, test: str) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": str(copy / "src"), "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test], cwd=copy,
@@ -124,7 +126,7 @@ def main(argv: list[str]) -> int:
             if code != 0:
                 print(f"baseline FAILED  {test}\n{tail}")
                 return 1
-        print(f"baseline: {len(set(m.test for m in runnable))} target tests pass on the unbroken copy")
+        print(f"baseline: {len(set(m.test for m in runnable))} target tests pass on the unbroken copy", flush=True)
         for m in chosen:
             if m.gpu and not has_gpu:
                 print(f"skipped   {m.name}  (needs a GPU: {m.test})")
@@ -146,7 +148,7 @@ def main(argv: list[str]) -> int:
             if not caught:
                 failures += 1
             verdict = "caught  " if caught else ("SURVIVED" if code == 0 else f"ERROR {code}")
-            print(f"{verdict}  {m.name}  ({m.test}, {time.perf_counter() - t0:.0f}s)")
+            print(f"{verdict}  {m.name}  ({m.test}, {time.perf_counter() - t0:.0f}s)", flush=True)
             if code not in (0, 1):
                 print(tail)
     finally:
