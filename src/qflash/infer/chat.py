@@ -7,12 +7,15 @@ reply (what was shown stays in the history); at the prompt it only clears the li
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from qflash.infer.engine import Completion, ContextOverflow, Engine, Fitted
+from qflash.infer.engine import Cancelled, Completion, ContextOverflow, Engine, Fitted
 from qflash.infer.options import MessageError, SamplingOptions
 
 PROMPT = "> "
@@ -131,9 +134,11 @@ def _reply(session: ChatSession, text: str, out: TextIO, err: TextIO) -> int:
               f"{session.engine.context_window}-token context window)", file=err, flush=True)
     printer = _ReplyPrinter(out)
     t0 = time.perf_counter()
+    stop = threading.Event()
     try:
-        c = session.engine.complete(fitted.ids, session.opts, on_text=printer)
-    except KeyboardInterrupt:
+        with _ctrl_c_sets(stop):
+            c = session.engine.complete(fitted.ids, session.opts, on_text=printer, cancel=stop)
+    except (KeyboardInterrupt, Cancelled):
         out.write("\n")
         print("[reply stopped]", file=err, flush=True)
         session.record(text, printer.text)
@@ -143,6 +148,24 @@ def _reply(session: ChatSession, text: str, out: TextIO, err: TextIO) -> int:
     print(_stats(c, time.perf_counter() - t0, session.engine.context_window), file=err, flush=True)
     session.record(text, printer.text)
     return c.completion_tokens
+
+
+@contextlib.contextmanager
+def _ctrl_c_sets(event: threading.Event):
+    """While a reply is generated, Ctrl-C (SIGINT) sets `event`; generation stops at the next token.
+
+    Not the default KeyboardInterrupt: Python raises it wherever the main thread happens to be, and raised inside a
+    finalizer or a callback that C code calls it is printed and swallowed ("Exception ignored in ..."). Once, in a
+    full test run, a Ctrl-C during a reply was ignored and the reply ran to its limit (the cause was not pinned
+    down; a swallowed KeyboardInterrupt would do it). Setting an event cannot be swallowed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_repl(
