@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from conftest import tiny_config
+from qflash import once
 from qflash.data.batching import pack_rows
 from qflash.data.template import IGNORE
 from qflash.train import loss as loss_mod
@@ -167,7 +168,7 @@ def test_loss_sum_fused_equals_checkpointed_chunks(arch, bf16, tiny_models, iden
 def test_trained_lm_head_falls_back_with_correct_gradients(tiny_models, identity_subset, tmp_path, monkeypatch, caplog):
     """lm_head's weight (tied to the input embedding here) trained: the checkpointed chunks, said once,
     and the gradients of LoRA and of the weight equal those of transformers' full-logits loss."""
-    monkeypatch.setattr(loss_mod, "_warned", set())
+    monkeypatch.setattr(once, "_said", set())  # each test sees its warning said
     setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path / "run")
     lm = setup.model.get_base_model()
     assert lm.get_output_embeddings().qflash_fused_ce  # on by default
@@ -204,7 +205,7 @@ def test_trained_lm_head_falls_back_with_correct_gradients(tiny_models, identity
 ])
 def test_fused_ce_is_refused_where_it_would_not_be_exact(change, reason, tiny_models, identity_subset, tmp_path,
                                                         monkeypatch, caplog):
-    monkeypatch.setattr(loss_mod, "_warned", set())
+    monkeypatch.setattr(once, "_said", set())  # each test sees its warning said
     setup = _setup(tiny_models["llama"], identity_subset, tmp_path / "run")
     lm = setup.model.get_base_model()
     head = lm.get_output_embeddings()

@@ -54,19 +54,15 @@ import torch
 
 from qflash.model.attention import keeping, reusing
 from qflash.model.fused_lora import checkpoint_contexts, recomputing
+from qflash.once import log_once
 
 log = logging.getLogger(__name__)
 
 # Smaller tensors stay on the GPU: a copy costs more than the memory it frees.
 MIN_OFFLOAD_BYTES = 1 << 20
 
-_warned: set[str] = set()
-
-
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
+    log_once(log, message)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,12 +6,9 @@ testing the T4/V100 paths): fp16 instead of bf16 compute, SDPA instead of FlashA
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
-
-log = logging.getLogger(__name__)
 
 CAPABILITY_ENV = "QFLASH_CUDA_CAPABILITY"
 AMPERE = (8, 0)
@@ -30,8 +27,8 @@ def capability() -> tuple[int, int]:
     return torch.cuda.get_device_capability()
 
 
-def describe(cap: tuple[int, int] | None = None) -> str:
-    cap = cap or capability()
+def describe() -> str:
+    cap = capability()
     forced = f" ({CAPABILITY_ENV})" if os.environ.get(CAPABILITY_ENV, "").strip() else ""
     return f"compute capability {cap[0]}.{cap[1]}{forced}"
 

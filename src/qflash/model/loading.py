@@ -19,6 +19,7 @@ import torch
 
 from qflash.config import EMBEDDED_MODEL
 from qflash.errors import ModelError
+from qflash.once import log_once
 from qflash.paths import qflash_home
 
 log = logging.getLogger(__name__)
@@ -135,20 +136,12 @@ def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
         if requested == "bf16":
             raise ModelError(f"quant.compute_dtype=bf16 needs a GPU of compute capability 8.0+ (Ampere or newer); "
                              f"this one has {gpu.describe()}: use fp16 (or auto)")
-        _say_once(f"compute dtype: fp16 (auto: bf16 needs compute capability 8.0+, this GPU has {gpu.describe()})")
+        log_once(log, f"compute dtype: fp16 (auto: bf16 needs compute capability 8.0+, this GPU has {gpu.describe()})",
+                 logging.INFO)
         return torch.float16
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return table[requested]
-
-
-_said: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        log.info(message)
 
 
 def compute_context(device: torch.device, dtype: torch.dtype):

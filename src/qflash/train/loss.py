@@ -25,6 +25,7 @@ from qflash.data.batching import Batch, labelled_positions
 from qflash.data.template import IGNORE
 from qflash.kernels import xent
 from qflash.model.host_embedding import HostEmbedding
+from qflash.once import log_once
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,8 @@ CHUNK_TOKENS = 1024
 # LinearCrossEntropy: vocab x rows of one chunk; its fp32 logits take 4 bytes each (256 MB). Measured on an
 # H100 at vocab 152k: 2**25 is 28% slower (small GEMMs), 2**28 5% faster for 4x the memory.
 FUSED_CE_ELEMENTS = 2**26
-_warned: set[str] = set()
-
-
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
+    log_once(log, message)
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
