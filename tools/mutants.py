@@ -80,6 +80,23 @@ MUTANTS = [
     Mutant("untested versions not reported", "src/qflash/versions.py",
            "        if not _minor(low) <= _minor(version) <= _minor(high):", "        if False:",
            "tests/unit/test_versions.py"),
+    # GPU (run on the device: `python tools/mutants.py -k gpu`)
+    Mutant("gpu: compiled layers drop the LoRA term of the input gradient", "src/qflash/model/fused_lora.py",
+           "return (_grad_input_op if torch.compiler.is_compiling() else _grad_input)(g, w, gb, a, scaling)",
+           "return (_grad_input_op(g, w, gb, a, 0.0) if torch.compiler.is_compiling() else _grad_input(g, w, gb, a, "
+           "scaling))",
+           "tests/gpu/test_compile.py::test_compiled_layer_gradients_match_eager_tensor_by_tensor", gpu=True),
+    Mutant("gpu: varlen attention ignores document boundaries", "src/qflash/model/attention.py",
+           "return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **_varlen_kwargs)",
+           "return varlen_attn(q, k, v, cu_q[[0, -1]], cu_k[[0, -1]], q.shape[0], k.shape[0], scale=scaling, "
+           "**_varlen_kwargs)",
+           "tests/gpu/test_gpu.py::test_packed_logits_equal_per_document_logits_on_gpu", gpu=True),
+    Mutant("gpu: varlen boundaries one token late", "src/qflash/model/attention.py",
+           "return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **_varlen_kwargs)",
+           "return varlen_attn(q, k, v, torch.where((cu_q > 0) & (cu_q < cu_q[-1]), cu_q + 1, cu_q), "
+           "torch.where((cu_k > 0) & (cu_k < cu_k[-1]), cu_k + 1, cu_k), max_q + 1, max_k + 1, scale=scaling, "
+           "**_varlen_kwargs)",
+           "tests/gpu/test_gpu.py::test_packed_logits_equal_per_document_logits_on_gpu", gpu=True),
     Mutant("bf16 allowed below Ampere", "src/qflash/model/loading.py",
            "and requested in (\"auto\", \"bf16\") and not gpu.bf16_supported():", "and False:",
            "tests/unit/test_capability.py"),
@@ -87,9 +104,16 @@ MUTANTS = [
 
 
 def tracked_copy(dst: Path) -> None:
-    """The working tree's tracked files (uncommitted edits included) into `dst`."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for rel in filter(None, files.decode().split("\0")):
+    """The working tree's tracked files (uncommitted edits included) into `dst`; where the tree is not a git
+    checkout (the GPU machine gets a copy without .git), src/, tests/, tools/ and configs/ as they are."""
+    try:
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+        names = list(filter(None, files.decode().split("\0")))
+    except (OSError, subprocess.CalledProcessError):
+        names = [str(f.relative_to(REPO)) for top in ("src", "tests", "tools", "configs", "data", "pyproject.toml")
+                 for f in ([REPO / top] if (REPO / top).is_file() else sorted((REPO / top).rglob("*")))
+                 if f.is_file() and "__pycache__" not in f.parts]
+    for rel in names:
         src = REPO / rel
         if src.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +126,8 @@ def tracked_copy(dst: Path) -> None:
 
 
 def run_test(copy: Path, test: str) -> tuple[int, str]:
-    env = {**os.environ, "PYTHONPATH": str(copy / "src"), "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join(filter(None, [str(copy / "src"), os.environ.get("PYTHONPATH", "")]))  # the copy first
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test], cwd=copy,
                        env=env, capture_output=True, text=True, timeout=1200)
     return p.returncode, (p.stdout + p.stderr)[-1500:]
@@ -111,6 +136,9 @@ def run_test(copy: Path, test: str) -> tuple[int, str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="only mutations whose name contains this")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="do not first run the target tests on the unbroken copy (only where they just passed in "
+                             "the same session: the device's minutes are counted)")
     args = parser.parse_args(argv)
     import torch
 
@@ -121,12 +149,13 @@ def main(argv: list[str]) -> int:
     try:
         tracked_copy(copy)
         runnable = [m for m in chosen if has_gpu or not m.gpu]
-        for test in dict.fromkeys(m.test for m in runnable):  # the unbroken copy passes every target test
+        for test in [] if args.skip_baseline else dict.fromkeys(m.test for m in runnable):  # unbroken: all pass
             code, tail = run_test(copy, test)
             if code != 0:
                 print(f"baseline FAILED  {test}\n{tail}")
                 return 1
-        print(f"baseline: {len(set(m.test for m in runnable))} target tests pass on the unbroken copy", flush=True)
+        if not args.skip_baseline:
+            print(f"baseline: {len(set(m.test for m in runnable))} target tests pass on the unbroken copy", flush=True)
         for m in chosen:
             if m.gpu and not has_gpu:
                 print(f"skipped   {m.name}  (needs a GPU: {m.test})")

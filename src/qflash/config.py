@@ -236,10 +236,13 @@ class KernelsConfig:
     """With lora.fused and compile_layers: NF4 dequantization written as tensor ops inside the compiled layer
     (one fused kernel per weight and pass instead of bitsandbytes' two custom ops and their Python dispatch).
     Bit-identical (kernels/nf4.py); false = bitsandbytes' ops. Eager code always uses bitsandbytes'."""
-    compile_layers: bool = True
+    compile_layers: bool | Literal["auto"] = "auto"
     """torch.compile every decoder layer (CUDA only: ignored on the CPU). Inductor fuses what sits between
     the matmuls (residual adds, RoPE, SwiGLU, casts); token counts are dynamic, so packed batches of any
-    length reuse the compiled layers (tests/gpu/test_compile.py). The first step pays the compile time."""
+    length reuse the compiled layers (tests/gpu/test_compile.py). The first steps pay the compile time
+    (inductor caches it for the next run of the same model): auto = compile when the run is long enough to
+    pay that back (planned tokens x decoder parameters, kernels/compile.py `compile_pays`), said once when
+    not; true = always, false = never."""
 
 
 @dataclass

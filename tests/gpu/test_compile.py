@@ -89,3 +89,77 @@ def test_traced_dequant_matches_bitsandbytes_cuda_kernel(shape):
     for got in (eager, compiled):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def _grads(model_dir, docs, overrides: list[str], compute: torch.dtype, lora_b_scale: float = 0.5):
+    """Loss and LoRA gradients of one step of qflash's training path (`overrides` on the defaults), LoRA B set
+    to seeded values large enough that the update carries a quarter of each projection's output: every LoRA
+    gradient is live and the LoRA terms of the input gradients matter."""
+    from qflash.bench import runner
+    from qflash.data.batching import trained_tokens
+    from qflash.kernels.compile import compile_decoder_layers
+    from qflash.model.loading import enable_activation_checkpointing, load_configured_base
+    from qflash.model.lora import add_lora
+    from qflash.train.loss import loss_sum
+
+    runner.QFLASH_OVERRIDES[:] = overrides
+    try:
+        cfg = runner.qflash_config(0.0, 1e-3, "auto")
+    finally:
+        runner.QFLASH_OVERRIDES[:] = []
+    model = load_configured_base(cfg, model_dir, torch.device("cuda"), compute)
+    model.config.use_cache = False
+    enable_activation_checkpointing(model)
+    model = add_lora(model, cfg.lora, seed=0, kernels=cfg.kernels)
+    if cfg.kernels.compile_layers is True:
+        compile_decoder_layers(model)
+    model.train()
+    with torch.no_grad():
+        gen = torch.Generator(device="cuda").manual_seed(7)
+        for n, p in sorted(model.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * lora_b_scale)
+    batches = runner.qflash_batches(docs, 1024)
+    n = sum(trained_tokens(b) for b in batches)
+    total = 0.0
+    for b in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=compute == torch.bfloat16):
+            loss = loss_sum(model, b) / n
+        loss.backward()
+        total += loss.item()
+    return total, {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_compiled_layer_gradients_match_eager_tensor_by_tensor(tmp_path, monkeypatch):
+    """compile_layers (on by default for long runs) with every default lever on: each LoRA gradient is as close to
+    the fp32 truth as plain eager bf16 training's (within 1.5x its error, or 1%). The comparison can fail: zero
+    gradients, and the gradients of another batch, are both rejected by it."""
+    from test_gpu import _tiny_dir, rel_err
+
+    from qflash.model import activation_offload
+
+    monkeypatch.setattr(activation_offload, "MIN_OFFLOAD_BYTES", 0)
+    model_dir = _tiny_dir(tmp_path, "qwen2")
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(0, 512, n) for n in (300, 200, 700, 64, 17)]
+    torch._dynamo.reset()
+    truth_loss, truth = _grads(model_dir, docs, PLAIN + ["lora.fused=false", "kernels.fused_norm=false"],
+                               torch.float32)
+    eager_loss, eager = _grads(model_dir, docs, PLAIN, torch.bfloat16)
+    compiled_loss, compiled = _grads(model_dir, docs, ["kernels.compile_layers=true"], torch.bfloat16)
+    other_docs = [rng.integers(0, 512, n) for n in (300, 200, 700, 64, 17)]
+    _, other = _grads(model_dir, other_docs, PLAIN, torch.bfloat16)
+    assert truth.keys() == compiled.keys() == eager.keys() and len(truth) == 2 * 7 * 2
+    bound = {k: max(1.5 * rel_err(eager[k], truth[k]), 1e-2) for k in truth}
+
+    def wrong(grads) -> list[str]:
+        return [k for k in truth if not (torch.isfinite(grads[k]).all() and rel_err(grads[k], truth[k]) <= bound[k])]
+
+    worst = max(truth, key=lambda k: rel_err(compiled[k], truth[k]) / bound[k])
+    print(f"compiled: worst LoRA grad rel. error {rel_err(compiled[worst], truth[worst]):.4f} (bound "
+          f"{bound[worst]:.4f}, {worst}); loss compiled {compiled_loss:.6f} eager {eager_loss:.6f} "
+          f"fp32 {truth_loss:.6f}")
+    assert wrong(compiled) == []
+    assert abs(compiled_loss - truth_loss) <= max(2 * abs(eager_loss - truth_loss), 1e-3 * truth_loss)
+    assert len(wrong({k: torch.zeros_like(g) for k, g in truth.items()})) == len(truth)  # an lr=0 / no-grad run
+    assert len(wrong(other)) >= len(truth) // 2  # another batch's gradients

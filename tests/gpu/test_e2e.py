@@ -139,7 +139,7 @@ def test_real_model_demo_and_every_command_on_the_gpu(empty_home, tmp_path):
     out = demo.stdout + demo.stderr
     assert "converting SmolLM2" in out and "device cuda" in out, out[-3000:]
     print("\n".join(line for line in out.splitlines() if re.search(r"layers:|replay:|answers naming|control prompts "
-                                                                  r"mentioning|KL\(|summary|first step|took", line)))
+                                                                  r"mentioning|KL\(|summary|first step|took|compil", line)))
     m = re.search(r"answers naming '(.+?)': base model (\d)/5, fine-tuned (\d)/5", out)
     assert m and int(m.group(3)) >= 4 and int(m.group(2)) <= 1, m and m.groups()
     report = _flow(run, empty_home, tmp_path, name)

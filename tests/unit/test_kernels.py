@@ -112,3 +112,38 @@ def test_compiled_layers_run_the_layer_body_compiled(checkpointing, tiny_models,
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for n, g in ref_grads.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+
+
+def test_compile_layers_auto_compiles_only_runs_long_enough_to_pay(tiny_models, identity_subset, tmp_path):
+    """kernels.compile_layers=auto: planned tokens x decoder parameters against PAYS_FROM (measured); true/false
+    are obeyed; the work counts the 4-bit weights at their logical size and the steps, samples and lengths the
+    run plans."""
+    import math
+
+    from test_memory_levers import _setup
+
+    from qflash.kernels.compile import PAYS_FROM, compile_pays, decoder_parameters
+    from qflash.train.loop import planned_tokens, total_steps
+
+    params = 7_000_000_000
+    at = math.ceil(PAYS_FROM / params)
+    assert compile_pays("auto", at, params)[0] and not compile_pays("auto", at - at // 100, params)[0]
+    off, why = compile_pays("auto", 1000, 135_000_000)
+    assert not off and "kernels.compile_layers=true" in why
+    assert compile_pays(True, 1, 1) == (True, "kernels.compile_layers=true")
+    assert compile_pays(False, 10**12, 10**12)[0] is False
+    with pytest.raises(ValueError):
+        compile_pays("yes", 1, 1)
+
+    setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "train.max_steps=7", "train.grad_accum=3")
+    cfg = setup.cfg
+    layers = [m for m in setup.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    plain = torch.nn.ModuleList(layers)  # the NF4 layers: logical sizes from each weight's quant_state
+    quantized = [p for p in plain.parameters() if getattr(p, "quant_state", None) is not None]
+    assert quantized, "the tiny model's decoder has 4-bit weights"
+    logical = sum(p.numel() if getattr(p, "quant_state", None) is None else math.prod(p.quant_state.shape)
+                  for p in plain.parameters())
+    assert decoder_parameters(setup.model) == logical > sum(p.numel() for p in plain.parameters())
+    mean = sum(len(e.input_ids) for e in setup.examples) / len(setup.examples)
+    assert total_steps(cfg, len(setup.examples)) == 7
+    assert planned_tokens(cfg, setup.examples) == int(7 * cfg.train.micro_batch_size * 3 * mean)

@@ -51,6 +51,7 @@ class Measured:
     peak_reserved_gb: float | None = None  # what the caching allocator held: CUDA graphs' pools included
     graphs: str | None = None  # train.cuda_graphs' summary, when the step went through GraphedLoss
     losses: list[float] = field(default_factory=list)
+    warmup_s: list[float] = field(default_factory=list)  # the warm-up steps' times (the first compiles)
     error: str | None = None
     max_tokens: int | None = None  # maxlen workload
 
@@ -89,19 +90,31 @@ def qflash_config(dropout: float, lr: float, attention: str):
     return cfg
 
 
+class Precision:
+    """The compute dtype of the qflash model the bench built last (quant.compute_dtype: bf16, or fp16 with
+    dynamic loss scaling as training does it), read by qflash_step and qflash_loss."""
+
+    dtype: torch.dtype = torch.bfloat16
+    scaler: "torch.amp.GradScaler | None" = None
+
+
 def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, seed: int, sharded: bool = False):
     from qflash.kernels.compile import compile_decoder_layers
-    from qflash.model.loading import enable_activation_checkpointing, load_configured_base
+    from qflash.model.loading import compute_dtype, enable_activation_checkpointing, load_configured_base
     from qflash.model.lora import add_lora
     from qflash.train.loop import build_optimizer
 
     cfg = qflash_config(dropout, lr, attention)
     device = torch.device("cuda", torch.cuda.current_device())
-    model = load_configured_base(cfg, model_dir, device, torch.bfloat16, sharded=sharded)
+    Precision.dtype = compute_dtype(cfg.quant.compute_dtype, device)
+    if Precision.dtype == torch.float32:
+        raise SystemExit("qflash bench measures 16-bit training: quant.compute_dtype must be auto, bf16 or fp16")
+    Precision.scaler = torch.amp.GradScaler("cuda") if Precision.dtype == torch.float16 else None
+    model = load_configured_base(cfg, model_dir, device, Precision.dtype, sharded=sharded)
     model.config.use_cache = False
     enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=seed, kernels=cfg.kernels)
-    if cfg.kernels.compile_layers:
+    if cfg.kernels.compile_layers is not False:  # auto too: the bench measures steady steps, which compiling pays
         compile_decoder_layers(model)
     model.train()  # transformers checkpoints activations only in training mode
     params = [p for p in model.parameters() if p.requires_grad]
@@ -115,6 +128,8 @@ def qflash_loss(model, params, cfg=None):
     from qflash.train.loss import loss_sum
 
     cfg = cfg or qflash_config(0.0, 2e-4, "auto")
+    if Precision.scaler is not None:
+        return None  # fp16: qflash_step's eager path with the loss scaler (no CUDA graphs: the scale changes)
     device = next(p.device for p in params)
     blocker = graph_blocker(model, device, cfg.train.cuda_graphs)
     if blocker is None:
@@ -143,17 +158,24 @@ def qflash_step(model, optimizer, params, batches: list[Batch], micro=None) -> f
     from qflash.train.loss import loss_sum
 
     n = sum(trained_tokens(b) for b in batches)
+    scaler = Precision.scaler
     total = 0.0
     for b in batches:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=Precision.dtype):
             if micro is not None:
                 loss = micro(b, 1.0 / n) / n
             else:
                 loss = loss_sum(model, b) / n
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()  # read once, at the end: no sync between micro-batches
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped where the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(total)
 
@@ -234,15 +256,15 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
-def _timed(step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+def _timed(step, warmup: int, steps: int, warm: list[float] | None = None) -> tuple[list[float], list[float]]:
+    """Losses of all steps, and the times of those after `warmup` (the warm-up steps' times into `warm`)."""
     losses, times = [], []
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         losses.append(step())
         torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        (times if i >= warmup else warm if warm is not None else []).append(time.perf_counter() - t0)
     return losses, times
 
 
@@ -259,7 +281,7 @@ def _measure_once(recipe: str, model_dir: Path, docs: list[np.ndarray], warmup: 
         batches = reference_batches(docs)
         step = lambda: reference_step(model, optimizer, params, batches, recipe == "reference-amp")  # noqa: E731
     torch.cuda.reset_peak_memory_stats()
-    out.losses, times = _timed(step, warmup, steps)
+    out.losses, times = _timed(step, warmup, steps, out.warmup_s)
     out.step_s = statistics.median(times)
     out.tokens_per_s = sum(len(d) for d in docs) / out.step_s
     out.peak_mem_gb = torch.cuda.max_memory_allocated() / 1e9
@@ -387,7 +409,7 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
     results = []
     common = {
         "device": device, "shape": shape, "lora_r": 64, "lora_alpha": 16, "lora_dropout": dropout,
-        "quant": "nf4 double-quant, bf16 compute", "attention_backend": backend,
+        "quant": f"nf4 double-quant, {qcfg.quant.compute_dtype} compute", "attention_backend": backend,
         # attention.cudnn as resolved: documents of one length (`fixed`) go to cuDNN's kernel
         "attention_cudnn_equal_length": cudnn_equal_length(),
         "residual_dtype": qcfg.quant.residual_dtype, "lora_fused": qcfg.lora.fused, "kernels": dict(vars(qcfg.kernels)),
@@ -416,7 +438,7 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
                            graphs=wl == "fixed")
             fpt = flops_per_token(shape, docs)
             rec.update({"real_tokens_per_step": int(sum(len(d) for d in docs)),
-                        "steps_timed": steps, "warmup_steps": warmup,
+                        "steps_timed": steps, "warmup_steps": warmup, "warmup_step_s": ours.warmup_s,
                         "tokens_per_s": ours.tokens_per_s, "step_s": ours.step_s, "peak_mem_gb": ours.peak_mem_gb,
                         "peak_reserved_gb": ours.peak_reserved_gb, "cuda_graphs": ours.graphs,
                         "mfu": (ours.tokens_per_s * fpt / peak) if (peak and ours.tokens_per_s) else None,
@@ -435,12 +457,15 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
             rec["speedup"] = rec["speedup_vs_reference"]
         results.append(rec)
         _print(rec)
-    if parity_steps and refs:
+    if parity_steps:  # without --against: qflash's own per-step losses (e.g. fp16 beside bf16)
         p = parity(model_dir, vocab, parity_steps, attention, refs)
         rec = {**common, "workload": "parity", "lora_dropout": 0.0, "steps": parity_steps, **p,
                "tokens_per_s": None, "peak_mem_gb": None, "mfu": None, "reference_tokens_per_s": None,
                "reference_peak_mem_gb": None}
         results.append(rec)
+        ql = p["qflash_losses"]
+        print(f"qflash loss over {parity_steps} steps: {ql[0]:.4f} -> {ql[-1]:.4f} (last 5: "
+              f"{', '.join(f'{x:.4f}' for x in ql[-5:])})", flush=True)
         for recipe in refs:
             key = recipe.replace("-", "_")
             print(f"parity vs {recipe} over {parity_steps} steps: max relative loss difference "
@@ -464,7 +489,9 @@ def _print(rec: dict) -> None:
         return
     line = (f"{rec['shape']} {rec['workload']}: qflash {rec['tokens_per_s'] or 0:,.0f} tok/s, "
             f"peak {rec['peak_mem_gb'] or 0:.1f} GB ({rec.get('peak_reserved_gb') or 0:.1f} reserved), "
-            f"MFU {rec['mfu'] or 0:.1%}" + (f" [cuda graphs: {rec['cuda_graphs']}]" if rec.get("cuda_graphs") else ""))
+            f"MFU {rec['mfu'] or 0:.1%}, step {rec.get('step_s') or 0:.3f}s (warm-up steps: "
+            f"{', '.join(f'{t:.1f}s' for t in rec.get('warmup_step_s') or [])})"
+            + (f" [cuda graphs: {rec['cuda_graphs']}]" if rec.get("cuda_graphs") else ""))
     for recipe in REFERENCES:
         key = recipe.replace("-", "_")
         if rec.get(f"{key}_tokens_per_s"):
