@@ -47,6 +47,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_explain(args: argparse.Namespace) -> int:
+    from qflash.config import explain
+
+    sys.stdout.write(explain(args.key))
+    return 0
+
+
 def _sampling(args: argparse.Namespace):
     from qflash.infer.options import SamplingOptions
 
@@ -202,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
     show.set_defaults(fn=cmd_config_show)
+    explain = csub.add_parser("explain", help="a key's documentation, type and default (every key when none is given)")
+    explain.add_argument("key", nargs="?", help="a dotted key, e.g. lora.r or kernels (a section)")
+    explain.set_defaults(fn=cmd_config_explain)
 
     data = sub.add_parser("data", help="validate and inspect training data")
     dsub = data.add_subparsers(dest="data_command", required=True)

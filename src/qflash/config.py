@@ -7,8 +7,12 @@ which key, and what is wrong, so the CLI can print it as one line.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +26,23 @@ from qflash.errors import ConfigError
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 DType = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """A combination rule: `switch`, set to true in the file or on the command line, takes effect only while
+    `key` holds one of `allowed`. Each section lists its switches' rules in `requires`, beside the fields;
+    check_combinations applies them. A switch left at its default is never refused (the code then skips it
+    quietly, as it always has): only what the user asked for explicitly is."""
+
+    switch: str
+    """The dependent switch, as a dotted key (kernels.keep_attention)."""
+    key: str
+    """The prerequisite, as a dotted key (train.offload_activations)."""
+    allowed: tuple[Any, ...]
+    """Values of `key` under which `switch` does anything; the first is the one the error suggests."""
+    why: str
+    """What the switch needs the prerequisite for, said in the error."""
 
 
 @dataclass
@@ -39,11 +60,13 @@ class QuantConfig:
     double_quant: bool = True
     """Quantize the NF4 block scales too (about 0.4 bit per weight saved)."""
     compute_dtype: DType = "auto"
-    """dtype of matmuls and activations; auto = bf16 on GPU, fp32 on CPU (bf16 is ~100x slower there)."""
+    """dtype of matmuls and activations; auto = bf16 on GPU, fp32 on CPU (where bf16 is far slower;
+    measured: see bench/NOTES.md "Numbers quoted by config fields")."""
     residual_dtype: Literal["fp32", "compute"] = "fp32"
     """fp32: embeddings and norms kept in fp32, so the residual stream is fp32 (matmuls still run in
     compute_dtype). compute: all in compute_dtype, less memory, but small early LoRA updates are lost to
-    bf16 rounding (Qwen2.5-7B shape: 2.3% higher loss after 20 steps; see bench/experiments)."""
+    bf16 rounding, so the loss falls more slowly (measured: see bench/NOTES.md "Numbers quoted by config
+    fields"; bench/experiments)."""
 
 
 @dataclass
@@ -63,6 +86,10 @@ class LoraConfig:
     fused: bool = True
     """NF4 base + LoRA in one autograd function (the update added inside the base GEMM's epilogue);
     false = PEFT's own 4-bit LoRA layers. DoRA always uses PEFT's."""
+
+    requires = (
+        Needs("lora.fused", "lora.dora", (False,), "DoRA always runs PEFT's own layer, never the fused one"),
+    )
 
 
 @dataclass
@@ -156,21 +183,22 @@ class TrainConfig:
     offload_activations: bool = True
     """With gradient_checkpointing, on a GPU: each decoder layer's checkpointed input (the residual stream,
     tokens x hidden, fp32) waits for its backward in pinned CPU memory, copied out on a side stream and
-    brought back one layer ahead. Same gradients; frees ~3.2 GB on Qwen2.5-7B at 4 x 2048 tokens (with
-    embedding_on_cpu: -3.4 GB for -1.1% speed on an H100, bench/NOTES.md). Pins that much host memory (layers x
+    brought back one layer ahead. Same gradients; frees that tensor's GPU memory for a little speed
+    (measured: see bench/NOTES.md "Numbers quoted by config fields"). Pins that much host memory (layers x
     tokens x hidden x 4 bytes); an input that would leave the host short (less than max(8 GB, 10%) available)
     stays on the GPU, said once. Ignored on the CPU and under FSDP2."""
     embedding_on_cpu: bool = True
     """On a GPU: the frozen input-embedding table stays in CPU memory and only the looked-up rows go to the
-    GPU (exact; frees 1.1 GB on Qwen2.5-7B). Not when the table is tied to lm_head or trained. Ignored on
-    the CPU."""
+    GPU (exact; frees the table's GPU memory, measured: see bench/NOTES.md "Numbers quoted by config
+    fields"). Not when the table is tied to lm_head or trained. Ignored on the CPU."""
     cuda_graphs: bool | Literal["auto"] = "auto"
     """On a GPU, single process: each micro-batch shape's forward and backward is captured into a CUDA graph
     on its second appearance and replayed after that (up to 4 shapes; the others run eagerly), so the CPU's
-    per-layer launch work stops bounding the step. Same math. auto = on for models under 3B parameters
-    (H100, bench `fixed`: Qwen2.5-0.5B 30.4k -> 82.3k tok/s; Qwen2.5-7B no gain and +0.3 GB peak, so off);
-    true/false force it. Never for steps that draw random numbers (lora.dropout > 0) nor several processes.
-    Pays where shapes repeat (fixed-length bins, raw text); supervised batches rarely repeat. train/graphs.py."""
+    per-layer launch work stops bounding the step. Same math. auto = on for models under 3B parameters (small
+    models gain much; a 7B gained nothing and peaked higher, so off; measured: see bench/NOTES.md "Numbers
+    quoted by config fields"); true/false force it. Never for steps that draw random numbers (lora.dropout > 0)
+    nor several processes. Pays where shapes repeat (fixed-length bins, raw text); supervised batches rarely
+    repeat. train/graphs.py."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto = cuda when available."""
     log_every: int = 1
@@ -186,6 +214,11 @@ class TrainConfig:
     eval_every: int = 0
     """Held-out loss (token-weighted) every N optimizer steps and at the end, into metrics.jsonl; 0 = off."""
 
+    requires = (
+        Needs("train.offload_activations", "train.gradient_checkpointing", (True,),
+              "what it offloads is the checkpointed layer input"),
+    )
+
 
 @dataclass
 class AttentionConfig:
@@ -195,11 +228,11 @@ class AttentionConfig:
     """Packed batches whose documents all have one length (text cut beforehand into equal chunks, a
     micro-batch holding one long document, the bench's `fixed`; supervised data rarely qualifies) run
     through cuDNN's fused attention (SDPA's CUDNN backend, native GQA) instead of the varlen
-    FlashAttention-2 kernel: the same causal attention per document, rounded differently at bf16 level. H100, torch 2.11 + cuDNN 9.19, Qwen2.5-7B heads, 4 x 2048 tokens: forward
-    0.57 -> 0.24 ms, forward + backward 1.97 -> 1.07 ms per layer. auto = on with backend torch_varlen on a
-    Hopper or newer GPU and no attention dropout, for documents up to 16,384 tokens (the longest measured);
-    batches of mixed lengths keep the varlen kernel (torch 2.11's ragged cuDNN path gave wrong gradients
-    there). true = any length, also with flash_attn; false = never."""
+    FlashAttention-2 kernel: the same causal attention per document, rounded differently at bf16 level, and
+    faster on Hopper (measured: see bench/NOTES.md "Numbers quoted by config fields"). auto = on with backend
+    torch_varlen on a Hopper or newer GPU and no attention dropout, for documents up to 16,384 tokens (the
+    longest measured); batches of mixed lengths keep the varlen kernel (torch 2.11's ragged cuDNN path gave
+    wrong gradients there). true = any length, also with flash_attn; false = never."""
 
 
 @dataclass
@@ -223,15 +256,17 @@ class KernelsConfig:
     lean_tail_in_graph: bool = False
     """With lean_recompute, compile_layers and train.offload_activations: trace the skip into the compiled
     recompute instead of running down_proj eagerly (a graph break per layer and pass, with dynamo's guards and
-    a resumed graph each time). Faster where the CPU limits the step: Qwen2.5-0.5B +13%, 7B +0.8% (H100);
-    costs about one more MLP activation at the backward's peak (7B at 8k tokens: 9.89 -> 10.37 GB). Off by
-    default: the 7B memory target (10 GB) wins; turn it on for small models. Exact either way."""
+    a resumed graph each time). Faster where the CPU limits the step (small models gain most, a 7B little);
+    costs about one more MLP activation at the backward's peak (measured: see bench/NOTES.md "Numbers quoted
+    by config fields"). Off by default: on a 7B that extra memory crosses the memory target; turn it on for
+    small models. Exact either way."""
     keep_attention: bool = False
     """With train.offload_activations and attention.backend torch_varlen: each layer's attention output and
-    log-sum-exp from the forward wait for its backward in pinned CPU memory beside the layer input (pinned: tokens x
-    hidden x 2 bytes per layer, 1.6 GB for Qwen2.5-7B at 8k tokens), so the recompute runs no attention forward:
-    FlashAttention's backward reads only q, k, v, the output and the lse. Same bits (CPU-tested). Off by default
-    until measured on a GPU (expected about 2% on Qwen2.5-7B `varlen`: the recompute's share of attention time)."""
+    log-sum-exp from the forward wait for its backward in pinned CPU memory beside the layer input (pinned:
+    tokens x hidden x 2 bytes per layer), so the recompute runs no attention forward: FlashAttention's
+    backward reads only q, k, v, the output and the lse. Same bits (CPU-tested). Off by default until measured
+    on a GPU (the expected gain, the recompute's share of attention time: see bench/NOTES.md "Numbers quoted
+    by config fields")."""
     traced_dequant: bool = True
     """With lora.fused and compile_layers: NF4 dequantization written as tensor ops inside the compiled layer
     (one fused kernel per weight and pass instead of bitsandbytes' two custom ops and their Python dispatch).
@@ -243,6 +278,26 @@ class KernelsConfig:
     (inductor caches it for the next run of the same model): auto = compile when the run is long enough to
     pay that back (planned tokens x decoder parameters, kernels/compile.py `compile_pays`), said once when
     not; true = always, false = never."""
+
+    requires = (
+        Needs("kernels.fused_norm", "lora.fused", (True,),
+              "only the fused layers take the norm's compute-dtype output"),
+        Needs("kernels.lean_recompute", "lora.fused", (True,), "the skip lives in the fused layers"),
+        Needs("kernels.lean_recompute", "train.gradient_checkpointing", (True,),
+              "it shortens the checkpoint's recompute"),
+        Needs("kernels.lean_tail_in_graph", "kernels.lean_recompute", (True,), "it traces lean_recompute's skip"),
+        Needs("kernels.lean_tail_in_graph", "kernels.compile_layers", (True, "auto"),
+              "it traces into the compiled layers"),
+        Needs("kernels.lean_tail_in_graph", "train.offload_activations", (True,),
+              "only the offloaded checkpoint's recompute can take the traced skip"),
+        Needs("kernels.traced_dequant", "lora.fused", (True,), "it is the fused layers' dequantization"),
+        Needs("kernels.traced_dequant", "kernels.compile_layers", (True, "auto"),
+              "eager code always uses bitsandbytes' ops"),
+        Needs("kernels.keep_attention", "train.offload_activations", (True,),
+              "the kept outputs travel with the offloaded layer inputs"),
+        Needs("kernels.keep_attention", "attention.backend", ("auto", "torch_varlen"),
+              "only the torch_varlen kernel keeps its output and log-sum-exp"),
+    )
 
 
 @dataclass
@@ -326,6 +381,80 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Switch combinations: the `requires` rules of each section, applied to what the user set explicitly.
+
+def combination_rules(cls: type | None = None) -> list[Needs]:
+    """Every section's `requires` rules, in schema order."""
+    cls = cls or Config
+    rules = list(getattr(cls, "requires", ()))
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rules.extend(combination_rules(hints[f.name]))
+    return rules
+
+
+def _value(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as the user writes it: true, 16, auto, [all-linear]."""
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6)
+    return text.removesuffix("\n...\n").strip()
+
+
+def _unmet(cfg: Config, switch: str, rules: list[Needs]) -> tuple[list[str], Needs] | None:
+    """The first rule `switch` breaks, with the chain of prerequisite switches that led to it: a prerequisite
+    that is on (by default, say) but is itself a switch brings its own rules (lean_tail_in_graph needs
+    lean_recompute, which needs lora.fused)."""
+    for rule in (r for r in rules if r.switch == switch):
+        value = _value(cfg, rule.key)
+        if value not in rule.allowed:
+            return [], rule
+        if value is True and any(r.switch == rule.key for r in rules):
+            deeper = _unmet(cfg, rule.key, rules)
+            if deeper is not None:
+                return [rule.key, *deeper[0]], deeper[1]
+    return None
+
+
+def check_combinations(cfg: Config, given: set[str], origins: _Origins) -> None:
+    """Refuse a switch the user set to true whose prerequisite is off (explicitly or by default), instead of
+    letting the code skip it quietly. Switches left at their default are not checked."""
+    rules = combination_rules()
+    for switch in dict.fromkeys(r.switch for r in rules):
+        if switch not in given or _value(cfg, switch) is not True:
+            continue
+        unmet = _unmet(cfg, switch, rules)
+        if unmet is None:
+            continue
+        chain, rule = unmet
+        value = _value(cfg, rule.key)
+        where = origins.of(rule.key) if rule.key in given else "the default"
+        via = "".join(f"{k}, which needs " for k in chain)
+        want = " or ".join(_yaml_value(a) for a in rule.allowed)
+        raise ConfigError(
+            f"{origins.of(switch)}: {switch}=true needs {via}{rule.key}={want} ({rule.why}), but "
+            f"{rule.key} is {_yaml_value(value)} ({where}); set {rule.key}={_yaml_value(rule.allowed[0])} "
+            f"or {switch}=false")
+
+
+def _given_keys(tree: Any, prefix: str = "") -> set[str]:
+    """The dotted keys present in the raw (file + overrides) tree: what the user set explicitly."""
+    keys: set[str] = set()
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        keys.add(key)
+        keys |= _given_keys(v, key)
+    return keys
+
+
+# --------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with a precise message for every mistake.
 
 class _Origins:
@@ -370,17 +499,28 @@ def _type_name(tp: Any) -> str:
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every valid dotted key of the schema (list items as `datasets.0.path`)."""
-    keys: list[str] = []
+    return list(_schema(cls, prefix))
+
+
+def _schema(cls: type = Config, prefix: str = "") -> dict[str, tuple[type, dataclasses.Field, Any]]:
+    """dotted key -> (the dataclass that holds it, its field, its type), for every key of the schema."""
+    out: dict[str, tuple[type, dataclasses.Field, Any]] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        keys.append(key)
-        tp = hints[f.name]
+        key, tp = prefix + f.name, hints[f.name]
+        out[key] = (cls, f, tp)
         if dataclasses.is_dataclass(tp):
-            keys.extend(all_keys(tp, key + "."))
-        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-            keys.extend(all_keys(typing.get_args(tp)[0], key + ".0."))
-    return keys
+            out.update(_schema(tp, key + "."))
+        elif _item_section(tp) is not None:
+            out.update(_schema(_item_section(tp), key + ".0."))
+    return out
+
+
+def _item_section(tp: Any) -> type | None:
+    """The dataclass of a list of sections (data.datasets: DatasetSpec), else None."""
+    if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        return typing.get_args(tp)[0]
+    return None
 
 
 def _suggest(key: str, candidates: list[str], full_key: str) -> str:
@@ -485,6 +625,110 @@ def _build(cls: type, data: dict[str, Any], prefix: str, origins: _Origins) -> A
 
 
 # --------------------------------------------------------------------------------------------
+# The keys' documentation: the string right after each field (litgpt's style), for `qflash config explain`.
+
+@functools.cache
+def _class_field_docs() -> dict[str, dict[str, str]]:
+    """class name -> {field name: the string literal right after the field} of every class in this file."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    docs: dict[str, dict[str, str]] = {}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        fields = docs.setdefault(cls.name, {})
+        for node, after in zip(cls.body, [*cls.body[1:], None]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                fields[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _class_doc(cls: type) -> str:
+    # A dataclass without a docstring gets a generated one, "Name(field: type = ...)": not documentation.
+    doc = cls.__doc__ or ""
+    return "" if doc.startswith(cls.__name__ + "(") else inspect.cleandoc(doc)
+
+
+def field_docs() -> dict[str, str]:
+    """dotted key -> its documentation, for every key of all_keys(); "" where a field has none. A section
+    (`kernels`) without a string of its own gets its class docstring, if any."""
+    docs = _class_field_docs()
+    out: dict[str, str] = {}
+    for key, (cls, f, tp) in _schema().items():
+        doc = docs.get(cls.__name__, {}).get(f.name, "")
+        if not doc and dataclasses.is_dataclass(tp):
+            doc = _class_doc(tp)
+        out[key] = doc
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _first_sentence(doc: str) -> str:
+    text = " ".join(doc.split())
+    m = re.search(r"(?<!e\.g)(?<!i\.e)\.(\s|$)", text)
+    return text[: m.start() + 1] if m else text
+
+
+def _schema_key(key: str) -> str:
+    """The schema's spelling of `key` (a list item's index may be left out or be any number:
+    data.datasets.path, data.datasets.3.path -> data.datasets.0.path), or a ConfigError with the did-you-mean
+    that load_config gives for the same bad key."""
+    parts, canon, cls, i = key.split("."), [], Config, 0
+    while i < len(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if parts[i] not in names:
+            raise ConfigError(f"unknown key '{key}': {_suggest(parts[i], names, key)}")
+        canon.append(parts[i])
+        tp = typing.get_type_hints(cls)[parts[i]]
+        i += 1
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+        elif _item_section(tp) is not None and i < len(parts):
+            cls = _item_section(tp)
+            canon.append("0")
+            i += parts[i].isdigit()
+        elif i < len(parts):
+            raise ConfigError(f"unknown key '{key}': '{'.'.join(canon)}' has no documented keys below it")
+    return ".".join(canon)
+
+
+def explain(key: str | None = None) -> str:
+    """`qflash config explain [KEY]`: a key's documentation, type, default and what it needs when switched on;
+    a section: its documentation and keys; no key: every key on one line (default, first sentence)."""
+    schema, docs = _schema(), field_docs()
+    if key is None:
+        return _key_lines(schema, docs, "")
+    key = _schema_key(key)
+    _, f, tp = schema[key]
+    if dataclasses.is_dataclass(tp):
+        about = f"{docs[key]}\n\n" if docs[key] else ""
+        return f"{key}: a section\n\n{about}" + _key_lines(schema, docs, key + ".")
+    lines = [key, f"  type:    {_type_name(tp)}", f"  default: {_yaml_value(_default(f))}", "", docs[key]]
+    needs = [r for r in combination_rules() if r.switch == key]
+    if needs:
+        lines += ["", "Set to true in a config or override, it needs (else the config is refused):"]
+        lines += [f"  {r.key}={' or '.join(_yaml_value(a) for a in r.allowed)}: {r.why}" for r in needs]
+    text = "\n".join(lines) + "\n"
+    if _item_section(tp) is not None:
+        text += "\nEach item:\n" + _key_lines(schema, docs, key + ".0.")
+    return text
+
+
+def _key_lines(schema: dict[str, tuple[type, dataclasses.Field, Any]], docs: dict[str, str], prefix: str) -> str:
+    """One line per setting under `prefix`: `key = default  first sentence`."""
+    rows = [(f"{k} = {_yaml_value(_default(f))}", _first_sentence(docs[k]))
+            for k, (_, f, tp) in schema.items() if k.startswith(prefix) and not dataclasses.is_dataclass(tp)]
+    width = max(len(left) for left, _ in rows)
+    return "".join(f"{left:<{width}}  {doc}\n" for left, doc in rows)
+
+
+# --------------------------------------------------------------------------------------------
 # YAML with line numbers, overrides, and the public entry point.
 
 def _yaml_lines(text: str, path: str) -> dict[str, int]:
@@ -583,6 +827,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if problems:
         key, reason = problems[0]
         raise ConfigError(f"{origins.of(key)}: {key} {reason}")
+    check_combinations(cfg, _given_keys(tree), origins)
     return cfg
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from rich.table import Table
 
 from qflash.errors import ConfigError
-from qflash.train.metrics import console
+from qflash.ui import console
 
 
 def compare_and_print(run: str, n: int | None = None, max_new_tokens: int | None = None) -> bool:
@@ -135,9 +134,3 @@ def run_demo(config: str | None, overrides: list[str]) -> int:
     ok = compare_and_print(str(result.output_dir))
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s; run directory: {result.output_dir}")
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    from qflash.cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))

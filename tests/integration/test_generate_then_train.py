@@ -56,9 +56,9 @@ def test_16bit_compute_with_the_fp32_residual_generates_and_evaluates(tiny_model
 
     Outside training's autocast the fp32 hidden states met the bf16 lm_head ("expected scalar type Float but
     found BFloat16"): on a GPU, replay generation, generate, chat, serve and eval all failed. Every forward of a
-    loaded model now runs in its compute context (Loaded.compute, as training does)."""
-    from qflash.eval.loss import held_out_loss
-    from qflash.infer.generate import Loaded
+    loaded model now runs in its compute context (LoadedModel.compute, as training does)."""
+    from qflash.train.held_out import held_out_loss
+    from qflash.infer.generate import LoadedModel
 
     monkeypatch.setenv("QFLASH_HOME", str(tmp_path / "home"))
     prompts = tmp_path / "prompts.json"
@@ -68,7 +68,7 @@ def test_16bit_compute_with_the_fp32_residual_generates_and_evaluates(tiny_model
     setup = build_setup(cfg, quiet=True)  # the base model answers the replay prompts here
     assert setup.dtype == torch.bfloat16 and setup.replay is not None and setup.replay.prompts == 2
     assert setup.model.get_input_embeddings().weight.dtype == torch.bfloat16
-    loaded = Loaded(setup.model, setup.tokenizer, setup.renderer, cfg, True, setup.device, dtype=setup.dtype)
+    loaded = LoadedModel(setup.model, setup.tokenizer, setup.renderer, cfg, True, setup.device, dtype=setup.dtype)
     got = held_out_loss(setup.model, setup.examples[:4], pad_id=setup.tokenizer.pad_token_id, device=setup.device,
                         max_len=cfg.data.max_len, rows=2, packing=True, autocast=loaded.compute())
     assert torch.isfinite(torch.tensor(got.loss)) and got.tokens > 0

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from qflash.cli import main
-from qflash.config import Config, all_keys, config_from_dict, load_config, parse_override
+from qflash.config import Config, all_keys, config_from_dict, field_docs, load_config, parse_override
 from qflash.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,33 +76,21 @@ def test_override_syntax():
 
 def test_every_field_is_documented():
     """The dataclass is the schema: every key a user can set is listed and reachable, and every field of every
-    config dataclass carries its documentation (a string right after it, as litgpt's fields do)."""
-    import ast
-    import dataclasses
-
-    import qflash.config as config_module
-
+    config dataclass carries its documentation (a string right after it, as litgpt's fields do), read by the
+    same field_docs that `qflash config explain` prints."""
     keys = all_keys()
     assert "data.datasets.0.path" in keys and "quant.double_quant" in keys
     assert len(keys) == len(set(keys))
-    tree = ast.parse(Path(config_module.__file__).read_text(encoding="utf-8"))
-    undocumented, seen = [], 0
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        if not dataclasses.is_dataclass(getattr(config_module, cls.name, None)):
-            continue
-        body = cls.body
-        for i, node in enumerate(body):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                section = isinstance(node.annotation, ast.Name) and dataclasses.is_dataclass(
-                    getattr(config_module, node.annotation.id, None))
-                if section:  # `train: TrainConfig`: documented by that section's own fields
-                    continue
-                seen += 1
-                doc = body[i + 1] if i + 1 < len(body) else None
-                if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
-                        and isinstance(doc.value.value, str) and doc.value.value.strip()):
-                    undocumented.append(f"{cls.name}.{node.target.id}")
-    assert seen >= 40 and undocumented == [], undocumented
+    docs = field_docs()
+    assert list(docs) == keys
+    sections = {k.rsplit(".", 1)[0] for k in keys if "." in k} - {k.rsplit(".", 2)[0] for k in keys if ".0." in k}
+    # A key with keys below it is a section (`train`, documented by its own fields), unless it is a list of
+    # items (data.datasets, whose items' keys read data.datasets.0.path): that one has a doc of its own.
+    settings = [k for k in keys if k not in sections]
+    undocumented = [k for k in settings if not docs[k].strip()]
+    assert len(settings) >= 40 and undocumented == [], undocumented
+    assert docs["lora.r"] == "Rank of the LoRA update."
+    assert docs["data.replay.ratio"].startswith("Replay samples per training sample")
 
 
 def _run_cli(capsys, *argv):

@@ -113,7 +113,7 @@ def test_held_out_loss_is_token_weighted_whatever_the_batching_and_leaves_rng_an
     from qflash.data.batching import pad_batch
     from qflash.data.formats import Conversation
     from qflash.data.template import ChatRenderer
-    from qflash.eval.loss import held_out_loss
+    from qflash.train.held_out import held_out_loss
     from qflash.model.loading import load_base_model
     from qflash.train.loss import loss_sum
 

@@ -12,7 +12,7 @@ def run_eval(run: str, *, data: Sequence[str] | None = None, control: str | None
              max_new_tokens: int | None = None, limit: int | None = None) -> int:
     from qflash.eval.evaluate import evaluate_run
     from qflash.eval.report import print_table, write_report
-    from qflash.train.metrics import console
+    from qflash.ui import console
 
     run_dir = Path(run)
     if not run_dir.is_dir():

@@ -24,7 +24,7 @@ from qflash.data.formats import Conversation
 from qflash.data.pipeline import build_examples, load_conversations
 from qflash.data.replay import GENERATION_BATCH, Answer, Messages, Prompt, cached_answers, key_for, load_prompts, replay_examples
 from qflash.errors import ConfigError
-from qflash.eval.loss import held_out_loss
+from qflash.train.held_out import held_out_loss
 from qflash.eval.metrics import Closeness, closeness_sums, combine, names_identity, share, spill_rate
 
 Say = Callable[[str], None]

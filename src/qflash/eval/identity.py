@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from qflash.errors import ConfigError
 from qflash.eval.metrics import names_identity
-from qflash.infer.generate import Loaded
+from qflash.infer.generate import LoadedModel
 
 
 @dataclass
@@ -18,10 +18,10 @@ class IdentityRow:
     tuned_named: bool
 
 
-def compare_identity(loaded: Loaded, n: int, max_new_tokens: int) -> list[IdentityRow]:
+def compare_identity(loaded: LoadedModel, n: int, max_new_tokens: int) -> list[IdentityRow]:
     """Ask the first n held-out questions to the base model (adapter disabled) and to the fine-tuned one."""
     from qflash.eval.evaluate import ask_both, held_out_questions
-    from qflash.train.metrics import console
+    from qflash.ui import console
 
     cfg = loaded.cfg
     if not loaded.has_adapter:

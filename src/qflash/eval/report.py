@@ -169,7 +169,7 @@ def write_report(r: EvalResult, run_dir: Path) -> Path:
 def print_table(r: EvalResult, where: Path) -> None:
     from rich.table import Table
 
-    from qflash.train.metrics import console
+    from qflash.ui import console
 
     d = report_dict(r)
     table = Table(title=f"qflash eval: {r.run}" + (f" (identity: {r.name})" if r.name else ""))

@@ -21,7 +21,7 @@ import torch
 
 from qflash.config import Config
 from qflash.errors import QflashError
-from qflash.train.metrics import console
+from qflash.ui import console
 
 MAX_TOKENS = 256
 """Each sample is cut to this many tokens: enough to cover a reply, small enough for a fast CPU check."""
@@ -143,7 +143,7 @@ def check_fidelity(merged_dir: Path, model_dir: Path, adapter_dir: Path, cfg: Co
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qflash.export.merge import DTYPES
+    from qflash.export.safetensors_io import DTYPES
     from qflash.model.loading import NO_HUB_KERNELS, load_configured_base
     from qflash.model.lora import load_adapter
 

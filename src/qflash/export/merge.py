@@ -27,12 +27,11 @@ import torch
 from qflash.config import Config
 from qflash.errors import ConfigError, ModelError
 from qflash.export.adapter import Adapter, AdapterError, LoraModule, delta_shape, merged_bias, merged_weight, read_adapter
-from qflash.export.safetensors_io import INDEX_FILE, SafetensorsModel, ShardLayout, parse_size, plan_shards, write_shard
+from qflash.export.safetensors_io import DTYPES, INDEX_FILE, SafetensorsModel, ShardLayout, parse_size, plan_shards, write_shard
 from qflash.paths import swap_in
-from qflash.train.metrics import console
+from qflash.ui import console
 
 MERGE_RECORD = "qflash_merge.json"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _CONFIG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -287,7 +286,7 @@ def write_tokenizer_files(model_dir: Path, out_dir: Path, chat_template: str | N
 
 def _adapter_source(source: str, base: str | None) -> tuple[Path, Config | None, str]:
     """(adapter dir, the run's config or None, the base model path to use)."""
-    from qflash.infer.generate import find_adapter
+    from qflash.rundir import find_adapter
 
     p = Path(source)
     if not p.exists():

@@ -154,7 +154,7 @@ class _Progress:
     """A live bar on a terminal, otherwise a line every 5% (logs, CI)."""
 
     def __init__(self, total: int):
-        from qflash.train.metrics import console
+        from qflash.ui import console
 
         self.total, self.done, self.console = total, 0, console
         self._every = max(1, total // 20)
@@ -202,7 +202,7 @@ def run_generate(
     batch_size: int = 8, overwrite: bool = False,
 ) -> GenerateSummary:
     """Answer every prompt of input_path not yet in output; the model is loaded only if there is work."""
-    from qflash.train.metrics import console
+    from qflash.ui import console
 
     input_path, output = Path(input_path), Path(output)
     if batch_size < 1:

@@ -111,7 +111,7 @@ class _DeltaStreamer:
 
 
 class Engine:
-    """Generation for one loaded model (qflash.infer.generate.Loaded)."""
+    """Generation for one loaded model (qflash.infer.generate.LoadedModel)."""
 
     def __init__(self, loaded, context_window: int | None = None):
         self.loaded = loaded

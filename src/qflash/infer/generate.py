@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
-
-from qflash.config import EMBEDDED_MODEL, Config, config_from_dict
+from qflash.config import EMBEDDED_MODEL, Config
 from qflash.data.template import ChatRenderer
 from qflash.errors import ConfigError
 from qflash.model.loading import (
@@ -23,28 +21,13 @@ from qflash.model.loading import (
     resolve_model_dir,
 )
 from qflash.model.lora import load_adapter
-from qflash.train.loop import ADAPTER_DIR, RUN_CONFIG
+from qflash.rundir import find_adapter, is_adapter_path, run_name
 
 log = logging.getLogger(__name__)
 
 
-def find_adapter(path: str | Path) -> tuple[Path, Config | None]:
-    """A run directory or an adapter directory -> (adapter dir, the run's config if saved beside it)."""
-    p = Path(path)
-    for cand in (p / ADAPTER_DIR, p):
-        if (cand / "adapter_config.json").is_file():
-            cfg = None
-            if (cand / RUN_CONFIG).is_file():
-                tree = yaml.safe_load((cand / RUN_CONFIG).read_text(encoding="utf-8"))
-                cfg = config_from_dict(tree, where=str(cand / RUN_CONFIG))
-            return cand, cfg
-    if (p / "config.yaml").is_file() and not (p / ADAPTER_DIR).exists():
-        raise ConfigError(f"--adapter: {p}: this run has no adapter yet (did training finish?)")
-    raise ConfigError(f"--adapter: {p}: no adapter_config.json here or in {p / ADAPTER_DIR}")
-
-
 @dataclass
-class Loaded:
+class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     renderer: ChatRenderer
@@ -66,7 +49,7 @@ QuantChoice = Literal["auto", "nf4", "none"]
 
 def load_for_inference(
     model: str | None = None, adapter: str | None = None, device: str = "auto", quant: QuantChoice | None = None
-) -> Loaded:
+) -> LoadedModel:
     """The base model quantized as it was trained (NF4 unless the run said none), plus the adapter.
 
     quant: None = the run config's quant.mode (NF4 for a plain model: how training would load it);
@@ -93,23 +76,14 @@ def load_for_inference(
     base = load_configured_base(cfg, model_dir, dev, dtype)
     net = load_adapter(base, adapter_dir) if adapter_dir is not None else base
     net.eval()
-    return Loaded(net, tok, renderer, cfg, adapter_dir is not None, dev, _display_name(cfg.model.path, adapter_dir),
+    return LoadedModel(net, tok, renderer, cfg, adapter_dir is not None, dev, _display_name(cfg.model.path, adapter_dir),
                   dtype)
 
 
 def _display_name(model_path: str, adapter_dir: Path | None) -> str:
     if adapter_dir is not None:
-        p = adapter_dir.resolve()
-        return p.parent.name if p.name == ADAPTER_DIR else p.name
+        return run_name(adapter_dir)
     return Path(model_path).stem if model_path.endswith(".gguf") else Path(model_path).name or EMBEDDED_MODEL
-
-
-def is_adapter_path(path: str | Path) -> bool:
-    """A run directory (with or without its adapter yet) or an adapter directory."""
-    p = Path(path)
-    if (p / "adapter_config.json").is_file() or (p / ADAPTER_DIR / "adapter_config.json").is_file():
-        return True
-    return (p / "config.yaml").is_file() and not (p / "config.json").is_file()
 
 
 def split_target(target: str | None, model: str | None, adapter: str | None) -> tuple[str | None, str | None]:
@@ -133,7 +107,7 @@ def split_target(target: str | None, model: str | None, adapter: str | None) -> 
 def load_target(
     target: str | None, model: str | None = None, adapter: str | None = None, device: str = "auto",
     quant: QuantChoice = "auto",
-) -> Loaded:
+) -> LoadedModel:
     """What the chat/generate/serve commands load: MODEL_OR_RUN and/or --model/--adapter."""
     model, adapter = split_target(target, model, adapter)
     t0 = time.perf_counter()
@@ -145,7 +119,7 @@ def load_target(
 
 
 def answer(
-    loaded: Loaded,
+    loaded: LoadedModel,
     conversations: list[list[dict[str, str]]],
     *,
     max_new_tokens: int = 64,

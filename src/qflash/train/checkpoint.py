@@ -228,7 +228,7 @@ def remove_stale_temporaries(out: Path) -> None:
 
 
 @dataclass
-class Loaded:
+class LoadedCheckpoint:
     step: int
     state: dict
     trainable: dict[str, torch.Tensor]
@@ -237,7 +237,7 @@ class Loaded:
     rng: dict
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Loaded:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
     problem = verify(path)
     if problem is not None:
         raise QflashError(f"{path}: checkpoint is damaged: {problem}; pass another train.resume or remove it")
@@ -247,5 +247,5 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Loa
     optimizer = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
     scheduler = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
-    return Loaded(int(state["step"]), state, trainable, optimizer, scheduler, rng)
+    return LoadedCheckpoint(int(state["step"]), state, trainable, optimizer, scheduler, rng)
 

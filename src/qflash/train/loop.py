@@ -29,7 +29,7 @@ from qflash.data.replay import ReplayStats, build_replay
 from qflash.data.replay import key_for as replay_key
 from qflash.data.template import ChatRenderer, Example
 from qflash.errors import ConfigError, QflashError
-from qflash.eval.loss import held_out_loss
+from qflash.train.held_out import held_out_loss
 from qflash.model.loading import (
     compute_dtype,
     enable_activation_checkpointing,
@@ -40,7 +40,9 @@ from qflash.model.loading import (
 )
 from qflash.model.attention import uses_varlen
 from qflash.model.lora import add_lora, layer_paths
-from qflash.paths import inside, replaced_atomically
+from qflash import rundir
+from qflash.paths import inside
+from qflash.rundir import ADAPTER_DIR, SAMPLES_LOG
 from qflash.train.checkpoint import (
     CKPT_DIR,
     complete_checkpoints,
@@ -50,17 +52,14 @@ from qflash.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from qflash.train.checkpoint import Loaded as LoadedCheckpoint
+from qflash.train.checkpoint import LoadedCheckpoint
 from qflash.train.distributed import Parallel, Ranks, fsdp_requested, launched_distributed, make_accelerator, ranks_of
 from qflash.train.faults import Faults
-from qflash.train.metrics import MetricsWriter, StepProgress, console
+from qflash.train.metrics import MetricsWriter, StepProgress
+from qflash.ui import console
 from qflash.train.resume import RunLock, differences, pick_checkpoint, run_identity
 from qflash.train.signals import StopRequests, TrainingInterrupted
 
-ADAPTER_DIR = "adapter"
-RUN_CONFIG = "qflash_config.yaml"
-FINGERPRINT = "data_fingerprint.json"
-SAMPLES_LOG = "samples.jsonl"
 
 
 @dataclass
@@ -163,10 +162,10 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
 def _base_model_replay(cfg: Config, model, tok, renderer: ChatRenderer, model_dir: Path, device, dtype, *,
                        n_train: int, quiet: bool) -> tuple[list[Example], ReplayStats]:
     """data.replay: the base model's greedy answers to the replay prompts (cached), as training samples."""
-    from qflash.infer.generate import Loaded, answer
+    from qflash.infer.generate import LoadedModel, answer
 
     rp = cfg.data.replay
-    loaded = Loaded(model=model, tokenizer=tok, renderer=renderer, cfg=cfg, has_adapter=False, device=device,
+    loaded = LoadedModel(model=model, tokenizer=tok, renderer=renderer, cfg=cfg, has_adapter=False, device=device,
                     dtype=dtype)
     t0 = time.perf_counter()
 
@@ -240,19 +239,8 @@ def micro_batches(setup: "Setup", sample_ids: list[int]) -> list[Batch]:
 
 
 def save_adapter(setup: Setup, out: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the PEFT adapter plus run metadata to out/adapter, atomically (temp dir, then rename).
-
-    `weights`: the trainable tensors whole, by parameter name (Parallel.full_trainable), for models
-    whose own parameters are sharded (FSDP2); by default the model's.
-    """
-    final = inside(out, ADAPTER_DIR, "adapter directory")
-    with replaced_atomically(final, "adapter") as tmp:
-        setup.model.save_pretrained(str(tmp), safe_serialization=True,
-                                    **({"state_dict": weights} if weights is not None else {}))
-        (tmp / RUN_CONFIG).write_text(setup.cfg.to_yaml(), encoding="utf-8")
-        (tmp / FINGERPRINT).write_text(json.dumps(setup.fingerprint, indent=2, ensure_ascii=False), encoding="utf-8")
-        (tmp / "base_model_dir.txt").write_text(str(setup.model_dir.resolve()) + "\n", encoding="utf-8")
-    return final
+    """The run's adapter and metadata into out/adapter (rundir.save_adapter)."""
+    return rundir.save_adapter(setup.model, out, setup.cfg, setup.fingerprint, setup.model_dir, weights)
 
 
 def evaluate_held_out(setup: Setup, model, loss_fn=None) -> float:

@@ -1,0 +1,74 @@
+"""A run directory: what `qflash train` leaves in output_dir and what every other command reads back.
+
+    output_dir/
+      adapter/                 the PEFT adapter (adapter_config.json, adapter_model.safetensors), plus
+        qflash_config.yaml     the run's full config (RUN_CONFIG)
+        data_fingerprint.json  what the data was (FINGERPRINT)
+        base_model_dir.txt     where the base model was read from (BASE_MODEL_FILE)
+      checkpoints/             train/checkpoint.py
+      config.yaml, metrics.jsonl, samples.jsonl, tensorboard/, eval/
+
+Train writes it (save_adapter); infer, eval and export find the adapter and the run's config in it
+(find_adapter, is_adapter_path).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from qflash.config import Config, config_from_dict
+from qflash.errors import ConfigError
+from qflash.paths import inside, replaced_atomically
+
+ADAPTER_DIR = "adapter"
+RUN_CONFIG = "qflash_config.yaml"
+FINGERPRINT = "data_fingerprint.json"
+BASE_MODEL_FILE = "base_model_dir.txt"
+SAMPLES_LOG = "samples.jsonl"
+
+
+def save_adapter(model, out: Path, cfg: Config, fingerprint: dict, model_dir: Path, weights: dict | None = None) -> Path:
+    """Write the PEFT adapter plus run metadata to out/adapter, atomically (temp dir, then rename).
+
+    `weights`: the trainable tensors whole, by parameter name (Parallel.full_trainable), for models
+    whose own parameters are sharded (FSDP2); by default the model's.
+    """
+    final = inside(out, ADAPTER_DIR, "adapter directory")
+    with replaced_atomically(final, "adapter") as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
+        (tmp / RUN_CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
+        (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / BASE_MODEL_FILE).write_text(str(model_dir.resolve()) + "\n", encoding="utf-8")
+    return final
+
+
+def find_adapter(path: str | Path) -> tuple[Path, Config | None]:
+    """A run directory or an adapter directory -> (adapter dir, the run's config if saved beside it)."""
+    p = Path(path)
+    for cand in (p / ADAPTER_DIR, p):
+        if (cand / "adapter_config.json").is_file():
+            cfg = None
+            if (cand / RUN_CONFIG).is_file():
+                tree = yaml.safe_load((cand / RUN_CONFIG).read_text(encoding="utf-8"))
+                cfg = config_from_dict(tree, where=str(cand / RUN_CONFIG))
+            return cand, cfg
+    if (p / "config.yaml").is_file() and not (p / ADAPTER_DIR).exists():
+        raise ConfigError(f"--adapter: {p}: this run has no adapter yet (did training finish?)")
+    raise ConfigError(f"--adapter: {p}: no adapter_config.json here or in {p / ADAPTER_DIR}")
+
+
+def is_adapter_path(path: str | Path) -> bool:
+    """A run directory (with or without its adapter yet) or an adapter directory."""
+    p = Path(path)
+    if (p / "adapter_config.json").is_file() or (p / ADAPTER_DIR / "adapter_config.json").is_file():
+        return True
+    return (p / "config.yaml").is_file() and not (p / "config.json").is_file()
+
+
+def run_name(adapter_dir: Path) -> str:
+    """A short name for a run: its directory's (the adapter directory's own when it stands alone)."""
+    p = adapter_dir.resolve()
+    return p.parent.name if p.name == ADAPTER_DIR else p.name
