@@ -80,6 +80,11 @@ MUTANTS = [
     Mutant("untested versions not reported", "src/qflash/versions.py",
            "        if not _minor(low) <= _minor(version) <= _minor(high):", "        if False:",
            "tests/unit/test_versions.py"),
+    Mutant("compiled layers drop the LoRA term of the input gradient", "src/qflash/model/fused_lora.py",
+           "return (_grad_input_op if torch.compiler.is_compiling() else _grad_input)(g, w, gb, a, scaling)",
+           "return (_grad_input_op(g, w, gb, a, 0.0) if torch.compiler.is_compiling() else _grad_input(g, w, gb, a, "
+           "scaling))",
+           "tests/unit/test_kernels.py::test_compiled_layer_backward_matches_eager_through_aot_autograd"),
     # GPU (run on the device: `python tools/mutants.py -k gpu`)
     Mutant("gpu: compiled layers drop the LoRA term of the input gradient", "src/qflash/model/fused_lora.py",
            "return (_grad_input_op if torch.compiler.is_compiling() else _grad_input)(g, w, gb, a, scaling)",

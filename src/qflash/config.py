@@ -276,8 +276,8 @@ class KernelsConfig:
     the matmuls (residual adds, RoPE, SwiGLU, casts); token counts are dynamic, so packed batches of any
     length reuse the compiled layers (tests/gpu/test_compile.py). The first steps pay the compile time
     (inductor caches it for the next run of the same model): auto = compile when the run is long enough to
-    pay that back (planned tokens x decoder parameters, kernels/compile.py `compile_pays`), said once when
-    not; true = always, false = never."""
+    pay that back (from about 420 optimizer steps: kernels/compile.py `compile_pays`, measured), said once
+    when not; true = always, false = never."""
 
     requires = (
         Needs("kernels.fused_norm", "lora.fused", (True,),

@@ -122,11 +122,11 @@ def test_fp32_output_projection_on_gpu():
         assert rel_err(got.double(), want) < 1e-6
 
 
-def _tiny_dir(tmp_path, arch: str):
+def _tiny_dir(tmp_path, arch: str, init: float = 0.2):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.2, tie_word_embeddings=False)
+                  num_key_value_heads=2, max_position_embeddings=4096, initializer_range=init, tie_word_embeddings=False)
     cfg = Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / arch))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from integration.test_distributed import REPO, _losses, _metrics, _train
+from integration.test_distributed import _losses, _metrics, _train
 
 pytestmark = [
     pytest.mark.gpu,

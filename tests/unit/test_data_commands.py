@@ -51,7 +51,7 @@ def test_check_skip_writes_skipped_records_and_exits_0(tmp_path):
     skipped = tmp_path / "skipped.jsonl"
     c = captured()
     assert run_check(str(p), [], on_error="skip", skipped=str(skipped), console=c) == 0
-    assert f"skipped 6 records (" in output(c) and str(skipped) in output(c)
+    assert "skipped 6 records (" in output(c) and str(skipped) in output(c)
     assert len(skipped.read_text(encoding="utf-8").splitlines()) == 6
 
 

@@ -101,37 +101,23 @@ def compile_decoder_layers(model: torch.nn.Module, **compile_kwargs) -> int:
     return n
 
 
-# kernels.compile_layers=auto. Compiling costs a roughly fixed time in the first steps (tracing and Inductor's
-# codegen of one layer graph, forward and recompute/backward; about the same for 135M and 7B parameters) and
-# saves a fraction of every later step, whose time grows with tokens x parameters. So it pays from a fixed
-# amount of work: planned training tokens x decoder parameters. Measured on an H100 (bench/NOTES.md,
-# 2026-12-07 session 12): see PAYS_FROM.
-PAYS_FROM = 2.5e16
-"""Planned tokens x decoder parameters from which compiling the decoder layers pays back its compile time."""
+# kernels.compile_layers=auto. Compiling costs a fixed time in the first steps (dynamo tracing and Inductor's code
+# generation for the layer graph, forward and backward) and saves a part of every later step. Measured on an H100
+# (bench/NOTES.md, 2026-12-07 session 12): the demo (SmolLM2-135M, ~900 tokens a step) compiles in ~24 s over the
+# first steps and then saves 0.09 s a step (0.24 -> 0.15 s): it pays after ~260 steps. Qwen2.5-7B `fixed` (4 x 2048
+# tokens a step) compiles in ~57 s and saves 0.137 s a step (9,898 -> 11,847 tok/s): ~420 steps. From the larger.
+PAYS_FROM_STEPS = 420
+"""Planned optimizer steps from which compiling the decoder layers pays back its compile time."""
 
 
-def decoder_parameters(model: torch.nn.Module) -> int:
-    """Weights of the decoder layers (what compile_layers compiles), 4-bit ones counted at their logical size."""
-    n = 0
-    for module in model.modules():
-        if not type(module).__name__.endswith("DecoderLayer"):
-            continue
-        for p in module.parameters():
-            state = getattr(p, "quant_state", None)
-            n += int(torch.Size(state.shape).numel()) if state is not None else p.numel()
-    return n
-
-
-def compile_pays(setting, planned_tokens: int, params: int) -> tuple[bool, str]:
-    """(compile?, why) for kernels.compile_layers = `setting` (True, False or "auto")."""
+def compile_pays(setting, planned_steps: int) -> tuple[bool, str]:
+    """(compile?, why) for kernels.compile_layers = `setting` (True, False or "auto") and a run of `planned_steps`."""
     if setting is not True and setting is not False and setting != "auto":
         raise ValueError(f"kernels.compile_layers={setting!r}: expected true, false or auto")
     if setting != "auto":
         return bool(setting), f"kernels.compile_layers={str(setting).lower()}"
-    work = float(planned_tokens) * float(params)
-    if work >= PAYS_FROM:
-        return True, (f"kernels.compile_layers=auto: compiling ({planned_tokens:,} planned tokens x "
-                      f"{params / 1e6:,.0f}M decoder parameters = {work:.2g} >= {PAYS_FROM:.2g})")
-    return False, (f"kernels.compile_layers=auto: not compiling the decoder layers: this run ({planned_tokens:,} "
-                   f"planned tokens x {params / 1e6:,.0f}M decoder parameters = {work:.2g}) is too short to pay back "
-                   f"the compile time (from {PAYS_FROM:.2g}); kernels.compile_layers=true compiles anyway")
+    if planned_steps >= PAYS_FROM_STEPS:
+        return True, f"kernels.compile_layers=auto: compiling the decoder layers ({planned_steps} steps planned)"
+    return False, (f"kernels.compile_layers=auto: not compiling the decoder layers: {planned_steps} steps are too few "
+                   f"to pay back the compile time (it pays from about {PAYS_FROM_STEPS}); kernels.compile_layers=true "
+                   "compiles anyway")

@@ -146,10 +146,9 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
         enable_activation_checkpointing(model)
     model = add_lora(model, cfg.lora, seed=cfg.train.seed, kernels=cfg.kernels)
     if device.type == "cuda":
-        from qflash.kernels.compile import compile_decoder_layers, compile_pays, decoder_parameters
+        from qflash.kernels.compile import compile_decoder_layers, compile_pays
 
-        compile_it, why = compile_pays(cfg.kernels.compile_layers, planned_tokens(cfg, examples),
-                                       decoder_parameters(model))
+        compile_it, why = compile_pays(cfg.kernels.compile_layers, total_steps(cfg, len(examples)))
         if compile_it:
             compile_decoder_layers(model)
         elif cfg.kernels.compile_layers == "auto" and not quiet:
@@ -217,15 +216,6 @@ def total_steps(cfg: Config, n_examples: int) -> int:
         return cfg.train.max_steps
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     return max(1, math.ceil(cfg.train.epochs * n_examples / per_step))
-
-
-def planned_tokens(cfg: Config, examples: list[Example]) -> int:
-    """Tokens the run will train on: its steps x samples per step x the mean sample length."""
-    if not examples:
-        return 0
-    mean = sum(len(ex.input_ids) for ex in examples) / len(examples)
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    return int(total_steps(cfg, len(examples)) * per_step * mean)
 
 
 def micro_batches(setup: "Setup", sample_ids: list[int]) -> list[Batch]:
