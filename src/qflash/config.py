@@ -275,7 +275,7 @@ class KernelsConfig:
     """torch.compile every decoder layer (CUDA only: ignored on the CPU). Inductor fuses what sits between
     the matmuls (residual adds, RoPE, SwiGLU, casts); token counts are dynamic, so packed batches of any
     length reuse the compiled layers (tests/gpu/test_compile.py). The first steps pay the compile time
-    (inductor caches it for the next run of the same model): auto = compile when the run is long enough to
+    (a second run of the same model may reuse inductor's cache; not measured): auto = compile when the run is long enough to
     pay that back (from about 420 optimizer steps: kernels/compile.py `compile_pays`, measured), said once
     when not; true = always, false = never."""
 

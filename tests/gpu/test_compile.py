@@ -33,7 +33,7 @@ def _losses(model_dir, compiled: bool, lengths_per_step, offload: bool = True, i
     rng = np.random.default_rng(0)
     losses = []
     for i, lengths in enumerate(lengths_per_step):
-        batches = qflash_batches([rng.integers(0, 512, n) for n in lengths], 1024)
+        batches = qflash_batches([rng.integers(0, 512, n) for n in lengths], 1024, model)
         if compiled and i == 2:  # after warm-up: any recompile now is a failure with its reason
             torch._dynamo.config.error_on_recompile = True
         losses.append(qflash_step(model, optimizer, params, batches))
@@ -120,7 +120,7 @@ def _grads(model_dir, docs, overrides: list[str], compute: torch.dtype, lora_b_s
         for n, p in sorted(model.named_parameters()):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * lora_b_scale)
-    batches = runner.qflash_batches(docs, 1024)
+    batches = runner.qflash_batches(docs, 1024, model)
     n = sum(trained_tokens(b) for b in batches)
     total = 0.0
     for b in batches:

@@ -30,39 +30,36 @@ def test_varlen_backend_matches_per_document_sdpa(backend, heads, kv_heads):
     missing = attention.available(backend)
     if missing:
         pytest.skip(f"{backend} needs {missing}")
-    attention.activate(backend)
+    choice = attention.choose(backend)
     pairs: list = []
-    try:
-        with attention.keeping(pairs) if kept else contextlib.nullcontext():
-            torch.manual_seed(0)
-            lengths = [5, 37, 128, 300, 1]
-            total, dim = sum(lengths), 64
-            cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
-            q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            k = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            v = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            out, _ = attention.qflash_attention(None, q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu,
-                                                cu_seq_lens_k=cu, max_length_q=max(lengths),
-                                                max_length_k=max(lengths))
-            assert out.shape == (1, total, heads, dim)
-            w = torch.randn_like(out)
-            gq, gk, gv = torch.autograd.grad((out.float() * w.float()).sum(), (q, k, v))
+    with attention.keeping(pairs) if kept else contextlib.nullcontext():
+        torch.manual_seed(0)
+        lengths = [5, 37, 128, 300, 1]
+        total, dim = sum(lengths), 64
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
+        q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out, _ = attention.qflash_attention(None, q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu,
+                                            cu_seq_lens_k=cu, max_length_q=max(lengths),
+                                            max_length_k=max(lengths), choice=choice)
+        assert out.shape == (1, total, heads, dim)
+        w = torch.randn_like(out)
+        gq, gk, gv = torch.autograd.grad((out.float() * w.float()).sum(), (q, k, v))
 
-            # reference: each document alone, fp32, causal
-            qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
-            outs = []
-            for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-                o = F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], is_causal=True,
-                                                   enable_gqa=heads != kv_heads)
-                outs.append(o.transpose(1, 2))
-            ref = torch.cat(outs, dim=1)
-            rq, rk, rv = torch.autograd.grad((ref * w.float()).sum(), (qr, kr, vr))
-            assert rel_err(out, ref) < 1e-2
-            for g, r in ((gq, rq), (gk, rk), (gv, rv)):
-                assert torch.isfinite(g).all() and rel_err(g, r) < 2e-2
-        assert len(pairs) == kept  # the kept case went through flash_varlen
-    finally:
-        attention.activate("auto")
+        # reference: each document alone, fp32, causal
+        qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+        outs = []
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            o = F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], is_causal=True,
+                                               enable_gqa=heads != kv_heads)
+            outs.append(o.transpose(1, 2))
+        ref = torch.cat(outs, dim=1)
+        rq, rk, rv = torch.autograd.grad((ref * w.float()).sum(), (qr, kr, vr))
+        assert rel_err(out, ref) < 1e-2
+        for g, r in ((gq, rq), (gk, rk), (gv, rv)):
+            assert torch.isfinite(g).all() and rel_err(g, r) < 2e-2
+    assert len(pairs) == kept  # the kept case went through flash_varlen
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(28, 4, 128), (8, 2, 64)])
@@ -75,37 +72,36 @@ def test_documents_of_one_length_run_cudnn_attention(heads, kv_heads, dim):
 
     if attention.available("torch_varlen") or attention.cudnn_missing("auto", "torch_varlen"):
         pytest.skip(f"needs torch_varlen and cuDNN attention: {attention.cudnn_missing('auto', 'torch_varlen')}")
-    attention.activate("torch_varlen", cudnn="auto")
-    try:
-        torch.manual_seed(0)
-        n, length = 4, 512
-        total = n * length
-        cu = torch.arange(0, total + 1, length, dtype=torch.int32, device="cuda")
-        q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        w = torch.randn(1, total, heads, dim, device="cuda")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            out, _ = attention.qflash_attention(None, q, k, v, attention.NO_MASK, scaling=dim**-0.5, cu_seq_lens_q=cu,
-                                                cu_seq_lens_k=cu, max_length_q=length, max_length_k=length)
-            gq, gk, gv = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        # cuDNN's own kernels are named ..._sdpa_sm90_flash_fprop...; PyTorch's FlashAttention-2 ones pytorch_flash::
-        assert not [x for x in names if "pytorch_flash" in x], "the varlen kernel ran for equal-length documents"
-        assert [x for x in names if "cudnn" in x and "sdpa" in x], names
-        assert out.shape == (1, total, heads, dim)
-        qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
-        ref = torch.cat([F.scaled_dot_product_attention(qr[:, :, s:s + length], kr[:, :, s:s + length],
-                                                        vr[:, :, s:s + length], is_causal=True, scale=dim**-0.5,
-                                                        enable_gqa=True).transpose(1, 2)
-                         for s in range(0, total, length)], dim=1)
-        rq, rk, rv = torch.autograd.grad((ref * w).sum(), (qr, kr, vr))
-        errors = [rel_err(out, ref)] + [rel_err(g, r) for g, r in ((gq, rq), (gk, rk), (gv, rv))]
-        print(f"cuDNN vs fp32 per document: out/dq/dk/dv {' '.join(f'{e:.1e}' for e in errors)}")
-        assert errors[0] < 1e-2 and max(errors[1:]) < 2e-2
-    finally:
-        attention.activate("auto")
+    choice = attention.choose("torch_varlen", cudnn="auto")
+    assert choice.equal_dense_max > 0
+    torch.manual_seed(0)
+    n, length = 4, 512
+    total = n * length
+    cu = torch.arange(0, total + 1, length, dtype=torch.int32, device="cuda")
+    q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(1, total, heads, dim, device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out, _ = attention.qflash_attention(None, q, k, v, attention.NO_MASK, scaling=dim**-0.5, cu_seq_lens_q=cu,
+                                            cu_seq_lens_k=cu, max_length_q=length, max_length_k=length,
+                                            choice=choice)
+        gq, gk, gv = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # cuDNN's own kernels are named ..._sdpa_sm90_flash_fprop...; PyTorch's FlashAttention-2 ones pytorch_flash::
+    assert not [x for x in names if "pytorch_flash" in x], "the varlen kernel ran for equal-length documents"
+    assert [x for x in names if "cudnn" in x and "sdpa" in x], names
+    assert out.shape == (1, total, heads, dim)
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = torch.cat([F.scaled_dot_product_attention(qr[:, :, s:s + length], kr[:, :, s:s + length],
+                                                    vr[:, :, s:s + length], is_causal=True, scale=dim**-0.5,
+                                                    enable_gqa=True).transpose(1, 2)
+                     for s in range(0, total, length)], dim=1)
+    rq, rk, rv = torch.autograd.grad((ref * w).sum(), (qr, kr, vr))
+    errors = [rel_err(out, ref)] + [rel_err(g, r) for g, r in ((gq, rq), (gk, rk), (gv, rv))]
+    print(f"cuDNN vs fp32 per document: out/dq/dk/dv {' '.join(f'{e:.1e}' for e in errors)}")
+    assert errors[0] < 1e-2 and max(errors[1:]) < 2e-2
 
 
 def test_fp32_output_projection_on_gpu():
@@ -144,7 +140,7 @@ def test_nf4_lora_steps_on_gpu(arch, tmp_path):
     frozen = {n: t.clone() for n, t in model.state_dict().items() if "lora_" not in n}
     lora0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     rng = np.random.default_rng(0)
-    batches = qflash_batches([rng.integers(0, 512, n) for n in (300, 200, 700, 64)], 1024)
+    batches = qflash_batches([rng.integers(0, 512, n) for n in (300, 200, 700, 64)], 1024, model)
     losses = [qflash_step(model, optimizer, params, batches) for _ in range(12)]
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(not torch.equal(p.detach(), lora0[n]) for n, p in model.named_parameters() if p.requires_grad)
@@ -159,7 +155,7 @@ def test_packed_logits_equal_per_document_logits_on_gpu(backend, tmp_path):
     from qflash.bench.runner import qflash_model
     from qflash.data.batching import pack_rows, trained_tokens
     from qflash.data.template import Example
-    from qflash.model.attention import active, uses_varlen
+    from qflash.model.attention import choice_of
     from qflash.train.loss import device_inputs, loss_sum
 
     model, _, _ = qflash_model(_tiny_dir(tmp_path, "llama"), dropout=0.0, lr=1e-3, attention=backend, seed=0)
@@ -169,7 +165,7 @@ def test_packed_logits_equal_per_document_logits_on_gpu(backend, tmp_path):
     cuts = np.cumsum([0] + [len(d) for d in docs])
 
     def logits(examples) -> torch.Tensor:
-        batch = pack_rows(examples, list(range(len(examples))), varlen=uses_varlen()).to(torch.device("cuda"))
+        batch = pack_rows(examples, list(range(len(examples))), varlen=choice_of(model).varlen).to(torch.device("cuda"))
         return model(**device_inputs(model, batch)).logits[0].float()
 
     def split(row: torch.Tensor) -> list[torch.Tensor]:
@@ -183,17 +179,17 @@ def test_packed_logits_equal_per_document_logits_on_gpu(backend, tmp_path):
         packed = split(logits([Example(d, d) for d in docs]))
         leaking = split(logits([Example(whole, whole)]))
         shifted = split(logits([Example(d, d) for d in late]))
-        batch = pack_rows([Example(d, d) for d in docs], list(range(len(docs))), varlen=uses_varlen())
+        batch = pack_rows([Example(d, d) for d in docs], list(range(len(docs))), varlen=choice_of(model).varlen)
         n = trained_tokens(batch)
         packed_loss = loss_sum(model, batch.to(torch.device("cuda"))).item() / n
-        single_loss = sum(loss_sum(model, pack_rows([Example(d, d)], [0], varlen=uses_varlen())
+        single_loss = sum(loss_sum(model, pack_rows([Example(d, d)], [0], varlen=choice_of(model).varlen)
                                    .to(torch.device("cuda"))).item() for d in docs) / n
 
     def errors(rows) -> list[float]:
         return [rel_err(got, want) for got, want in zip(rows, alone)]
 
     tol = 2e-2  # bf16: the row alone may run another kernel (one document: dense attention)
-    print(f"{backend} ({active()}): per-document logit rel. error packed {max(errors(packed)):.2e}, "
+    print(f"{backend} ({choice_of(model).backend}): per-document logit rel. error packed {max(errors(packed)):.2e}, "
           f"no boundaries {max(errors(leaking)):.2e}, boundaries one token late {max(errors(shifted)):.2e}")
     assert max(errors(packed)) < tol
     assert packed_loss == pytest.approx(single_loss, rel=1e-3)
@@ -228,7 +224,7 @@ def _loss_and_lora_grads(model_dir, docs, overrides: list[str], compute: torch.d
     model = add_lora(model, cfg.lora, seed=0, kernels=cfg.kernels)
     model.train()
     _live_lora_b(model)
-    batches = runner.qflash_batches(docs, 1024)
+    batches = runner.qflash_batches(docs, 1024, model)
     n = sum(trained_tokens(b) for b in batches)
     total = 0.0
     for b in batches:
@@ -288,7 +284,7 @@ def test_memory_levers_exact_on_gpu(arch, tmp_path, monkeypatch):
             runner.QFLASH_OVERRIDES[:] = []
         assert isinstance(model.get_input_embeddings(), HostEmbedding) == on
         _live_lora_b(model)
-        batches = qflash_batches(docs, 1024)
+        batches = qflash_batches(docs, 1024, model)
         n = sum(trained_tokens(b) for b in batches)
         torch.manual_seed(0)
         total = 0.0
@@ -347,7 +343,7 @@ def test_kept_attention_runs_one_attention_forward_per_layer_on_gpu(tmp_path, mo
         finally:
             runner.QFLASH_OVERRIDES[:] = []
         _live_lora_b(model)
-        batches = runner.qflash_batches(docs, 1024)
+        batches = runner.qflash_batches(docs, 1024, model)
         n = sum(trained_tokens(b) for b in batches)
         total = 0.0
         for i, b in enumerate(batches):

@@ -68,7 +68,7 @@ def test_replayed_steps_train_like_eager_ones(overrides, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     worst_loss, worst_grad = 0.0, 0.0
     for key in STEPS["order"]:
-        batches = runner.qflash_batches([rng.integers(0, 512, n) for n in STEPS[key]], 1024)
+        batches = runner.qflash_batches([rng.integers(0, 512, n) for n in STEPS[key]], 1024, model)
         n = sum(trained_tokens(b) for b in batches)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             eager_losses = [_eager_micro(model, b, 1.0 / n) for b in batches]

@@ -61,12 +61,14 @@ VARIANTS = ("none", "checkpoint", "offload", "offload+embedding")
 
 
 @pytest.mark.parametrize("case", ["qwen2-untied-fp32-residual-bf16-varlen", "llama-fp32"])
-def test_offloaded_checkpoint_gives_the_same_lora_gradients(case, untied_qwen2, tiny_models, identity_subset, tmp_path):
+def test_offloaded_checkpoint_gives_the_same_lora_gradients(case, untied_qwen2, tiny_models, identity_subset, tmp_path,
+                                                            monkeypatch):
     """LoRA dropout 0.1, fused NF4 + LoRA and fused norm (the defaults): loss and every LoRA gradient equal
     with no checkpointing, transformers' checkpointing, and the offloaded one (with the embedding on the host).
     The qwen2 case runs like the GPU: bf16 compute under autocast, fp32 residual, a packed batch whose
     layers get cu_seqlens; the backward recomputes outside autocast, so the state must travel."""
     from qflash.data.batching import pack_rows
+    from qflash.model import attention
 
     bf16 = case.startswith("qwen2")
     model_dir = untied_qwen2 if bf16 else tiny_models["llama"]
@@ -79,7 +81,11 @@ def test_offloaded_checkpoint_gives_the_same_lora_gradients(case, untied_qwen2, 
             assert offload_checkpointed_layers(setup.model) == setup.model.config.num_hidden_layers
         if variant.endswith("embedding"):
             assert keep_input_embedding_on_host(setup.model) == bf16  # the llama tiny model is tied
-        if bf16:
+        if bf16:  # the torch_varlen backend, its kernel the CPU twin of qflash::flash_varlen
+            attention.use(setup.model, attention.Choice("torch_varlen"))
+            monkeypatch.setitem(attention._KERNELS, "torch_varlen",
+                                lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:
+                                attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling)[0])
             batch = pack_rows(setup.examples, list(range(6)), varlen=True)
             assert batch.cu_seqlens is not None
         else:
@@ -308,7 +314,7 @@ def test_kept_attention_spares_the_recompute_its_attention_forward(untied_qwen2,
     for keep in (False, True):
         setup = _setup(untied_qwen2, identity_subset, tmp_path / str(keep), "lora.dropout=0.1",
                        "quant.compute_dtype=bf16")
-        monkeypatch.setattr(attention, "_active", "torch_varlen")  # after the setup, which activates the CPU's
+        attention.use(setup.model, attention.Choice("torch_varlen"))  # the setup loaded it with the CPU's (sdpa)
         # the op's CPU twin for every call (outside keeping/reusing the backend calls torch's varlen_attn, CUDA only)
         monkeypatch.setitem(attention._KERNELS, "torch_varlen",
                             lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:
@@ -342,7 +348,7 @@ def test_kept_attention_inside_compiled_layers(untied_qwen2, identity_subset, tm
     for variant in ("eager", "compiled-kept"):
         kept = variant == "compiled-kept"
         setup = _setup(untied_qwen2, identity_subset, tmp_path / variant, "lora.dropout=0", "quant.compute_dtype=bf16")
-        monkeypatch.setattr(attention, "_active", "torch_varlen")
+        attention.use(setup.model, attention.Choice("torch_varlen"))
         if not kept:  # eager reference: the CPU twin for every call (varlen_attn is CUDA only)
             monkeypatch.setitem(attention._KERNELS, "torch_varlen",
                                 lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:

@@ -40,7 +40,7 @@ def test_varlen_batches_build_no_mask_and_keep_documents_apart(arch, tiny_models
         raise AssertionError("transformers built a mask for a varlen batch")
 
     monkeypatch.setattr(mu, "find_packed_sequence_indices", no_detection)
-    monkeypatch.setattr(attention, "_active", "torch_varlen")
+    attention.use(setup.model, attention.Choice("torch_varlen"))
     monkeypatch.setitem(attention._KERNELS, "torch_varlen", _varlen_twin)
     batches = packed_micro_batches(setup.examples, ids, 4, setup.cfg.data.max_len, pad, varlen=True)
     assert all(b.cu_seqlens is not None and b.model_inputs()["attention_mask"] is attention.NO_MASK for b in batches)
@@ -52,35 +52,36 @@ def test_varlen_batches_build_no_mask_and_keep_documents_apart(arch, tiny_models
     assert got == pytest.approx(want, rel=4e-4)
 
 
-def test_the_placeholder_is_refused_where_no_varlen_kernel_reads_it(tiny_models, identity_subset, tmp_path,
-                                                                    monkeypatch):
+def test_the_placeholder_is_refused_where_no_varlen_kernel_reads_it(tiny_models, identity_subset, tmp_path):
+    """A batch packed for a varlen kernel (cu_seqlens, no mask) reaching a model whose attention cannot read
+    cu_seqlens is refused, not run with documents seeing each other; packed for that model it runs."""
     setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0")
-    batch = packed_micro_batches(setup.examples, list(range(4)), 4, setup.cfg.data.max_len,
-                                 setup.tokenizer.pad_token_id, varlen=True)[0]
-    assert "attention_mask" not in batch.model_inputs()  # sdpa: transformers builds the block-diagonal mask
+    assert attention.choice_of(setup.model) == attention.Choice("sdpa")  # the CPU's
+    args = (setup.examples, list(range(4)), 4, setup.cfg.data.max_len, setup.tokenizer.pad_token_id)
+    for_sdpa = packed_micro_batches(*args, varlen=False)[0]
+    assert "attention_mask" not in for_sdpa.model_inputs()  # transformers builds the block-diagonal mask
     with torch.no_grad():
-        want = loss_sum(setup.model, batch).item()
-    monkeypatch.setattr(attention, "_active", "torch_varlen")
-    inputs = batch.model_inputs()
+        assert loss_sum(setup.model, for_sdpa).item() > 0
+    for_varlen = packed_micro_batches(*args, varlen=True)[0]
+    inputs = for_varlen.model_inputs()
     assert inputs["attention_mask"] is attention.NO_MASK
-    monkeypatch.setattr(attention, "_active", "sdpa")  # the backend changed after the inputs were made
     with pytest.raises(attention.PackingError, match="cannot read"), torch.no_grad():
         setup.model(**inputs)
-    assert want > 0
 
 
 def test_documents_longer_than_a_sliding_window_are_refused(monkeypatch):
-    monkeypatch.setattr(attention, "_active", "torch_varlen")
+    tv = attention.Choice("torch_varlen")
     monkeypatch.setitem(attention._KERNELS, "torch_varlen", _varlen_twin)
     q = torch.randn(1, 4, 10, 8)
     kv = torch.randn(1, 2, 10, 8)
     cu = torch.tensor([0, 6, 10], dtype=torch.int32)
     kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
     out, _ = attention.qflash_attention(torch.nn.Module(), q, kv, kv, attention.NO_MASK, scaling=0.35,
-                                        sliding_window=6, **kw)
+                                        sliding_window=6, choice=tv, **kw)
     assert out.shape == (1, 10, 4, 8)
     with pytest.raises(attention.PackingError, match="window 5"):
-        attention.qflash_attention(torch.nn.Module(), q, kv, kv, attention.NO_MASK, scaling=0.35, sliding_window=5, **kw)
+        attention.qflash_attention(torch.nn.Module(), q, kv, kv, attention.NO_MASK, scaling=0.35, sliding_window=5,
+                                   choice=tv, **kw)
 
 
 def test_equal_documents_reads_shapes_and_ints_only():
@@ -103,11 +104,10 @@ def test_documents_of_one_length_take_the_dense_path_with_the_same_result(monkey
         calls.append(1)
         return _varlen_twin(*a, **k)
 
-    monkeypatch.setattr(attention, "_active", "torch_varlen")
     monkeypatch.setitem(attention._KERNELS, "torch_varlen", counting_twin)
 
     def run(dense: bool, lengths: list[int]):
-        monkeypatch.setattr(attention, "_equal_dense_max", attention.CUDNN_AUTO_MAX_LENGTH if dense else 0)
+        choice = attention.Choice("torch_varlen", attention.CUDNN_AUTO_MAX_LENGTH if dense else 0)
         torch.manual_seed(1)
         tokens = sum(lengths)
         q = torch.randn(1, 6, tokens, 8, requires_grad=True)
@@ -116,7 +116,7 @@ def test_documents_of_one_length_take_the_dense_path_with_the_same_result(monkey
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
         out, _ = attention.qflash_attention(torch.nn.Module(), q, k, v, attention.NO_MASK, scaling=0.3,
                                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
-                                            max_length_k=max(lengths))
+                                            max_length_k=max(lengths), choice=choice)
         out.float().pow(2).sum().backward()
         return out.detach(), q.grad, k.grad, v.grad
 
@@ -140,8 +140,8 @@ def test_attention_cudnn_true_without_cudnn_is_a_config_error():
     from qflash.errors import ConfigError
 
     with pytest.raises(ConfigError, match="attention.cudnn=true needs"):
-        attention.activate("sdpa", cudnn=True)
-    assert attention.activate("sdpa", cudnn="auto") == "sdpa" and not attention.cudnn_equal_length()
+        attention.choose("sdpa", cudnn=True)
+    assert attention.choose("sdpa", cudnn="auto") == attention.Choice("sdpa", 0)
     assert attention.cudnn_missing(False, "torch_varlen") == "off"
 
 

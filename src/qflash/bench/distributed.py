@@ -48,13 +48,14 @@ def relaunch(gpus: int, strategy: str, argv: list[str]) -> int:
 def run_data_parallel(shape: str, workload: str, *, steps: int, warmup: int, dropout: float, attention: str,
                       out_dir: Path, cache: Path, overrides: list[str], loss_steps: int, as_ranks: int) -> dict | None:
     from qflash.data.batching import trained_tokens
-    from qflash.model.attention import activate, cudnn_equal_length
+    from qflash.model.attention import choose
     from qflash.train.distributed import Parallel, fsdp_requested, make_accelerator
 
     accelerator = make_accelerator(cpu=False)
     world, rank = accelerator.num_processes, accelerator.process_index
     runner.QFLASH_OVERRIDES[:] = overrides
-    backend = activate(attention)
+    choice = choose(attention)
+    backend = choice.backend
     with accelerator.main_process_first():  # process 0 writes the random model, the others then read it
         model_dir = random_model_dir(shape, cache)
     vocab = model_config(shape).vocab_size
@@ -67,7 +68,7 @@ def run_data_parallel(shape: str, workload: str, *, steps: int, warmup: int, dro
     timeline["loaded"] = gb()
     par = Parallel(accelerator, model, optimizer, micro_batch_size=4, max_grad_norm=1.0, autocast_dtype=torch.bfloat16)
     timeline["prepared"] = gb()
-    batches = runner.qflash_batches(docs, 2048)
+    batches = runner.qflash_batches(docs, 2048, model)
 
     def step() -> float:
         local_tokens = sum(trained_tokens(b) for b in batches)
@@ -109,7 +110,7 @@ def run_data_parallel(shape: str, workload: str, *, steps: int, warmup: int, dro
         rec = {
             "device": torch.cuda.get_device_name(), "gpus": world, "as_ranks": as_ranks if world == 1 else world,
             "shape": shape, "workload": workload, "attention_backend": backend,
-            "attention_cudnn_equal_length": cudnn_equal_length(), "lora_r": 64, "lora_alpha": 16,
+            "attention_cudnn_equal_length": choice.equal_dense_max > 0, "lora_r": 64, "lora_alpha": 16,
             "lora_dropout": dropout, "overrides": overrides, "strategy": par.strategy,
             "global_real_tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
             "peak_mem_gb_per_gpu": float(peak[0].item()), "peak_reserved_gb_per_gpu": float(peak[1].item()),

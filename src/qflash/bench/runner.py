@@ -143,13 +143,15 @@ def qflash_loss(model, params, cfg=None):
     return eager
 
 
-def qflash_batches(docs: list[np.ndarray], capacity: int) -> list[Batch]:
-    from qflash.model.attention import uses_varlen
+def qflash_batches(docs: list[np.ndarray], capacity: int, model: torch.nn.Module) -> list[Batch]:
+    """`docs` packed for `model`'s attention (cu_seqlens for a varlen kernel, else restarting positions)."""
+    from qflash.model.attention import choice_of
 
     examples = [Example(d, d) for d in docs]
     # micro-batch: 4 bins of `capacity` tokens, like the fixed workload's 4 x 2048
+    varlen = choice_of(model).varlen
     return [b.to(torch.device("cuda")) for b in
-            packed_micro_batches(examples, list(range(len(docs))), 4, capacity, 0, varlen=uses_varlen())]
+            packed_micro_batches(examples, list(range(len(docs))), 4, capacity, 0, varlen=varlen)]
 
 
 def qflash_step(model, optimizer, params, batches: list[Batch], micro=None) -> float:
@@ -189,7 +191,7 @@ def prepared_step(shape: str, workload: str, overrides: list[str], dropout: floa
     model_dir = random_model_dir(shape, qflash_home() / "bench-models")
     docs = workload_docs(workload, model_config(shape).vocab_size)
     model, optimizer, params = qflash_model(model_dir, dropout, 2e-4, "auto", 0)
-    batches = qflash_batches(docs, 2048)
+    batches = qflash_batches(docs, 2048, model)
     micro = qflash_loss(model, params) if workload == "fixed" else None  # as measure() decides
     return (lambda: qflash_step(model, optimizer, params, batches, micro)), docs
 
@@ -273,7 +275,7 @@ def _measure_once(recipe: str, model_dir: Path, docs: list[np.ndarray], warmup: 
     out = Measured(recipe)
     if recipe == "qflash":
         model, optimizer, params = qflash_model(model_dir, dropout, 2e-4, attention, seed)
-        batches = qflash_batches(docs, 2048)
+        batches = qflash_batches(docs, 2048, model)
         micro = qflash_loss(model, params) if graphs else None
         step = lambda: qflash_step(model, optimizer, params, batches, micro)  # noqa: E731
     else:
@@ -325,7 +327,7 @@ def _maxlen_once(recipe: str, model_dir: Path, vocab: int, attention: str, limit
         try:
             torch.cuda.reset_peak_memory_stats()
             if recipe == "qflash":
-                qflash_step(model, optimizer, params, qflash_batches([doc], n))
+                qflash_step(model, optimizer, params, qflash_batches([doc], n, model))
             else:
                 reference_step(model, optimizer, params, reference_batches([doc]), recipe == "reference-amp")
             out.max_tokens, out.peak_mem_gb = n, torch.cuda.max_memory_allocated() / 1e9
@@ -344,7 +346,7 @@ def _maxlen_once(recipe: str, model_dir: Path, vocab: int, attention: str, limit
 def _losses(recipe: str, model_dir: Path, data, steps: int, attention: str, init: dict | None):
     if recipe == "qflash":
         model, optimizer, params = qflash_model(model_dir, 0.0, 1e-4, attention, 0)
-        batches = [qflash_batches(d, 2048) for d in data]
+        batches = [qflash_batches(d, 2048, model) for d in data]
         micro = qflash_loss(model, params)
         step = lambda i: qflash_step(model, optimizer, params, batches[i % len(batches)], micro)  # noqa: E731
     else:
@@ -393,13 +395,14 @@ def versions() -> dict:
 
 def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: int, warmup: int, dropout: float,
               attention: str, out_dir: Path, parity_steps: int, cache: Path, overrides: list[str] | None = None) -> list[dict]:
-    from qflash.model.attention import activate, cudnn_equal_length
+    from qflash.model.attention import choose
 
     QFLASH_OVERRIDES[:] = overrides or []
     qcfg = qflash_config(dropout, 2e-4, attention)  # validates the overrides before any work
     if not torch.cuda.is_available():
         raise SystemExit("qflash bench needs a CUDA GPU")
-    backend = activate(attention, cudnn=qcfg.attention.cudnn)
+    choice = choose(attention, cudnn=qcfg.attention.cudnn)
+    backend = choice.backend
     device = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
     t0 = time.perf_counter()
@@ -411,7 +414,7 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
         "device": device, "shape": shape, "lora_r": 64, "lora_alpha": 16, "lora_dropout": dropout,
         "quant": f"nf4 double-quant, {qcfg.quant.compute_dtype} compute", "attention_backend": backend,
         # attention.cudnn as resolved: documents of one length (`fixed`) go to cuDNN's kernel
-        "attention_cudnn_equal_length": cudnn_equal_length(),
+        "attention_cudnn_equal_length": choice.equal_dense_max > 0,
         "residual_dtype": qcfg.quant.residual_dtype, "lora_fused": qcfg.lora.fused, "kernels": dict(vars(qcfg.kernels)),
         "optimizer": qcfg.train.optimizer, "overrides": list(QFLASH_OVERRIDES),
         "git_commit": os.environ.get("QFLASH_GIT_COMMIT"), "versions": versions(),

@@ -79,11 +79,11 @@ class Batch:
         if self.cu_seqlens is not None:
             kw.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
                       max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
-            from qflash.model.attention import NO_MASK, uses_varlen
+            from qflash.model.attention import NO_MASK
 
-            if self.attention_mask is None and uses_varlen():
-                kw["attention_mask"] = NO_MASK  # no mask to build: the kernels read cu_seqlens
-            # (under sdpa/eager transformers builds the block-diagonal mask from the restarting position_ids)
+            if self.attention_mask is None:
+                kw["attention_mask"] = NO_MASK  # no mask to build: the varlen kernels read cu_seqlens
+        # (packed for sdpa/eager: no cu_seqlens, and transformers builds the block-diagonal mask from position_ids)
         return kw
 
 

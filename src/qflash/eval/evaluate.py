@@ -238,7 +238,7 @@ def evaluate_run(
     say: Say = lambda s: None,
 ) -> EvalResult:
     from qflash.infer.generate import load_for_inference
-    from qflash.model.attention import uses_varlen
+    from qflash.model.attention import choice_of
 
     t0 = time.perf_counter()
     loaded = load_for_inference(adapter=str(run))
@@ -253,7 +253,7 @@ def evaluate_run(
     examples, _ = build_examples(cfg.data, loaded.renderer, split="eval", seed=cfg.train.seed)
     if examples:
         kw = dict(pad_id=loaded.tokenizer.pad_token_id, device=loaded.device, max_len=cfg.data.max_len,
-                  rows=cfg.train.micro_batch_size, packing=cfg.data.packing, varlen=uses_varlen())
+                  rows=cfg.train.micro_batch_size, packing=cfg.data.packing, varlen=choice_of(loaded.model).varlen)
         tuned_loss = held_out_loss(loaded.model, examples, autocast=loaded.compute(), **kw)
         with loaded.model.disable_adapter():
             base_loss = held_out_loss(loaded.model, examples, autocast=loaded.compute(), **kw)

@@ -1,7 +1,9 @@
 """One attention facade for every model, registered through transformers' public AttentionInterface.
 
-Models load with `attn_implementation="qattn"`; each attention layer then calls `qflash_attention`,
-which dispatches to the backend chosen once per process:
+Each model loads with the implementation name of its `Choice` (`attn_implementation="qattn_tv_d16384"`: the
+backend and the cuDNN routing, resolved once from the config and the device by `choose`); its attention layers
+then call `qflash_attention` with that choice, so two models in one process may use different backends and
+nothing global decides it (`choice_of(model)` reads it back). The backends:
 
   flash_attn    the flash-attn package's flash_attn_varlen_func (FA3's flash_attn_interface on Hopper)
   torch_varlen  PyTorch's bundled FlashAttention-2 kernel, torch.nn.attention.varlen.varlen_attn (GPU)
@@ -30,10 +32,12 @@ per-document fp32 twin with the same backward formulas (from the output and the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -43,17 +47,37 @@ from qflash.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Not "qflash": transformers treats any implementation name containing "flash" as a flash-attn kernel.
+# Not "qflash": transformers treats any implementation name containing "flash" (or "sdpa") as its own kernels.
 NAME = "qattn"
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa", "eager")
 VARLEN = ("flash_attn", "torch_varlen")
+_CODES = {"flash_attn": "fa", "torch_varlen": "tv", "sdpa": "sd", "eager": "ea"}
 
-_active = "sdpa"
 # attention.cudnn under auto: documents up to this length (the longest measured against FlashAttention-2:
 # bench/NOTES.md, session 9)
 CUDNN_AUTO_MAX_LENGTH = 16384
-# attention.cudnn resolved: documents of one length up to this many tokens go to cuDNN's dense attention (0: off)
-_equal_dense_max = 0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a model's attention layers run: `backend` (resolved, never auto), and up to which document length
+    packed documents of one length go to cuDNN's dense attention (`equal_dense_max`, 0: never)."""
+
+    backend: str = "sdpa"
+    equal_dense_max: int = 0
+
+    @property
+    def varlen(self) -> bool:
+        """Packed batches for this choice carry cu_seqlens (the varlen kernels read them) instead of a mask."""
+        return self.backend in VARLEN
+
+    @property
+    def name(self) -> str:
+        """The attn_implementation this choice is registered under with transformers."""
+        return f"{NAME}_{_CODES[self.backend]}" + (f"_d{self.equal_dense_max}" if self.equal_dense_max else "")
+
+
+_REGISTERED: dict[str, Choice] = {}  # implementation name -> choice (what register() told transformers)
 
 
 class PackingError(RuntimeError):
@@ -120,11 +144,9 @@ def cudnn_missing(setting: bool | str, backend: str, on_cuda: bool = True) -> st
     return None
 
 
-def activate(backend: str, cudnn: bool | str = "auto", on_cuda: bool = True) -> str:
-    """Register the facade with transformers (idempotent) and select the backend for this process.
-    `cudnn`: attention.cudnn (auto | true | false). `on_cuda`: False for a model on the CPU (CPU backends only,
-    also where a GPU is present)."""
-    global _active, _equal_dense_max
+def choose(backend: str, cudnn: bool | str = "auto", on_cuda: bool = True) -> Choice:
+    """attention.backend and attention.cudnn resolved for this device (`on_cuda`: False for a model on the CPU,
+    also where a GPU is present); an explicit choice that cannot be had is a ConfigError."""
     chosen = resolve(backend, on_cuda)
     why_not = cudnn_missing(cudnn, chosen, on_cuda)
     if cudnn is True and why_not is not None:
@@ -133,33 +155,35 @@ def activate(backend: str, cudnn: bool | str = "auto", on_cuda: bool = True) -> 
         skipped = available("torch_varlen")
         if skipped is not None:
             log.info("attention: no varlen FlashAttention kernel: torch_varlen needs %s", skipped)
-    if (why_not is None) != cudnn_equal_length():
-        log.info("attention: packed documents of one length %s cuDNN's fused attention (attention.cudnn=%s)",
-                 "go to" if why_not is None else "no longer go to", str(cudnn).lower())
-    _equal_dense_max = 0 if why_not is not None else CUDNN_AUTO_MAX_LENGTH if cudnn == "auto" else sys.maxsize
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(NAME, qflash_attention)
-    AttentionMaskInterface.register(NAME, _mask)
-    if chosen != _active or backend == "auto":
-        reason = " (auto: fastest available)" if backend == "auto" else ""
-        log.info("attention backend: %s%s", chosen, reason)
-    _active = chosen
-    return chosen
+    dense = 0 if why_not is not None else CUDNN_AUTO_MAX_LENGTH if cudnn == "auto" else sys.maxsize
+    if dense:
+        log.info("attention: packed documents of one length go to cuDNN's fused attention (attention.cudnn=%s)",
+                 str(cudnn).lower())
+    log.info("attention backend: %s%s", chosen, " (auto: fastest available)" if backend == "auto" else "")
+    return Choice(chosen, dense)
 
 
-def active() -> str:
-    return _active
+def register(choice: Choice) -> str:
+    """Register `choice` with transformers (idempotent); returns the attn_implementation name to load with."""
+    if choice.name not in _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(choice.name, functools.partial(qflash_attention, choice=choice))
+        AttentionMaskInterface.register(choice.name, functools.partial(_mask, choice=choice))
+        _REGISTERED[choice.name] = choice
+    return choice.name
 
 
-def cudnn_equal_length() -> bool:
-    """attention.cudnn as resolved by activate(): packed documents of one length go to cuDNN's kernel."""
-    return _equal_dense_max > 0
+def choice_of(model: torch.nn.Module) -> Choice:
+    """The attention a loaded model runs (sdpa for a model not loaded through qflash's facade)."""
+    config = getattr(model, "config", None)
+    return _REGISTERED.get(getattr(config, "_attn_implementation", None), Choice("sdpa"))
 
 
-def uses_varlen() -> bool:
-    return _active in VARLEN
+def use(model: torch.nn.Module, choice: Choice) -> None:
+    """Switch a loaded model's attention to `choice` (tests; transformers' own set_attn_implementation)."""
+    model.set_attn_implementation(register(choice))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,12 +197,12 @@ def uses_varlen() -> bool:
 NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)
 
 
-def _mask(*args, **kwargs):
+def _mask(*args, choice: Choice, **kwargs):
     from transformers.masking_utils import eager_mask, sdpa_mask
 
-    if _active in VARLEN and kwargs.get("attention_mask") is None:
+    if choice.varlen and kwargs.get("attention_mask") is None:
         return None
-    return (eager_mask if _active == "eager" else sdpa_mask)(*args, **kwargs)
+    return (eager_mask if choice.backend == "eager" else sdpa_mask)(*args, **kwargs)
 
 
 def _restarts(position_ids: torch.Tensor) -> bool:
@@ -428,13 +452,17 @@ def qflash_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    *,
+    choice: Choice,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Returns (batch, seq, heads, head_dim) like every transformers attention function."""
+    """Returns (batch, seq, heads, head_dim) like every transformers attention function; `choice`: the model's
+    (bound by register())."""
+    backend = choice.backend
     cu_q = kwargs.get("cu_seq_lens_q")
     if cu_q is not None and kwargs.get("use_cache"):
         raise PackingError("a packed batch was run with use_cache=True; pass use_cache=False when training on packed data")
-    if _active in VARLEN and cu_q is not None:
+    if choice.varlen and cu_q is not None:
         if query.shape[0] != 1:
             raise PackingError("varlen attention expects a packed batch of one row")
         window = kwargs.get("sliding_window")
@@ -442,7 +470,7 @@ def qflash_attention(
             # The varlen kernels here run plain causal attention: past the window they would let a token see more
             # than the model was made to.
             raise PackingError(f"a {kwargs['max_length_q']}-token document reached a sliding-window attention layer "
-                               f"(window {window}), which attention.backend={_active} does not limit; keep data.max_len "
+                               f"(window {window}), which attention.backend={backend} does not limit; keep data.max_len "
                                f"<= {window} or use attention.backend=sdpa")
         # FlashAttention kernels take fp16/bf16 only; fp32 q/k/v appear when norms or RoPE run in fp32.
         kernel_dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else (
@@ -451,15 +479,16 @@ def qflash_attention(
         k = key[0].transpose(0, 1).to(kernel_dtype)
         v = value[0].transpose(0, 1).to(kernel_dtype)
         cu_k, max_q, max_k = kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
-        n = equal_documents(q.shape[0], k.shape[0], cu_q, cu_k, max_q, max_k) if _equal_dense_max and not dropout else None
-        if n is not None and max_q <= _equal_dense_max:  # n: max_q is an int
+        dense = choice.equal_dense_max
+        n = equal_documents(q.shape[0], k.shape[0], cu_q, cu_k, max_q, max_k) if dense and not dropout else None
+        if n is not None and max_q <= dense:  # n: max_q is an int
             out = _dense_attention(q, k, v, n, scaling)
         else:
-            out = _KERNELS[_active](q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout)
+            out = _KERNELS[backend](q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout)
         return out.unsqueeze(0).to(query.dtype), None
     if attention_mask is NO_MASK:
-        raise PackingError(f"a packed varlen batch (cu_seqlens) reached attention.backend={_active}, which cannot read "
-                           "it; build the batches after choosing the backend (packing follows attention.uses_varlen)")
+        raise PackingError(f"a packed varlen batch (cu_seqlens) reached attention.backend={backend}, which cannot read "
+                           "it; build the batches for the model's attention (attention.choice_of(model).varlen)")
     position_ids = kwargs.get("position_ids")
     if attention_mask is None and position_ids is not None and query.shape[2] > 1 and _restarts(position_ids):
         # The mask builder skipped packing detection (it does when a KV cache is passed): every
@@ -469,6 +498,6 @@ def qflash_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     # eager: the reference function of the model's own modeling file (every architecture ships one)
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward") if _active == "eager" else sdpa_attention_forward
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward") if backend == "eager" else sdpa_attention_forward
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
     return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

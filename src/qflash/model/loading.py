@@ -178,14 +178,14 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qflash.model.attention import NAME, activate
+    from qflash.model import attention as attn
 
-    activate(attention, cudnn=attention_cudnn, on_cuda=device.type == "cuda")
+    choice = attn.choose(attention, cudnn=attention_cudnn, on_cuda=device.type == "cuda")
     kwargs: dict = {
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
         "device_map": {"": str(device)},
-        "attn_implementation": NAME,
+        "attn_implementation": attn.register(choice),  # the model carries its attention: attn.choice_of(model)
         **NO_HUB_KERNELS,
     }
     if quant_mode == "nf4":

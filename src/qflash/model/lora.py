@@ -111,6 +111,6 @@ def layer_paths(model: torch.nn.Module) -> str:
             norms[f"{name} {str(module.weight.dtype).replace('torch.', '')}"] += 1
     parts = [", ".join(f"{n} projections {k}" for k, n in lora.items()) or "no LoRA projections",
              ", ".join(f"{n} {k}" for k, n in norms.items()) or "no norms",
-             f"attention {attention.active()}",
+             f"attention {attention.choice_of(model).backend}",
              f"{hub} layers replaced by Hub kernels"]
     return "layers: " + "; ".join(parts)

@@ -38,7 +38,7 @@ from qflash.model.loading import (
     pick_device,
     resolve_model_dir,
 )
-from qflash.model.attention import uses_varlen
+from qflash.model.attention import choice_of
 from qflash.model.lora import add_lora, layer_paths
 from qflash import rundir
 from qflash.paths import inside
@@ -224,7 +224,7 @@ def micro_batches(setup: "Setup", sample_ids: list[int]) -> list[Batch]:
     pad_id = setup.tokenizer.pad_token_id
     if cfg.data.packing:
         return packed_micro_batches(setup.examples, sample_ids, cfg.train.micro_batch_size, cfg.data.max_len,
-                                    pad_id, varlen=uses_varlen())
+                                    pad_id, varlen=choice_of(setup.model).varlen)
     return step_micro_batches(setup.examples, sample_ids, cfg.train.micro_batch_size, pad_id)
 
 
@@ -239,7 +239,7 @@ def evaluate_held_out(setup: Setup, model, loss_fn=None) -> float:
     return held_out_loss(
         model, setup.eval_examples, pad_id=setup.tokenizer.pad_token_id, device=setup.device,
         max_len=cfg.data.max_len, rows=cfg.train.micro_batch_size, packing=cfg.data.packing,
-        varlen=uses_varlen(), loss_fn=loss_fn,
+        varlen=choice_of(setup.model).varlen, loss_fn=loss_fn,
     ).loss
 
 
