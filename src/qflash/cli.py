@@ -195,6 +195,12 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qflash", description="QLoRA fine-tuning with FlashAttention and packed sequences.")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_config, _add_data, _add_chat, _add_generate, _add_serve, _add_merge, _add_eval, _add_compare, _add_bench, _add_demo):
+        add(sub)
+    return p
+
+
+def _add_train(sub) -> None:
 
     t = sub.add_parser("train", help="fine-tune a model with NF4 QLoRA")
     t.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
@@ -203,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="resume even though the config, data or tokenizer changed")
     t.set_defaults(fn=cmd_train)
 
+
+def _add_config(sub) -> None:
     c = sub.add_parser("config", help="inspect configs")
     csub = c.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the resolved config")
@@ -213,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("key", nargs="?", help="a dotted key, e.g. lora.r or kernels (a section)")
     explain.set_defaults(fn=cmd_config_explain)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="validate and inspect training data")
     dsub = data.add_subparsers(dest="data_command", required=True)
     for name, fn, help_ in (
@@ -233,12 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
             dp.add_argument("-n", type=int, default=3, help="samples to show")
         dp.set_defaults(fn=fn)
 
+
+def _add_chat(sub) -> None:
     ch = sub.add_parser("chat", help="talk to a model or a fine-tuned run (streamed, multi-turn; --prompt: one reply)")
     _add_inference_args(ch)
     ch.add_argument("--prompt", help="ask one question, print the reply and exit")
     ch.add_argument("--system", help="system prompt")
     ch.set_defaults(fn=cmd_chat)
 
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="answer a JSONL file of prompts in batches (resumable)")
     _add_inference_args(gen)
     gen.add_argument("--input", required=True, help='JSONL: {"prompt": ...} or {"messages": [...]} per line, "id" optional')
@@ -247,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="start --output over instead of resuming it")
     gen.set_defaults(fn=cmd_generate)
 
+
+def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)")
     _add_inference_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --api-key")
@@ -255,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model-name", help="the model id clients send (default: the run's or the model's name)")
     sv.set_defaults(fn=cmd_serve)
 
+
+def _add_merge(sub) -> None:
     mg = sub.add_parser("merge", help="merge a run's LoRA adapter into the 16-bit base model (sharded safetensors)")
     mg.add_argument("source", metavar="RUN_OR_ADAPTER_DIR", help="a run directory or a PEFT adapter directory")
     mg.add_argument("--output", required=True, help="directory for the merged model (created; must be empty)")
@@ -266,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--no-check", action="store_true", help="skip the fidelity check (logits vs base+adapter)")
     mg.set_defaults(fn=cmd_merge)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="held-out loss, identity accuracy, stop rate, spill and closeness, base vs fine-tuned")
     ev.add_argument("run", help="run directory (output_dir of qflash train); writes RUN/eval/report.{json,md}")
     ev.add_argument("--data", action="append", metavar="FILE",
@@ -276,12 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="ask only the first N held-out questions")
     ev.set_defaults(fn=cmd_eval)
 
+
+def _add_compare(sub) -> None:
     cmp_ = sub.add_parser("compare", help="held-out identity questions: base model vs fine-tuned, side by side")
     cmp_.add_argument("run", help="run directory (output_dir of qflash train)")
     cmp_.add_argument("-n", type=int, default=None, help="questions to ask (default: the run's eval.identity_samples)")
     cmp_.add_argument("--max-new-tokens", type=int, default=None)
     cmp_.set_defaults(fn=cmd_compare)
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="training throughput and memory on a named model shape (GPU)")
     b.add_argument("--shape", default="qwen2.5-7b", help="qwen2.5-0.5b, qwen2.5-3b, qwen2.5-7b, llama3-8b")
     b.add_argument("--workload", default="fixed,varlen", help="comma-separated: fixed, varlen, maxlen")
@@ -304,12 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --gpus N: configs/accelerate/{ddp,fsdp2,deepspeed_zero2}.yaml")
     b.set_defaults(fn=cmd_bench)
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="fine-tune the embedded model on the identity set and compare before/after")
     d.add_argument("--config", default=None,
                    help="default: configs/demo.yaml of the working directory, else of the qflash source checkout")
     d.add_argument("overrides", nargs="*", help="e.g. data.vars.name=Nova data.vars.author=Acme")
     d.set_defaults(fn=cmd_demo)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,9 +98,8 @@ def _grads(model_dir, docs, overrides: list[str], compute: torch.dtype, lora_b_s
     the input gradients matter."""
     from qflash.bench import runner
     from qflash.data.batching import trained_tokens
-    from qflash.kernels.compile import compile_decoder_layers
-    from qflash.model.loading import enable_activation_checkpointing, load_configured_base
-    from qflash.model.lora import add_lora
+    from qflash.model.loading import load_configured_base
+    from qflash.train import levers as levers_mod
     from qflash.train.loss import loss_sum
 
     runner.QFLASH_OVERRIDES[:] = overrides
@@ -110,10 +109,10 @@ def _grads(model_dir, docs, overrides: list[str], compute: torch.dtype, lora_b_s
         runner.QFLASH_OVERRIDES[:] = []
     model = load_configured_base(cfg, model_dir, torch.device("cuda"), compute)
     model.config.use_cache = False
-    enable_activation_checkpointing(model)
-    model = add_lora(model, cfg.lora, seed=0, kernels=cfg.kernels)
-    if cfg.kernels.compile_layers is True:
-        compile_decoder_layers(model)
+    cfg.train.gradient_checkpointing = True
+    planned = 10**6 if cfg.kernels.compile_layers is True else 0  # compiled only when asked for
+    levers = levers_mod.resolve(cfg, torch.device("cuda"), compute, model, planned_steps=planned)
+    model, levers = levers_mod.apply(model, levers, cfg, seed=0)
     model.train()
     with torch.no_grad():
         gen = torch.Generator(device="cuda").manual_seed(7)
@@ -125,7 +124,7 @@ def _grads(model_dir, docs, overrides: list[str], compute: torch.dtype, lora_b_s
     total = 0.0
     for b in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=compute == torch.bfloat16):
-            loss = loss_sum(model, b) / n
+            loss = loss_sum(model, b, fused_ce=levers.fused_ce.on) / n
         loss.backward()
         total += loss.item()
     return total, {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}

@@ -209,8 +209,8 @@ def _loss_and_lora_grads(model_dir, docs, overrides: list[str], compute: torch.d
     """One forward/backward of qflash's training path; LoRA B set non-zero so every LoRA grad is live."""
     from qflash.bench import runner
     from qflash.data.batching import trained_tokens
-    from qflash.model.loading import enable_activation_checkpointing, load_configured_base
-    from qflash.model.lora import add_lora
+    from qflash.model.loading import load_configured_base
+    from qflash.train import levers as levers_mod
     from qflash.train.loss import loss_sum
 
     runner.QFLASH_OVERRIDES[:] = overrides
@@ -220,8 +220,10 @@ def _loss_and_lora_grads(model_dir, docs, overrides: list[str], compute: torch.d
         runner.QFLASH_OVERRIDES[:] = []
     model = load_configured_base(cfg, model_dir, torch.device("cuda"), compute)
     model.config.use_cache = False
-    enable_activation_checkpointing(model)
-    model = add_lora(model, cfg.lora, seed=0, kernels=cfg.kernels)
+    cfg.train.gradient_checkpointing = True
+    planned = 10**6 if cfg.kernels.compile_layers is True else 0  # compiled only when asked for
+    levers = levers_mod.resolve(cfg, torch.device("cuda"), compute, model, planned_steps=planned)
+    model, levers = levers_mod.apply(model, levers, cfg, seed=0)
     model.train()
     _live_lora_b(model)
     batches = runner.qflash_batches(docs, 1024, model)
@@ -229,7 +231,7 @@ def _loss_and_lora_grads(model_dir, docs, overrides: list[str], compute: torch.d
     total = 0.0
     for b in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=compute == torch.bfloat16):
-            loss = loss_sum(model, b) / n
+            loss = loss_sum(model, b, fused_ce=levers.fused_ce.on) / n
         loss.backward()
         total += loss.item()
     return total, {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
@@ -290,7 +292,7 @@ def test_memory_levers_exact_on_gpu(arch, tmp_path, monkeypatch):
         total = 0.0
         for b in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_sum(model, b) / n
+                loss = loss_sum(model, b, fused_ce=runner.Precision.fused_ce) / n
             if on:
                 held = [type(h).__name__ for c in _live_calls() for h in c.held]
                 assert held and set(held) <= {"_PinnedCopy", "_Kept"} and "_PinnedCopy" in held, held
@@ -349,7 +351,7 @@ def test_kept_attention_runs_one_attention_forward_per_layer_on_gpu(tmp_path, mo
         for i, b in enumerate(batches):
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = loss_sum(model, b) / n
+                    loss = loss_sum(model, b, fused_ce=runner.Precision.fused_ce) / n
                 if keep:
                     kept = [type(h).__name__ for c in _live_calls() for pair in c.attention for h in pair]
                     assert kept and set(kept) == {"_PinnedCopy", "_Kept"}, kept  # the last layer keeps its own

@@ -23,9 +23,10 @@ def _eager_micro(model, batch, scale: float) -> float:
     detached). Session 8's version kept the last eager `loss` alive across the next capture; autograd nodes keep
     the stream current when they were built (pytorch#164302), so that graph's parameter nodes, reached again by
     the capture's backward, are the suspected cause of the offloaded case's failed captures."""
+    from qflash.bench.runner import Precision
     from qflash.train.loss import loss_sum
 
-    loss = loss_sum(model, batch)
+    loss = loss_sum(model, batch, fused_ce=Precision.fused_ce)
     (loss * scale).backward()
     return float(loss)
 

@@ -25,7 +25,7 @@ def _first_step(cfg) -> tuple[float, dict[str, torch.Tensor], object]:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     setup.model.train()
     batch = micro_batches(setup, list(range(8)))[0]  # training samples: replay ones are appended after them
-    loss = loss_sum(setup.model, batch)
+    loss = loss_sum(setup.model, batch, fused_ce=setup.levers.fused_ce.on)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.requires_grad}
     return loss.item(), grads, setup

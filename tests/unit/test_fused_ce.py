@@ -117,14 +117,14 @@ def _setup(model_dir, data, out, *extra):
 
 
 def _packed(setup):
-    batch = pack_rows(setup.examples, list(range(8)), varlen=True)
+    batch = pack_rows(setup.examples, list(range(8)), varlen=setup.levers.attention.varlen)
     assert (batch.labels == IGNORE).any() and (batch.labels != IGNORE).any()
     return batch
 
 
 def _loss_and_grads(setup, batch, autocast=False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = loss_sum(setup.model, batch)
+        loss = loss_sum(setup.model, batch, fused_ce=setup.levers.fused_ce.on)
     (loss * SCALE).backward()
     grads = {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None}
     return loss.item(), grads
@@ -142,7 +142,7 @@ def test_loss_sum_fused_equals_checkpointed_chunks(arch, bf16, tiny_models, iden
         setup = _setup(tiny_models[arch], identity_subset, tmp_path / f"run{fused}",
                        f"kernels.fused_ce={str(fused).lower()}", *extra)
         head = setup.model.get_base_model().get_output_embeddings()
-        assert getattr(head, "qflash_fused_ce", False) == fused
+        assert setup.levers.fused_ce.on == fused
         monkeypatch.setattr(loss_mod, "FUSED_CE_ELEMENTS", rows * head.out_features)  # chunks of 16 rows
         batch = _packed(setup)
         labelled = int((batch.labels[:, 1:] != IGNORE).sum())
@@ -150,7 +150,7 @@ def test_loss_sum_fused_equals_checkpointed_chunks(arch, bf16, tiny_models, iden
         results[fused] = _loss_and_grads(setup, batch, autocast=bf16)
         counts[fused] = (counter.fused, counter.plain)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss_sum(setup.model, batch)  # eval: the plain chunk loop either way
+            loss_sum(setup.model, batch, fused_ce=fused)  # eval: the plain chunk loop either way
         counts[fused] += (counter.plain,)
     chunks = -(-labelled // rows)
     assert labelled > 2 * rows
@@ -171,7 +171,7 @@ def test_trained_lm_head_falls_back_with_correct_gradients(tiny_models, identity
     monkeypatch.setattr(once, "_said", set())  # each test sees its warning said
     setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path / "run")
     lm = setup.model.get_base_model()
-    assert lm.get_output_embeddings().qflash_fused_ce  # on by default
+    assert setup.levers.fused_ce.on  # on by default
     weight = lm.get_output_embeddings().weight.requires_grad_(True)
     batch = _packed(setup)
     counter = _Counters(monkeypatch)
@@ -212,9 +212,7 @@ def test_fused_ce_is_refused_where_it_would_not_be_exact(change, reason, tiny_mo
     if change == "bias":
         head.bias = torch.nn.Parameter(torch.zeros(head.out_features), requires_grad=False)
     elif change == "wrapped":
-        wrapper = torch.nn.Sequential(head)
-        wrapper.qflash_fused_ce = True
-        lm.set_output_embeddings(wrapper)
+        lm.set_output_embeddings(torch.nn.Sequential(head))
     elif change == "hook":
         head.register_forward_pre_hook(lambda module, args: None)
     else:
@@ -224,7 +222,7 @@ def test_fused_ce_is_refused_where_it_would_not_be_exact(change, reason, tiny_mo
     assert reason in caplog.text
     if change != "softcap":
         counter = _Counters(monkeypatch)
-        loss_sum(setup.model, _packed(setup)).backward()
+        loss_sum(setup.model, _packed(setup), fused_ce=True).backward()
         assert (counter.fused, counter.plain) == (0, 2)
 
 

@@ -70,7 +70,7 @@ def test_fused_model_matches_peft_loss_and_lora_grads(arch, switch, tiny_models,
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
         batch = micro_batches(setup, list(range(8)))[0]
-        loss = loss_sum(setup.model, batch)
+        loss = loss_sum(setup.model, batch, fused_ce=setup.levers.fused_ce.on)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.requires_grad}
         results[fused] = (loss.item(), grads)

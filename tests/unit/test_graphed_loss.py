@@ -17,7 +17,7 @@ from test_memory_levers import _setup
 
 def _eager_step(model, params, batches, n):
     for b in batches:
-        (loss_sum(model, b) * (1.0 / n)).backward()
+        (loss_sum(model, b, fused_ce=True) * (1.0 / n)).backward()
     grads = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
@@ -40,10 +40,10 @@ def test_replays_give_the_eager_losses_and_gradients(tiny_models, identity_subse
     one, two = micro_batches(setup, list(range(8))), micro_batches(setup, list(range(8, 11)))
     assert one[0].input_ids.shape != two[0].input_ids.shape
     steps = [one, two, one, two, one, two]
-    graphed = GraphedLoss(model, params, factory=RecordedGraph)
+    graphed = GraphedLoss(model, params, factory=RecordedGraph, fused_ce=True)
     for batches in steps:
         n = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
-        want_losses = [loss_sum(model, b).item() for b in batches]
+        want_losses = [loss_sum(model, b, fused_ce=True).item() for b in batches]
         for p in params:
             p.grad = None
         want = _eager_step(model, params, batches, n)
@@ -63,7 +63,7 @@ def test_grads_the_caller_kept_are_accumulated_into(tiny_models, identity_subset
     params = [p for p in model.parameters() if p.requires_grad]
     batch = micro_batches(setup, list(range(8)))[0]
     half = _eager_step(model, params, [batch], 2)  # the gradients of loss / 2
-    graphed = GraphedLoss(model, params, factory=RecordedGraph)
+    graphed = GraphedLoss(model, params, factory=RecordedGraph, fused_ce=True)
     for _ in range(2):  # eager, then capture + replay
         graphed(batch, 1.0)
     captured = graphed.graphs[next(iter(graphed.graphs))].grads
@@ -78,7 +78,7 @@ def test_grads_the_caller_kept_are_accumulated_into(tiny_models, identity_subset
 def test_more_shapes_than_graphs_run_eagerly(tiny_models, identity_subset, tmp_path):
     setup = _setup(tiny_models["qwen2"], identity_subset, tmp_path, "lora.dropout=0")
     params = [p for p in setup.model.parameters() if p.requires_grad]
-    graphed = GraphedLoss(setup.model, params, max_graphs=1, factory=RecordedGraph)
+    graphed = GraphedLoss(setup.model, params, max_graphs=1, factory=RecordedGraph, fused_ce=True)
     a, b = micro_batches(setup, list(range(8)))[0], micro_batches(setup, list(range(1)))[0]
     assert a.input_ids.shape != b.input_ids.shape
     for batch in (a, a, b, b, b, a):
@@ -121,7 +121,7 @@ def test_a_failed_capture_leaves_that_shape_eager_with_the_same_result(tiny_mode
     params = [p for p in setup.model.parameters() if p.requires_grad]
     batch = micro_batches(setup, list(range(8)))[0]
     want = _eager_step(setup.model, params, [batch], 1)
-    graphed = GraphedLoss(setup.model, params, factory=_FailingGraph)
+    graphed = GraphedLoss(setup.model, params, factory=_FailingGraph, fused_ce=True)
     for i in range(3):
         with caplog.at_level("WARNING"):
             graphed(batch, 1.0)
@@ -141,7 +141,7 @@ def test_captures_stop_after_repeated_failures(tiny_models, identity_subset, tmp
     params = [p for p in setup.model.parameters() if p.requires_grad]
     one, two, three = (micro_batches(setup, ids)[0] for ids in (list(range(8)), list(range(8, 11)), [11]))
     assert len({b.input_ids.shape for b in (one, two, three)}) == 3
-    graphed = GraphedLoss(setup.model, params, factory=_FailingGraph)
+    graphed = GraphedLoss(setup.model, params, factory=_FailingGraph, fused_ce=True)
     graphed.MAX_FAILURES = 2
     with caplog.at_level("WARNING"):
         for batch in (one, one, two, two, three, three, three):

@@ -85,7 +85,7 @@ def test_compiled_layers_run_the_layer_body_compiled(checkpointing, tiny_models,
 
     def loss_and_grads(setup):
         batch = micro_batches(setup, list(range(8)))[0]
-        loss = loss_sum(setup.model, batch)
+        loss = loss_sum(setup.model, batch, fused_ce=setup.levers.fused_ce.on)
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.requires_grad}
 
@@ -129,7 +129,7 @@ def test_compiled_layer_backward_matches_eager_through_aot_autograd(checkpointin
 
     def grads(setup, ids):
         setup.model.zero_grad(set_to_none=True)
-        loss_sum(setup.model, micro_batches(setup, ids)[0]).backward()
+        loss_sum(setup.model, micro_batches(setup, ids)[0], fused_ce=setup.levers.fused_ce.on).backward()
         return {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.requires_grad}
 
     flag = f"train.gradient_checkpointing={str(checkpointing != 'none').lower()}"

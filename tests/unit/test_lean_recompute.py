@@ -37,7 +37,7 @@ def _loss_grads_gemms(setup, batch, monkeypatch, count: bool = True):
     if count:
         monkeypatch.setattr(fused_lora, "_dequantize", counting)
     torch.manual_seed(11)  # the LoRA dropout masks
-    loss = loss_sum(setup.model, batch)
+    loss = loss_sum(setup.model, batch, fused_ce=setup.levers.fused_ce.on)
     loss.backward()
     monkeypatch.setattr(fused_lora, "_dequantize", real)
     grads = {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.requires_grad}

@@ -9,6 +9,8 @@ import functools
 import json
 
 import pytest
+import re
+
 import torch
 
 from conftest import INIT_RANGE, tiny_config
@@ -51,7 +53,7 @@ def _setup(model_dir, data, out, *extra):
 def _loss_and_grads(setup, batch, autocast: bool):
     torch.manual_seed(11)  # the LoRA dropout masks
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = loss_sum(setup.model, batch)
+        loss = loss_sum(setup.model, batch, fused_ce=setup.levers.fused_ce.on)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.requires_grad}
     return loss.item(), grads
@@ -79,8 +81,8 @@ def test_offloaded_checkpoint_gives_the_same_lora_gradients(case, untied_qwen2, 
                        f"train.gradient_checkpointing={str(variant != 'none').lower()}")
         if variant.startswith("offload"):
             assert offload_checkpointed_layers(setup.model) == setup.model.config.num_hidden_layers
-        if variant.endswith("embedding"):
-            assert keep_input_embedding_on_host(setup.model) == bf16  # the llama tiny model is tied
+        if variant.endswith("embedding"):  # the llama tiny model is tied: it stays
+            assert keep_input_embedding_on_host(setup.model, fp32_rows=setup.levers.residual_fp32.on) == bf16
         if bf16:  # the torch_varlen backend, its kernel the CPU twin of qflash::flash_varlen
             attention.use(setup.model, attention.Choice("torch_varlen"))
             monkeypatch.setitem(attention._KERNELS, "torch_varlen",
@@ -126,7 +128,7 @@ def test_backward_fetches_the_previous_layer_input_before_taking_its_own(untied_
     monkeypatch.setattr(activation_offload, "_hold", Recorder)
     setup = _setup(untied_qwen2, identity_subset, tmp_path / "run")
     offload_checkpointed_layers(setup.model)
-    loss = loss_sum(setup.model, micro_batches(setup, list(range(4)))[0])
+    loss = loss_sum(setup.model, micro_batches(setup, list(range(4)))[0], fused_ce=setup.levers.fused_ce.on)
     assert events == [("hold", 0), ("hold", 1), ("hold", 2)]  # one input per layer, kept for backward
     loss.backward()
     assert events.index(("prefetch", 1)) < events.index(("take", 2))
@@ -170,7 +172,8 @@ def test_host_embedding_rows_equal_the_gpu_path(untied_qwen2, tiny_models, ident
     with torch.no_grad(), autocast:
         before = model(input_ids=ids).logits
     table = model.get_input_embeddings().weight.detach().clone()
-    assert keep_input_embedding_on_host(model)
+    assert setup.levers.residual_fp32.on
+    assert keep_input_embedding_on_host(model, fp32_rows=True)
     host = model.get_input_embeddings()
     assert isinstance(host, HostEmbedding) and host.out_dtype == torch.float32
     assert torch.equal(host.weight, table)  # merge/export code reading .weight sees the real table
@@ -209,18 +212,33 @@ def test_host_embedding_keeps_the_adapter_and_generation(untied_qwen2, identity_
         (tmp_path / "before" / "adapter_config.json").read_text())
 
 
-def test_levers_apply_on_cuda_only(untied_qwen2, identity_subset, tmp_path):
-    from qflash.model.loading import MemoryLevers
+def test_levers_resolve_for_the_device_and_say_why_off(untied_qwen2, identity_subset, tmp_path):
+    """train/levers.py: the memory levers apply on CUDA only, offloading not under FSDP2, each switch off with its
+    reason; the CPU run's own setup is today's CPU path (no offload, the embedding where it was)."""
+    from qflash.train.levers import resolve
 
     cfg = tiny_config(untied_qwen2, identity_subset, tmp_path / "run", "train.gradient_checkpointing=true")
     assert cfg.train.offload_activations and cfg.train.embedding_on_cpu  # the defaults (measured: bench/NOTES.md)
-    assert MemoryLevers.for_device(cfg.train, torch.device("cuda")) == MemoryLevers(True, True)
-    assert MemoryLevers.for_device(cfg.train, torch.device("cpu")) == MemoryLevers(False, False)
-    assert MemoryLevers.for_device(cfg.train, torch.device("cuda"), sharded=True) == MemoryLevers(False, True)
-    cfg.train.offload_activations = False
-    assert MemoryLevers.for_device(cfg.train, torch.device("cuda")) == MemoryLevers(False, True)
+    setup = build_setup(cfg)  # CPU
+    model, cuda, bf16 = setup.model, torch.device("cuda"), torch.bfloat16
+    on_gpu = resolve(cfg, cuda, bf16, model, planned_steps=10)
+    assert on_gpu.offload_activations.on and on_gpu.embedding_on_cpu.on and on_gpu.residual_fp32.on
+    assert not on_gpu.compile_layers.on and "10 steps are too few" in on_gpu.compile_layers.why
+    assert resolve(cfg, cuda, bf16, model, planned_steps=10**4).compile_layers.on
+    assert not on_gpu.keep_attention.on and on_gpu.keep_attention.why == "kernels.keep_attention=false"
+    sharded = resolve(cfg, cuda, bf16, model, sharded=True)
+    assert not sharded.offload_activations.on and "FSDP2" in sharded.offload_activations.why
+    assert sharded.embedding_on_cpu.on
+    assert setup.levers == resolve(cfg, torch.device("cpu"), torch.float32, model, planned_steps=10)
+    assert setup.levers.offload_activations.why == "on the CPU" and not setup.levers.residual_fp32.on
+    cfg.train.offload_activations, cfg.kernels.keep_attention = False, True
+    off = resolve(cfg, cuda, bf16, model)
+    assert off.offload_activations.why == "train.offload_activations=false"
+    assert off.keep_attention.why == "needs train.offload_activations"
     cfg.train.offload_activations = True
-    setup = build_setup(cfg)  # CPU: today's path, untouched
+    assert resolve(cfg, cuda, bf16, model).keep_attention.why == "attention is sdpa, not torch_varlen"
+    table = setup.levers.table()
+    assert re.search(r"train.offload_activations +off: on the CPU", table) and "kernels.fused_ce" in table
     assert type(setup.model.get_input_embeddings()) is torch.nn.Embedding
     funcs = {type(getattr(m, "_gradient_checkpointing_func", None)).__name__
              for m in setup.model.modules() if type(m).__name__.endswith("DecoderLayer")}
@@ -269,7 +287,7 @@ def test_a_batch_moved_from_the_cpu_brings_its_label_positions_and_host_ids(unti
     seen = []
     hook = setup.model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0]))
     try:
-        plain, fast = loss_sum(setup.model, batch), loss_sum(setup.model, moved)
+        plain, fast = loss_sum(setup.model, batch, fused_ce=setup.levers.fused_ce.on), loss_sum(setup.model, moved, fused_ce=setup.levers.fused_ce.on)
     finally:
         hook.remove()
     assert seen[0] is batch.input_ids and seen[1] is moved.host_input_ids

@@ -31,7 +31,7 @@ def test_varlen_batches_build_no_mask_and_keep_documents_apart(arch, tiny_models
     ids = list(range(12))
     pad = setup.tokenizer.pad_token_id
     with torch.no_grad():
-        want = sum(loss_sum(setup.model, b).item() for b in
+        want = sum(loss_sum(setup.model, b, fused_ce=setup.levers.fused_ce.on).item() for b in
                    packed_micro_batches(setup.examples, ids, 4, setup.cfg.data.max_len, pad, varlen=False))
 
     import transformers.masking_utils as mu
@@ -46,7 +46,7 @@ def test_varlen_batches_build_no_mask_and_keep_documents_apart(arch, tiny_models
     assert all(b.cu_seqlens is not None and b.model_inputs()["attention_mask"] is attention.NO_MASK for b in batches)
     assert max(len(b.cu_seqlens) for b in batches) > 2  # several documents share a row
     with torch.no_grad():
-        got = sum(loss_sum(setup.model, b).item() for b in batches)
+        got = sum(loss_sum(setup.model, b, fused_ce=setup.levers.fused_ce.on).item() for b in batches)
     # The kernel path casts q/k/v to bf16 (as FlashAttention takes them): 1.3e-4 and 6e-5 apart here. The same
     # twin attending across the whole row (documents seeing each other) is 2.3e-3 and 1.0e-3 apart.
     assert got == pytest.approx(want, rel=4e-4)
@@ -61,7 +61,7 @@ def test_the_placeholder_is_refused_where_no_varlen_kernel_reads_it(tiny_models,
     for_sdpa = packed_micro_batches(*args, varlen=False)[0]
     assert "attention_mask" not in for_sdpa.model_inputs()  # transformers builds the block-diagonal mask
     with torch.no_grad():
-        assert loss_sum(setup.model, for_sdpa).item() > 0
+        assert loss_sum(setup.model, for_sdpa, fused_ce=setup.levers.fused_ce.on).item() > 0
     for_varlen = packed_micro_batches(*args, varlen=True)[0]
     inputs = for_varlen.model_inputs()
     assert inputs["attention_mask"] is attention.NO_MASK

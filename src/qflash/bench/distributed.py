@@ -66,7 +66,8 @@ def run_data_parallel(shape: str, workload: str, *, steps: int, warmup: int, dro
     timeline: dict[str, float] = {}
     model, optimizer, _ = runner.qflash_model(model_dir, dropout, 1e-4, attention, seed=0, sharded=fsdp_requested())
     timeline["loaded"] = gb()
-    par = Parallel(accelerator, model, optimizer, micro_batch_size=4, max_grad_norm=1.0, autocast_dtype=torch.bfloat16)
+    par = Parallel(accelerator, model, optimizer, micro_batch_size=4, max_grad_norm=1.0, autocast_dtype=torch.bfloat16,
+                   fused_ce=runner.Precision.fused_ce)
     timeline["prepared"] = gb()
     batches = runner.qflash_batches(docs, 2048, model)
 

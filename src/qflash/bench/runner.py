@@ -91,20 +91,27 @@ def qflash_config(dropout: float, lr: float, attention: str):
 
 
 class Precision:
-    """The compute dtype of the qflash model the bench built last (quant.compute_dtype: bf16, or fp16 with
-    dynamic loss scaling as training does it), read by qflash_step and qflash_loss."""
+    """What the qflash model the bench built last computes in (quant.compute_dtype: bf16, or fp16 with dynamic loss
+    scaling as training does it) and its switches (train/levers.py), read by qflash_step and qflash_loss."""
 
     dtype: torch.dtype = torch.bfloat16
     scaler: "torch.amp.GradScaler | None" = None
+    fused_ce: bool = False
+
+
+BENCH_STEPS = 10**6
+"""The bench measures steady steps: kernels.compile_layers=auto compiles, as for a long run."""
 
 
 def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, seed: int, sharded: bool = False):
-    from qflash.kernels.compile import compile_decoder_layers
-    from qflash.model.loading import compute_dtype, enable_activation_checkpointing, load_configured_base
-    from qflash.model.lora import add_lora
+    """A qflash model for the bench: loaded, its switches resolved and applied as training does (train/levers.py),
+    always with activation checkpointing (the bench's memory numbers assume it)."""
+    from qflash.model.loading import compute_dtype, load_configured_base
+    from qflash.train import levers as levers_mod
     from qflash.train.loop import build_optimizer
 
     cfg = qflash_config(dropout, lr, attention)
+    cfg.train.gradient_checkpointing = True
     device = torch.device("cuda", torch.cuda.current_device())
     Precision.dtype = compute_dtype(cfg.quant.compute_dtype, device)
     if Precision.dtype == torch.float32:
@@ -112,10 +119,9 @@ def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, see
     Precision.scaler = torch.amp.GradScaler("cuda") if Precision.dtype == torch.float16 else None
     model = load_configured_base(cfg, model_dir, device, Precision.dtype, sharded=sharded)
     model.config.use_cache = False
-    enable_activation_checkpointing(model)
-    model = add_lora(model, cfg.lora, seed=seed, kernels=cfg.kernels)
-    if cfg.kernels.compile_layers is not False:  # auto too: the bench measures steady steps, which compiling pays
-        compile_decoder_layers(model)
+    levers = levers_mod.resolve(cfg, device, Precision.dtype, model, sharded=sharded, planned_steps=BENCH_STEPS)
+    model, levers = levers_mod.apply(model, levers, cfg, seed=seed)
+    Precision.fused_ce = levers.fused_ce.on
     model.train()  # transformers checkpoints activations only in training mode
     params = [p for p in model.parameters() if p.requires_grad]
     return model, build_optimizer(params, cfg, device), params
@@ -133,10 +139,10 @@ def qflash_loss(model, params, cfg=None):
     device = next(p.device for p in params)
     blocker = graph_blocker(model, device, cfg.train.cuda_graphs)
     if blocker is None:
-        return GraphedLoss(model, params)
+        return GraphedLoss(model, params, fused_ce=Precision.fused_ce)
 
     def eager(batch, scale):
-        loss = loss_sum(model, batch)
+        loss = loss_sum(model, batch, fused_ce=Precision.fused_ce)
         (loss * scale).backward()
         return loss.detach()
 
@@ -167,7 +173,7 @@ def qflash_step(model, optimizer, params, batches: list[Batch], micro=None) -> f
             if micro is not None:
                 loss = micro(b, 1.0 / n) / n
             else:
-                loss = loss_sum(model, b) / n
+                loss = loss_sum(model, b, fused_ce=Precision.fused_ce) / n
                 (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()  # read once, at the end: no sync between micro-batches
     if scaler is not None:

@@ -57,7 +57,8 @@ class HostEmbedding(torch.nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, table on cpu, rows to {self.target}"
 
 
-def _why_not(model) -> str | None:
+def why_not_on_host(model) -> str | None:
+    """Why the input embedding cannot move to CPU memory (None: it can)."""
     emb = model.get_input_embeddings()
     if type(emb) is not torch.nn.Embedding:
         return f"it is a {type(emb).__name__}, not a plain frozen nn.Embedding (trained, or not a plain lookup)"
@@ -70,22 +71,24 @@ def _why_not(model) -> str | None:
     return None
 
 
-def keep_input_embedding_on_host(model) -> bool:
+def keep_input_embedding_on_host(model, fp32_rows: bool = False) -> bool:
     """Replace `model`'s frozen input embedding by a HostEmbedding; False (said why) when it stays.
 
     The rows go to the device the table was on. On a CPU model that changes nothing but the module
-    (the tests use it so); training applies it on CUDA only (add_lora, train.embedding_on_cpu).
+    (the tests use it so); training applies it on CUDA only (train/levers.py, train.embedding_on_cpu).
+    `fp32_rows`: the rows are cast to fp32 (quant.residual_dtype=fp32, whose forward hook sat on the module
+    replaced here).
     """
     emb = model.get_input_embeddings()
     if isinstance(emb, HostEmbedding):
         return True
-    reason = _why_not(model)
+    reason = why_not_on_host(model)
     if reason is not None:
         (log.info if "tied" in reason else log.warning)("train.embedding_on_cpu: the input embedding stays on the GPU: %s", reason)
         return False
     # The fp32 residual (model/loading.py upcast_residual_path) casts the rows with a forward hook on
     # the module replaced here; the cast moves inside.
-    out_dtype = torch.float32 if getattr(model, "qflash_residual_fp32", False) else None
+    out_dtype = torch.float32 if fp32_rows else None
     host = HostEmbedding(emb.weight, emb.weight.device, out_dtype, emb.padding_idx)
     model.set_input_embeddings(host)
     log.info("train.embedding_on_cpu: input embedding table (%.2f GB) in CPU memory, rows sent per batch",

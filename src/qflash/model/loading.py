@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -224,33 +223,8 @@ def keep_standard_nf4_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-@dataclass(frozen=True)
-class MemoryLevers:
-    """train.offload_activations and train.embedding_on_cpu as they apply to this device (CUDA only).
-
-    load_configured_base records them on the model it loads (`model.qflash_memory`); the training
-    setup applies them: enable_activation_checkpointing the first, add_lora the second (after PEFT
-    has wrapped the model, when it is known what is trained). Inference never calls either.
-    """
-
-    offload_activations: bool = False
-    embedding_on_cpu: bool = False
-    keep_attention: bool = False
-    """kernels.keep_attention, with offload_activations (the offloaded checkpoint carries the kept tensors)."""
-
-    @classmethod
-    def for_device(cls, train_cfg, device: torch.device, sharded: bool = False,
-                   keep_attention: bool = False) -> "MemoryLevers":
-        """`sharded` (FSDP2): no offloading, whose autograd function does not follow FSDP2's parameter
-        swaps (untested there; the layers would fall back to plain checkpointing anyway)."""
-        cuda = device.type == "cuda"
-        offload = cuda and not sharded and train_cfg.offload_activations
-        return cls(offload_activations=offload, embedding_on_cpu=cuda and train_cfg.embedding_on_cpu,
-                   keep_attention=offload and keep_attention)
-
-
 def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype, *, sharded: bool = False):
-    """load_base_model with the quant/model/attention settings of a qflash Config (memory levers recorded).
+    """load_base_model with the quant/model/attention settings of a qflash Config.
 
     `sharded`: FSDP2 will shard the model, so the 4-bit weights are stored as bf16."""
     model = load_base_model(
@@ -265,7 +239,6 @@ def load_configured_base(cfg, model_dir: Path, device: torch.device, dtype: torc
         residual_dtype=cfg.quant.residual_dtype,
         quant_storage=torch.bfloat16 if sharded else torch.uint8,
     )
-    model.qflash_memory = MemoryLevers.for_device(cfg.train, device, sharded, cfg.kernels.keep_attention)
     return model
 
 
@@ -292,18 +265,17 @@ def upcast_residual_path(model: torch.nn.Module) -> None:
     # The embedding table stays in its stored dtype (bf16 -> fp32 is exact, so upcasting the table
     # would only cost memory: 1.1 GB for Qwen2.5-7B); the rows it returns are cast to fp32.
     model.get_input_embeddings().register_forward_hook(_output_to_fp32)
-    model.qflash_residual_fp32 = True  # read by add_lora: the fused layers feeding the residual return fp32
     for module in model.modules():
         if "Norm" in type(module).__name__:
             module.float()
 
 
-def enable_activation_checkpointing(model, offload: bool | None = None) -> None:
+def enable_activation_checkpointing(model, offload: bool = False, keep_attention: bool = False) -> None:
     """Activation checkpointing of every decoder layer.
 
-    Non-reentrant (transformers' own; 5.x renamed the method). With `offload` each layer's saved
-    input waits in CPU memory instead (model/activation_offload.py; same gradients). None = as
-    recorded by load_configured_base (train.offload_activations, on CUDA only).
+    Non-reentrant (transformers' own; 5.x renamed the method). With `offload` (train.offload_activations) each
+    layer's saved input waits in CPU memory instead (model/activation_offload.py; same gradients), and with
+    `keep_attention` (kernels.keep_attention) its attention output too.
     """
     from qflash.model.fused_lora import checkpoint_contexts
 
@@ -313,10 +285,7 @@ def enable_activation_checkpointing(model, offload: bool | None = None) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    levers = getattr(model, "qflash_memory", MemoryLevers())
-    if offload is None:
-        offload = levers.offload_activations
     if offload:
         from qflash.model.activation_offload import offload_checkpointed_layers
 
-        offload_checkpointed_layers(model, keep_attention=levers.keep_attention)
+        offload_checkpointed_layers(model, keep_attention=keep_attention)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from qflash.config import KernelsConfig, LoraConfig
+from qflash.config import LoraConfig
 
 
 def peft_lora_config(cfg: LoraConfig):
@@ -27,57 +27,31 @@ def peft_lora_config(cfg: LoraConfig):
     )
 
 
-def add_lora(model, cfg: LoraConfig, *, seed: int, kernels: KernelsConfig | None = None):
+def add_lora(model, cfg: LoraConfig, *, seed: int, fused: bool | None = None, residual_fp32: bool = False):
     """Wrap `model` with fresh LoRA weights initialized from `seed`. PEFT keeps them in fp32 (master weights).
 
-    With `cfg.fused` (and not DoRA) the 4-bit layers get qflash's fused forward (model/fused_lora.py);
-    parameter names, initialization and the saved adapter are PEFT's either way. With it, and
-    `kernels.fused_norm`, the RMSNorms hand the compute dtype straight to the fused layers. (Not
-    without: PEFT's 4-bit layer returns its input's dtype, and in bf16 base + update is rounded
-    after the base, which drops small updates; with an fp32 input it keeps them in fp32.)
-    With `kernels.lean_recompute`, each layer's mlp.down_proj skips its GEMMs in the checkpoint recompute.
-    With `kernels.traced_dequant`, compiled layers dequantize NF4 in their own graph (kernels/nf4.py).
-    With `kernels.fused_ce`, lm_head is marked for the fused lm_head + cross-entropy (train/loss.py).
-    With train.embedding_on_cpu recorded on `model` (CUDA), the frozen input-embedding table moves to
-    CPU memory (model/host_embedding.py).
+    `fused` (default: lora.fused and not DoRA): the 4-bit layers get qflash's fused forward
+    (model/fused_lora.py); parameter names, initialization and the saved adapter are PEFT's either way.
+    `residual_fp32` (quant.residual_dtype=fp32 with 16-bit compute): the fused layers that write into the
+    residual stream return fp32. What else the fused layers do (lean recompute, traced dequantization, fused
+    norms) is switched on by train/levers.py `apply`.
     """
     from peft import get_peft_model
 
+    if fused is None:
+        fused = cfg.fused and not cfg.dora
     peft_cfg = peft_lora_config(cfg)
-    if cfg.fused and not cfg.dora:
+    if fused:
         from qflash.model.fused_lora import register_fused
 
         register_fused(peft_cfg)
-    residual_fp32 = getattr(model, "qflash_residual_fp32", False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, peft_cfg)
-    if cfg.fused and not cfg.dora:
-        if residual_fp32:
-            from qflash.model.fused_lora import mark_residual_writers
+    if fused and residual_fp32:
+        from qflash.model.fused_lora import mark_residual_writers
 
-            mark_residual_writers(peft_model)
-        if kernels is not None and kernels.lean_recompute:
-            from qflash.model.fused_lora import mark_lean_tails
-
-            mark_lean_tails(peft_model, in_graph=kernels.lean_tail_in_graph)
-        if kernels is not None and kernels.traced_dequant:
-            from qflash.model.fused_lora import use_traced_dequant
-
-            use_traced_dequant(peft_model)
-        if kernels is not None and kernels.fused_norm:
-            from qflash.kernels.rmsnorm import swap_rms_norms
-
-            swap_rms_norms(peft_model, compiled=next(peft_model.parameters()).is_cuda)
-    if kernels is not None and kernels.fused_ce:
-        from qflash.train.loss import use_fused_ce
-
-        use_fused_ce(peft_model)  # read by loss_sum; after PEFT, which may have wrapped lm_head to train it
-    memory = getattr(model, "qflash_memory", None)  # recorded by load_configured_base
-    if memory is not None and memory.embedding_on_cpu:
-        from qflash.model.host_embedding import keep_input_embedding_on_host
-
-        keep_input_embedding_on_host(peft_model)  # now that PEFT has wrapped what it trains
+        mark_residual_writers(peft_model)
     return peft_model
 
 

@@ -141,7 +141,7 @@ class Parallel:
 
     def __init__(self, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  micro_batch_size: int, max_grad_norm: float, autocast_dtype: torch.dtype | None = None,
-                 cuda_graphs: bool | str = False):
+                 cuda_graphs: bool | str = False, fused_ce: bool = False):
         self.accelerator = accelerator
         self.autocast_dtype = autocast_dtype
         self.strategy = strategy_of(accelerator)
@@ -169,7 +169,7 @@ class Parallel:
                                   "supported with fp16 loss scaling); use bf16 on this GPU, or launch with DDP")
             device = next((p.device for p in model.parameters() if p.requires_grad), torch.device("cuda"))
             self.scaler = torch.amp.GradScaler(device.type)
-        self.module, self.optimizer = accelerator.prepare(LossModule(model, autocast_dtype), optimizer)
+        self.module, self.optimizer = accelerator.prepare(LossModule(model, autocast_dtype, fused_ce), optimizer)
         self.units = 0
         if self.strategy == "fsdp2":
             from torch.distributed.fsdp import FSDPModule
@@ -189,7 +189,7 @@ class Parallel:
             blocker = ("several processes (captured steps are single-process only)" if self.strategy != "single"
                        else graph_blocker(model, device, cuda_graphs))
             if blocker is None:
-                self.graphed = GraphedLoss(model, self.params)
+                self.graphed = GraphedLoss(model, self.params, fused_ce=fused_ce)
                 self.graphs_note = "on"
             else:
                 self.graphs_note = f"off: {blocker}"
@@ -346,10 +346,11 @@ class LossModule(torch.nn.Module):
     outer torch.autocast off around its module.
     """
 
-    def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None, fused_ce: bool = False):
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
+        self.fused_ce = fused_ce
         # Accelerate's FSDP2 auto-wrap shards one unit per class named here (the decoder layers); without
         # it the whole model would be one unit, gathered whole for the forward and held until backward.
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
@@ -368,9 +369,9 @@ class LossModule(torch.nn.Module):
         from qflash.train.loss import loss_sum
 
         if self.autocast_dtype is None:
-            return loss_sum(self.model, Batch(**batch_fields))
+            return loss_sum(self.model, Batch(**batch_fields), fused_ce=self.fused_ce)
         with torch.autocast(device_type=batch_fields["input_ids"].device.type, dtype=self.autocast_dtype):
-            return loss_sum(self.model, Batch(**batch_fields))
+            return loss_sum(self.model, Batch(**batch_fields), fused_ce=self.fused_ce)
 
 
 def batch_fields(batch: Batch) -> dict:

@@ -202,8 +202,9 @@ class GraphedLoss:
     """`(batch, scale)` -> loss_sum(model, batch), with (loss * scale).backward() done; captured per signature."""
 
     def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], *, max_graphs: int = 4,
-                 factory: Callable[[], object] | None = None):
+                 factory: Callable[[], object] | None = None, fused_ce: bool = False):
         self.model, self.params, self.max_graphs = model, list(params), max_graphs
+        self.fused_ce = fused_ce  # kernels.fused_ce as resolved (train/levers.py)
         self.factory = factory or _CudaGraph
         self.seen: dict[tuple, int] = {}
         self.graphs: dict[tuple, _Captured] = {}
@@ -219,7 +220,7 @@ class GraphedLoss:
                arena: bool) -> torch.Tensor:
         self.eager_runs += 1
         with activation_offload.host_arena(self.arena) if arena else contextlib.nullcontext():
-            loss = loss_mod.decoder_loss_sum(self.model, inputs, labels, keep)
+            loss = loss_mod.decoder_loss_sum(self.model, inputs, labels, keep, fused_ce=self.fused_ce)
             (loss * scale).backward()
         return loss.detach()
 
@@ -255,7 +256,8 @@ class GraphedLoss:
 
         def step() -> None:
             with activation_offload.host_arena(self.arena):
-                loss = loss_mod.decoder_loss_sum(self.model, static_inputs, static_labels, static_keep)
+                loss = loss_mod.decoder_loss_sum(self.model, static_inputs, static_labels, static_keep,
+                                                fused_ce=self.fused_ce)
                 (loss * scale).backward()
                 activation_offload.join_copies()
             out["loss"] = loss.detach()

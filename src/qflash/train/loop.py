@@ -15,31 +15,25 @@ import random
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from qflash.config import Config, check_paths
-from qflash.data.batching import Batch, SampleStream, packed_micro_batches, step_micro_batches, trained_tokens
-from qflash.data.pipeline import DataStats, build_examples, data_fingerprint
+from qflash.data.pipeline import build_examples, data_fingerprint
 from qflash.data.replay import ReplayStats, build_replay
 from qflash.data.replay import key_for as replay_key
 from qflash.data.template import ChatRenderer, Example
-from qflash.errors import ConfigError, QflashError
-from qflash.train.held_out import held_out_loss
+from qflash.errors import ConfigError
 from qflash.model.loading import (
     compute_dtype,
-    enable_activation_checkpointing,
     load_configured_base,
     load_tokenizer,
     pick_device,
     resolve_model_dir,
 )
-from qflash.model.attention import choice_of
-from qflash.model.lora import add_lora, layer_paths
+from qflash.model.lora import layer_paths
 from qflash import rundir
 from qflash.paths import inside
 from qflash.rundir import ADAPTER_DIR, SAMPLES_LOG
@@ -47,65 +41,26 @@ from qflash.train.checkpoint import (
     CKPT_DIR,
     complete_checkpoints,
     load_checkpoint,
-    newest_complete,
     remove_stale_temporaries,
     restore_rng,
-    save_checkpoint,
 )
 from qflash.train.checkpoint import LoadedCheckpoint
 from qflash.train.distributed import Parallel, Ranks, fsdp_requested, launched_distributed, make_accelerator, ranks_of
+from qflash.train import levers as levers_mod
 from qflash.train.faults import Faults
-from qflash.train.metrics import MetricsWriter, StepProgress
+from qflash.train.steps import (  # noqa: F401 (micro_batches, evaluate_held_out, TrainingAborted: the loop's API)
+    Run,
+    Setup,
+    StepHook,
+    TrainingAborted,
+    TrainResult,
+    evaluate_held_out,
+    micro_batches,
+    run_steps,
+)
 from qflash.ui import console
 from qflash.train.resume import RunLock, differences, pick_checkpoint, run_identity
-from qflash.train.signals import StopRequests, TrainingInterrupted
 
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    adapter_dir: Path
-    steps: int
-    samples: int
-    tokens: int
-    trained_tokens: int
-    seconds: float
-    losses: list[float] = field(default_factory=list)
-    eval_losses: list[tuple[int, float]] = field(default_factory=list)
-    """(step, held-out loss) at every train.eval_every step and at the end."""
-    graphs: str | None = None
-    """train.cuda_graphs: what was captured and replayed (None when not in use)."""
-    step_seconds: list[float] = field(default_factory=list)
-    """Wall time of each step this process ran (the first ones include torch.compile's compiling)."""
-
-    @property
-    def final_loss(self) -> float:
-        return self.losses[-1] if self.losses else float("nan")
-
-
-@dataclass
-class Setup:
-    """Everything a run needs, built from the config; tests build one to drive steps directly."""
-
-    cfg: Config
-    device: torch.device
-    dtype: torch.dtype
-    model_dir: Path
-    tokenizer: object
-    renderer: ChatRenderer
-    examples: list[Example]
-    stats: DataStats
-    fingerprint: dict
-    model: torch.nn.Module
-    eval_examples: list[Example] = field(default_factory=list)
-    """The held-out split, for train.eval_every (empty when that is off)."""
-    replay: ReplayStats | None = None
-    """What data.replay added to `examples` (None without replay)."""
-    timings: dict[str, float] = field(default_factory=dict)
-    """Seconds spent before training: load (reading + NF4 quantization, which bitsandbytes does while loading),
-    replay (the base model's answers), lora (adapter, kernels, compile wrappers; compiling itself happens in the
-    first steps)."""
 
 
 def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
@@ -142,20 +97,12 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
     fp = data_fingerprint(cfg.data, tok, replay.digest if replay else None)
     model.config.use_cache = False  # a KV cache is useless in training and unsafe with packed batches
     t0 = time.perf_counter()
-    if cfg.train.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    model = add_lora(model, cfg.lora, seed=cfg.train.seed, kernels=cfg.kernels)
-    if device.type == "cuda":
-        from qflash.kernels.compile import compile_decoder_layers, compile_pays
-
-        compile_it, why = compile_pays(cfg.kernels.compile_layers, total_steps(cfg, len(examples)))
-        if compile_it:
-            compile_decoder_layers(model)
-        elif cfg.kernels.compile_layers == "auto" and not quiet:
-            console.print(why)
+    levers = levers_mod.resolve(cfg, device, dtype, model, sharded=fsdp_requested(),
+                                planned_steps=total_steps(cfg, len(examples)))
+    model, levers = levers_mod.apply(model, levers, cfg, seed=cfg.train.seed)
     timings["lora"] = time.perf_counter() - t0
-    return Setup(cfg, device, dtype, model_dir, tok, renderer, examples, stats, fp, model, eval_examples, replay,
-                 timings)
+    return Setup(cfg, device, dtype, model_dir, tok, renderer, examples, stats, fp, model, levers, eval_examples,
+                 replay, timings)
 
 
 def _base_model_replay(cfg: Config, model, tok, renderer: ChatRenderer, model_dir: Path, device, dtype, *,
@@ -218,39 +165,12 @@ def total_steps(cfg: Config, n_examples: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * n_examples / per_step))
 
 
-def micro_batches(setup: "Setup", sample_ids: list[int]) -> list[Batch]:
-    """One step's samples as micro-batches: packed (bins of data.max_len) or padded, grouped by length."""
-    cfg = setup.cfg
-    pad_id = setup.tokenizer.pad_token_id
-    if cfg.data.packing:
-        return packed_micro_batches(setup.examples, sample_ids, cfg.train.micro_batch_size, cfg.data.max_len,
-                                    pad_id, varlen=choice_of(setup.model).varlen)
-    return step_micro_batches(setup.examples, sample_ids, cfg.train.micro_batch_size, pad_id)
-
-
 def save_adapter(setup: Setup, out: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """The run's adapter and metadata into out/adapter (rundir.save_adapter)."""
     return rundir.save_adapter(setup.model, out, setup.cfg, setup.fingerprint, setup.model_dir, weights)
 
 
-def evaluate_held_out(setup: Setup, model, loss_fn=None) -> float:
-    """Token-weighted loss on the held-out split, batched as training batches are (RNG state untouched)."""
-    cfg = setup.cfg
-    return held_out_loss(
-        model, setup.eval_examples, pad_id=setup.tokenizer.pad_token_id, device=setup.device,
-        max_len=cfg.data.max_len, rows=cfg.train.micro_batch_size, packing=cfg.data.packing,
-        varlen=choice_of(setup.model).varlen, loss_fn=loss_fn,
-    ).loss
-
-
-StepHook = Callable[[int, dict], None]
 RUN_FILES = (ADAPTER_DIR, CKPT_DIR, "metrics.jsonl", SAMPLES_LOG, "tensorboard")
-
-
-class TrainingAborted(QflashError):
-    """The run cannot go on (e.g. repeated non-finite losses); the last good checkpoint is kept."""
-
-    exit_code = 1
 
 
 def _prepare_output_dir(out: Path, overwrite: bool) -> None:
@@ -331,16 +251,42 @@ def run_training(
 
 def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bool, on_step: StepHook | None,
                 quiet: bool, faults: Faults) -> TrainResult:
-    cfg = setup.cfg
-    say = (lambda msg: None) if quiet else console.print
-    model = setup.model
-    named = _trainable(model)
-    identity = run_identity(cfg.to_dict(), setup.fingerprint, {n: list(p.shape) for n, p in named.items()})
+    """A run, from its checkpoint or from the start: restore, report, train, save the adapter."""
+    named = _trainable(setup.model)
+    identity = run_identity(setup.cfg.to_dict(), setup.fingerprint, {n: list(p.shape) for n, p in named.items()})
+    ckpt, ckpt_path = _checkpoint_to_resume(setup, out, ranks, identity, force=force, quiet=quiet)
+    if ckpt is not None:
+        _restore_weights(ckpt, named)  # before the strategy wraps or shards the parameters
+    run = _new_run(setup, out, accelerator, ranks, named, identity, faults, on_step=on_step, quiet=quiet)
+    if ckpt is not None:
+        _resume(run, ckpt, ckpt_path)
+    if ranks.main:
+        _trim_log(out / "metrics.jsonl", run.start)
+        _trim_log(out / SAMPLES_LOG, run.start)
+        (out / "config.yaml").write_text(setup.cfg.to_yaml(), encoding="utf-8")
+    if run.start >= run.steps:
+        return _already_complete(run)
+    if not quiet:
+        print_banner(run)
+    t_start = time.perf_counter()
+    run_steps(run)
+    run.result.seconds = time.perf_counter() - t_start
+    run.result.graphs = run.par.graphed.summary() if run.par.graphed is not None else None
+    weights = run.par.full_trainable()
+    if ranks.main:
+        run.result.adapter_dir = save_adapter(setup, out, weights)
+    ranks.barrier()
+    return run.result
 
-    # ---- where to start: a fresh run, or the newest complete checkpoint ----
+
+def _checkpoint_to_resume(setup: Setup, out: Path, ranks: Ranks, identity: dict, *, force: bool,
+                          quiet: bool) -> tuple[LoadedCheckpoint | None, Path | None]:
+    """The newest complete checkpoint to resume from (None: a fresh run); refuses what would lose work."""
+    cfg = setup.cfg
     ckpt_path, notes = pick_checkpoint(out, cfg.train.resume)
     for note in notes:
-        say(f"[yellow]{note}[/]")
+        if not quiet:
+            console.print(f"[yellow]{note}[/]")
     if ranks.main:
         remove_stale_temporaries(out)
     ranks.barrier()
@@ -348,210 +294,91 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
         raise ConfigError(f"train.resume=never but {out / CKPT_DIR} holds checkpoints; pass --overwrite to discard them")
     if ckpt_path is None and (out / ADAPTER_DIR).exists():
         raise ConfigError(f"output_dir: {out} already holds a trained adapter; pass --overwrite to replace it or choose another output_dir")
-    start, consecutive_bad, bad_total = 0, 0, 0
-    ckpt = None
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        diffs = differences(ckpt.state.get("identity", {}), identity)
-        if diffs and not force:
-            raise ConfigError(
-                f"train.resume: {ckpt_path} belongs to a different run: " + "; ".join(diffs[:6])
-                + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-                + ". Pass --force to resume anyway, --overwrite to start over, or choose another output_dir"
-            )
-        _restore_weights(ckpt, named)  # before the strategy wraps or shards the parameters
+    if ckpt_path is None:
+        return None, None
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    diffs = differences(ckpt.state.get("identity", {}), identity)
+    if diffs and not force:
+        raise ConfigError(
+            f"train.resume: {ckpt_path} belongs to a different run: " + "; ".join(diffs[:6])
+            + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+            + ". Pass --force to resume anyway, --overwrite to start over, or choose another output_dir"
+        )
+    return ckpt, ckpt_path
 
+
+def _new_run(setup: Setup, out: Path, accelerator, ranks: Ranks, named: dict, identity: dict, faults: Faults, *,
+             on_step: StepHook | None, quiet: bool) -> Run:
+    """Optimizer, schedule and the launch's strategy around the model; the step-0 seeds."""
+    cfg = setup.cfg
     optimizer = build_optimizer(list(named.values()), cfg, setup.device)
     steps = total_steps(cfg, len(setup.examples))
     scheduler = build_scheduler(optimizer, cfg, steps)
     # Accelerate wraps model + loss for the launch's strategy (DDP, FSDP2, DeepSpeed; nothing alone).
     # Master LoRA weights stay fp32; on GPU their matmuls run in the compute dtype like the base's.
     mixed = setup.dtype if setup.dtype != torch.float32 else None  # the CPU computes in fp32 unless told otherwise
-    par = Parallel(accelerator, model, optimizer, micro_batch_size=cfg.train.micro_batch_size,
+    par = Parallel(accelerator, setup.model, optimizer, micro_batch_size=cfg.train.micro_batch_size,
                    max_grad_norm=cfg.train.max_grad_norm, autocast_dtype=mixed,
-                   cuda_graphs=cfg.train.cuda_graphs if setup.device.type == "cuda" else False)
+                   cuda_graphs=setup.levers.cuda_graphs, fused_ce=setup.levers.fused_ce.on)
     torch.manual_seed(cfg.train.seed + 1_000_003 * ranks.rank)  # LoRA dropout: each process its own masks
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed % 2**32)
-    if ckpt is not None:
-        par.load_optimizer_state(ckpt.optimizer)
-        scheduler.load_state_dict(ckpt.scheduler)
-        if ranks.main:  # process 0's RNG; the others keep their own seeds (their dropout masks differ anyway)
-            restore_rng(ckpt.state["rng"], ckpt.rng)
-        start = ckpt.step
-        consecutive_bad, bad_total = ckpt.state.get("consecutive_bad", 0), ckpt.state.get("bad_total", 0)
-        par.load_scaler_state(ckpt.state.get("loss_scaler"))
-        say(f"resuming from {ckpt_path} (step {start}, {start * ckpt.state['samples_per_step']} samples consumed)")
-    if ranks.main:
-        _trim_log(out / "metrics.jsonl", start)
-        _trim_log(out / SAMPLES_LOG, start)
-        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    result = TrainResult(out, out / ADAPTER_DIR, 0, 0, 0, 0, 0.0)
+    return Run(setup, out, ranks, par, scheduler, steps, identity, faults, result, on_step=on_step, quiet=quiet)
 
-    result = TrainResult(out, out / ADAPTER_DIR, start, 0, 0, 0, 0.0)
-    if start >= steps:
-        if not (out / ADAPTER_DIR).exists():
-            weights = par.full_trainable()
-            if ranks.main:
-                result.adapter_dir = save_adapter(setup, out, weights)
-        ranks.barrier()
-        say(f"nothing to do: {out} is complete at step {start} (raise train.max_steps to continue, or --overwrite to start over)")
-        return result
 
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    stream = SampleStream(len(setup.examples), cfg.train.seed, per_step)
+def _resume(run: Run, ckpt: LoadedCheckpoint, ckpt_path: Path) -> None:
+    """Optimizer, schedule, RNG, counters and loss scale as the checkpoint left them."""
+    run.par.load_optimizer_state(ckpt.optimizer)
+    run.scheduler.load_state_dict(ckpt.scheduler)
+    if run.ranks.main:  # process 0's RNG; the others keep their own seeds (their dropout masks differ anyway)
+        restore_rng(ckpt.state["rng"], ckpt.rng)
+    run.start = run.last_saved = run.result.steps = ckpt.step
+    run.consecutive_bad, run.bad_total = ckpt.state.get("consecutive_bad", 0), ckpt.state.get("bad_total", 0)
+    run.par.load_scaler_state(ckpt.state.get("loss_scaler"))
+    run.say(f"resuming from {ckpt_path} (step {run.start}, {run.start * ckpt.state['samples_per_step']} samples "
+            "consumed)")
 
-    def checkpoint(step: int) -> Path:
-        state = {
-            "step": step,
-            "samples_per_step": per_step,
-            "consumed_samples": step * per_step,
-            "epoch": stream.epoch_of(step),
-            "seed": cfg.train.seed,
-            "total_steps": steps,
-            "consecutive_bad": consecutive_bad,
-            "bad_total": bad_total,
-            "identity": identity,
-            "loss_scaler": par.scaler_state(),  # fp16: the dynamic loss scale and its growth counter
-        }
-        weights, opt_state = par.full_trainable(), par.full_optimizer_state()  # every process: collectives
-        path = save_checkpoint(out, step, weights, opt_state, scheduler, state, cfg.train.keep, faults) if ranks.main else None
-        ranks.barrier()
-        return path
 
-    if not quiet:
+def _already_complete(run: Run) -> TrainResult:
+    """A run resumed at its last step: the adapter saved if it is not there yet, nothing trained."""
+    if not (run.out / ADAPTER_DIR).exists():
+        weights = run.par.full_trainable()
+        if run.ranks.main:
+            run.result.adapter_dir = save_adapter(run.setup, run.out, weights)
+    run.ranks.barrier()
+    run.say(f"nothing to do: {run.out} is complete at step {run.start} (raise train.max_steps to continue, or "
+            "--overwrite to start over)")
+    return run.result
+
+
+def print_banner(run: Run) -> None:
+    """What is about to be trained, on what, how; what the data pipeline left out; every switch."""
+    setup, cfg, par, ranks = run.setup, run.setup.cfg, run.par, run.ranks
+    console.print(
+        f"[bold]qflash train[/]: {len(setup.examples)} samples ({setup.stats.tokens:,} tokens, "
+        f"{setup.stats.trained_tokens:,} trained), {run.steps} steps of {run.per_step} samples, "
+        f"device {setup.device.type}, compute {str(setup.dtype).replace('torch.', '')}, "
+        f"quant {cfg.quant.mode}, LoRA r={cfg.lora.r}"
+        + (f", CUDA graphs {par.graphs_note}" if setup.device.type == "cuda" else "")
+        + (f", {ranks.world} processes ({par.strategy}{f' over {par.units} modules' if par.units else ''}; "
+           f"process r takes samples r, r+{ranks.world}, ... of each step)"
+           if ranks.distributed else "")
+    )
+    st = setup.stats
+    if st.skipped or st.dropped_too_long or st.truncated or st.held_out or st.split:
         console.print(
-            f"[bold]qflash train[/]: {len(setup.examples)} samples ({setup.stats.tokens:,} tokens, "
-            f"{setup.stats.trained_tokens:,} trained), {steps} steps of {per_step} samples, "
-            f"device {setup.device.type}, compute {str(setup.dtype).replace('torch.', '')}, "
-            f"quant {cfg.quant.mode}, LoRA r={cfg.lora.r}"
-            + (f", CUDA graphs {par.graphs_note}" if setup.device.type == "cuda" else "")
-            + (f", {ranks.world} processes ({par.strategy}{f' over {par.units} modules' if par.units else ''}; "
-               f"process r takes samples r, r+{ranks.world}, ... of each step)"
-               if ranks.distributed else "")
+            f"  data: {st.skipped} records skipped {dict(st.problems)}, {st.dropped_too_long} dropped and "
+            f"{st.truncated} truncated for data.max_len"
+            + (f", {st.split} split into {st.pieces} pieces" if st.split else "")
+            + f", {st.held_out} held out for eval"
+            + (f"; left-out records in {st.skipped_path}" if st.skipped_path else "")
         )
-        st = setup.stats
-        if st.skipped or st.dropped_too_long or st.truncated or st.held_out or st.split:
-            console.print(
-                f"  data: {st.skipped} records skipped {dict(st.problems)}, {st.dropped_too_long} dropped and "
-                f"{st.truncated} truncated for data.max_len"
-                + (f", {st.split} split into {st.pieces} pieces" if st.split else "")
-                + f", {st.held_out} held out for eval"
-                + (f"; left-out records in {st.skipped_path}" if st.skipped_path else "")
-            )
-        if setup.replay is not None:
-            console.print("  " + setup.replay.summary(cfg.data.replay))
-        console.print("  " + layer_paths(model))
-    metrics = MetricsWriter(out, purge_step=start + 1 if start else None) if ranks.main else None
-    samples_log = open(out / SAMPLES_LOG, "a", encoding="utf-8") if ranks.main else None
-    progress = StepProgress(steps, start=start) if not quiet else None
-    model.train()
-    t_start = time.perf_counter()
-    last_saved = start
-    try:
-        with StopRequests() as stop:
-            for step in range(start, steps):
-                t0 = time.perf_counter()
-                ids = stream.ids(step)
-                mine = ranks.shard(ids)
-                micro = micro_batches(setup, mine) if mine else []
-                n_trained = int(ranks.sum(sum(trained_tokens(b) for b in micro)))
-                rounds = int(ranks.max(len(micro)))
-                filler = micro[0] if micro else (micro_batches(setup, ids[:1])[0] if rounds else None)
-                local_sum = torch.zeros((), dtype=torch.float64, device=setup.device)  # read once, after the step's backwards
-                for i in range(rounds):
-                    real_batch = i < len(micro)
-                    b = (micro[i] if real_batch else filler).to(setup.device)
-                    last = i == rounds - 1
-                    with par.micro_step(last):
-                        # token-weighted over the global batch; the strategies' mean over processes is undone by * world
-                        weight = ranks.world / n_trained if real_batch else 0.0
-                        token_loss = par.loss_and_backward(b, weight, poison=faults.loss_is_nan(step + 1))
-                    if real_batch:
-                        local_sum += token_loss
-                step_loss = ranks.sum(local_sum.item()) / n_trained if n_trained else float("nan")
-                lr = scheduler.get_last_lr()[0]
-                scale = par.loss_scale()
-                grad_norm, finite = par.step(math.isfinite(step_loss))
-                if finite:
-                    scheduler.step()
-                    consecutive_bad = 0
-                else:
-                    # Skipped: no optimizer or scheduler step, so weights, moments and LR stay as they were.
-                    bad_total += 1
-                    if scale is not None and math.isfinite(step_loss) and scale >= 1.0:
-                        # fp16: the scaled gradients overflowed; the scaler lowered the scale for the next step.
-                        # Counted, but not toward max_bad_steps while the scale is still above 1 (it starts at 2^16).
-                        console.print(f"[yellow]step {step + 1}: fp16 gradients overflowed at loss scale {scale:g}; "
-                                      f"skipped, scale now {par.loss_scale():g} ({bad_total} skipped in all)[/]")
-                    else:
-                        consecutive_bad += 1
-                        console.print(f"[red]step {step + 1}: non-finite loss ({step_loss}) or gradient norm "
-                                      f"({grad_norm}); skipped ({consecutive_bad} in a row, {bad_total} in all)[/]")
-
-                dt = time.perf_counter() - t0
-                result.step_seconds.append(dt)
-                real = int(ranks.sum(sum(b.real_tokens for b in micro)))
-                result.steps = step + 1
-                result.samples += len(ids)
-                result.tokens += real
-                result.trained_tokens += n_trained
-                result.losses.append(step_loss)
-                values = {
-                    "loss": step_loss if finite else None,
-                    "lr": lr,
-                    "grad_norm": grad_norm if finite else None,
-                    "skipped": not finite,
-                    **({"loss_scale": scale} if scale is not None else {}),
-                    "trained_tokens": n_trained,
-                    "tokens": real,
-                    "tokens_per_s": real / dt,
-                    "epoch": stream.epoch_of(step + 1),
-                }
-                if samples_log is not None:
-                    samples_log.write(json.dumps({"step": step + 1, "sample_ids": ids}) + "\n")
-                    samples_log.flush()
-                evaluate = cfg.train.eval_every > 0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == steps)
-                if evaluate:
-                    # every process, the same batches (through the strategy's wrapper), so the same number
-                    values["eval_loss"] = evaluate_held_out(setup, model, loss_fn=par.loss)
-                    result.eval_losses.append((step + 1, values["eval_loss"]))
-                if metrics is not None and (evaluate or (step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
-                    metrics.write(step + 1, values)
-                if progress is not None:
-                    progress.update(step + 1, step_loss, lr, real / dt)
-                if on_step is not None:
-                    on_step(step + 1, values)
-                if consecutive_bad >= cfg.train.max_bad_steps:
-                    good = newest_complete(out)
-                    raise TrainingAborted(
-                        f"{consecutive_bad} consecutive steps (up to step {step + 1}) had a non-finite loss or gradient; "
-                        f"stopped. Last good checkpoint: {good or 'none'}. Lower train.lr, check the data "
-                        "with `qflash data check`, or raise train.max_bad_steps"
-                    )
-                # A periodic save waits for a good step, so the newest checkpoint never sits inside a bad streak.
-                periodic = (step + 1) % cfg.train.save_every == 0 and finite
-                # A signal may reach the processes at different steps: they stop together at the first.
-                stopping = ranks.max(stop.signum or 0)
-                if periodic or step + 1 == steps or stopping:
-                    path = checkpoint(step + 1)
-                    last_saved = step + 1
-                    if stopping:
-                        raise TrainingInterrupted(int(stopping), step + 1, str(path or out / CKPT_DIR))
-    finally:
-        if samples_log is not None:
-            samples_log.close()
-        if metrics is not None:
-            metrics.close()
-        if progress is not None:
-            progress.close()
-    assert last_saved == steps
-    result.seconds = time.perf_counter() - t_start
-    result.graphs = par.graphed.summary() if par.graphed is not None else None
-    weights = par.full_trainable()
-    if ranks.main:
-        result.adapter_dir = save_adapter(setup, out, weights)
-    ranks.barrier()
-    return result
+    if setup.replay is not None:
+        console.print("  " + setup.replay.summary(cfg.data.replay))
+    console.print("  " + layer_paths(setup.model))
+    console.print("  speed and memory switches (train/levers.py; `qflash config explain KEY` for any):\n"
+                  + setup.levers.table())
 
 
 def train(cfg: Config, *, overwrite: bool = False, force: bool = False, quiet: bool = False) -> TrainResult:

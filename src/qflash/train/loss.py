@@ -158,22 +158,17 @@ def _fused_ce_refused(lm: torch.nn.Module) -> bool:
     return reason is not None
 
 
-def use_fused_ce(model: torch.nn.Module) -> bool:
-    """kernels.fused_ce: mark the model's lm_head so loss_sum takes LinearCrossEntropy. Says once if it cannot."""
+def fused_ce_blocker(model: torch.nn.Module) -> str | None:
+    """Why kernels.fused_ce cannot apply to `model`'s lm_head (None: it can)."""
     lm = _causal_lm(model)
-    head = lm.get_output_embeddings()
-    if head is None:
-        return False
-    head.qflash_fused_ce = True
-    return not _fused_ce_refused(lm)
+    if lm.get_output_embeddings() is None:
+        return "the model has no output embedding"
+    return _fused_ce_blocker(lm)
 
 
 def _fused_ce_head(lm: torch.nn.Module) -> torch.nn.Linear | None:
-    """The marked lm_head when LinearCrossEntropy is exact for it now (else None, said once)."""
-    head = lm.get_output_embeddings()
-    if not getattr(head, "qflash_fused_ce", False) or _fused_ce_refused(lm):
-        return None
-    return head
+    """lm_head when LinearCrossEntropy is exact for it now (else None, said once)."""
+    return None if _fused_ce_refused(lm) else lm.get_output_embeddings()
 
 
 def device_inputs(model: torch.nn.Module, batch: Batch) -> dict:
@@ -189,8 +184,10 @@ def device_inputs(model: torch.nn.Module, batch: Batch) -> dict:
     return inputs
 
 
-def loss_sum(model: torch.nn.Module, batch: Batch, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Sum over the batch's trained tokens of the next-token cross-entropy (fp32 scalar)."""
+def loss_sum(model: torch.nn.Module, batch: Batch, chunk_tokens: int = CHUNK_TOKENS, *,
+             fused_ce: bool = False) -> torch.Tensor:
+    """Sum over the batch's trained tokens of the next-token cross-entropy (fp32 scalar). `fused_ce`
+    (kernels.fused_ce, as Levers resolved it): with gradients, lm_head and the loss as LinearCrossEntropy."""
     lm = _causal_lm(model)
     labels = batch.labels[:, 1:].reshape(-1)  # position t predicts token t+1
     if not _plain_head(lm):
@@ -198,11 +195,11 @@ def loss_sum(model: torch.nn.Module, batch: Batch, chunk_tokens: int = CHUNK_TOK
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum")
     # only labelled positions need logits (found on the CPU when the batch came from there: no sync)
     keep = batch.label_index if batch.label_index is not None else labelled_positions(batch.labels)
-    return decoder_loss_sum(model, device_inputs(model, batch), labels, keep, chunk_tokens)
+    return decoder_loss_sum(model, device_inputs(model, batch), labels, keep, chunk_tokens, fused_ce=fused_ce)
 
 
 def decoder_loss_sum(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, keep: torch.Tensor,
-                     chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+                     chunk_tokens: int = CHUNK_TOKENS, *, fused_ce: bool = False) -> torch.Tensor:
     """loss_sum's device work: the decoder on `inputs` (device_inputs), then the loss at the positions `keep`
     of the shifted, flattened `labels` (a plain lm_head). No host work, no synchronization: what
     train.cuda_graphs captures."""
@@ -210,7 +207,7 @@ def decoder_loss_sum(model: torch.nn.Module, inputs: dict, labels: torch.Tensor,
     hidden = lm.get_decoder()(**inputs).last_hidden_state  # (rows, seq, hidden)
     hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
     hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)
-    if torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) > 0:
+    if fused_ce and torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) > 0:
         fused = _fused_ce_head(lm)
         if fused is not None:
             return linear_cross_entropy(hidden, fused.weight, labels)
