@@ -85,6 +85,13 @@ MUTANTS = [
            "return (_grad_input_op(g, w, gb, a, 0.0) if torch.compiler.is_compiling() else _grad_input(g, w, gb, a, "
            "scaling))",
            "tests/unit/test_kernels.py::test_compiled_layer_backward_matches_eager_through_aot_autograd"),
+    # The switch seam (issue 22)
+    Mutant("levers: offloading under FSDP2", "src/qflash/train/levers.py",
+           '(sharded, "FSDP2 shards the model', '(False, "FSDP2 shards the model',
+           "tests/unit/test_memory_levers.py::test_levers_resolve_for_the_device_and_say_why_off"),
+    Mutant("levers: fused_ce not handed to the training loss", "src/qflash/train/distributed.py",
+           "LossModule(model, autocast_dtype, fused_ce)", "LossModule(model, autocast_dtype)",
+           "tests/unit/test_fused_ce.py::test_training_steps_follow_the_lever"),
     # GPU (run on the device: `python tools/mutants.py -k gpu`)
     Mutant("gpu: compiled layers drop the LoRA term of the input gradient", "src/qflash/model/fused_lora.py",
            "return (_grad_input_op if torch.compiler.is_compiling() else _grad_input)(g, w, gb, a, scaling)",

@@ -423,11 +423,14 @@ def _unmet(cfg: Config, switch: str, rules: list[Needs]) -> tuple[list[str], Nee
 
 
 def check_combinations(cfg: Config, given: set[str], origins: _Origins) -> None:
-    """Refuse a switch the user set to true whose prerequisite is off (explicitly or by default), instead of
-    letting the code skip it quietly. Switches left at their default are not checked."""
+    """Refuse a switch that is off by default, which the user turned on, while a prerequisite is off (explicitly
+    or by default), instead of letting the code skip it quietly. Switches that are on by default are not refused
+    when a prerequisite is off (a run's saved config writes every key out, `true` included): the training banner
+    lists them as off, with the reason (train/levers.py)."""
     rules = combination_rules()
+    defaults = Config()
     for switch in dict.fromkeys(r.switch for r in rules):
-        if switch not in given or _value(cfg, switch) is not True:
+        if switch not in given or _value(cfg, switch) is not True or _value(defaults, switch) is True:
             continue
         unmet = _unmet(cfg, switch, rules)
         if unmet is None:

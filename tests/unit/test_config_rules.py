@@ -42,7 +42,16 @@ CASES = [
 IDS = [f"{s.split('=')[0]}+{bad}" for s, bad, _, _ in CASES]
 
 
-@pytest.mark.parametrize("switch, bad, good, needs", CASES, ids=IDS)
+DEFAULT_OFF = [c for c in CASES if config_module._value(config_module.Config(), c[0].split("=")[0]) is not True]
+DEFAULT_ON = [c for c in CASES if c not in DEFAULT_OFF]
+
+
+def test_the_rules_cover_switches_on_and_off_by_default():
+    assert {c[0] for c in DEFAULT_OFF} == {"kernels.keep_attention=true", "kernels.lean_tail_in_graph=true"}
+    assert DEFAULT_ON
+
+
+@pytest.mark.parametrize("switch, bad, good, needs", DEFAULT_OFF, ids=[f"{s.split('=')[0]}+{b}" for s, b, _, _ in DEFAULT_OFF])
 def test_explicit_switch_with_its_prerequisite_off_is_refused(switch, bad, good, needs):
     with pytest.raises(ConfigError) as e:
         load_config(None, [switch, bad])
@@ -67,6 +76,23 @@ def test_explicit_switch_with_its_prerequisite_on_is_accepted(switch, bad, good,
     assert config_module._value(cfg, switch.split("=")[0]) is True
 
 
+@pytest.mark.parametrize("switch, bad, good, needs", DEFAULT_ON, ids=[f"{s.split('=')[0]}+{b}" for s, b, _, _ in DEFAULT_ON])
+def test_a_default_on_switch_written_out_is_not_refused(switch, bad, good, needs):
+    """A run's saved config (config.yaml, the adapter's qflash_config.yaml) writes every key, `true` included: it
+    loads back whatever the prerequisites; the levers report such a switch as off, with its reason."""
+    cfg = load_config(None, [switch, bad])
+    assert config_module._value(cfg, switch.split("=")[0]) is True
+
+
+def test_a_saved_run_config_loads_back(tmp_path):
+    """The demo's config (no activation checkpointing, offload on by default) written out whole and read again."""
+    cfg = load_config(REPO / "configs" / "demo.yaml", [])
+    assert not cfg.train.gradient_checkpointing and cfg.train.offload_activations
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml(), encoding="utf-8")
+    assert load_config(saved, []).to_dict() == cfg.to_dict()
+
+
 def test_every_rule_is_tested():
     tested = {(s.split("=")[0], bad.split("=")[0]) for s, bad, _, _ in CASES}
     rules = combination_rules()
@@ -88,8 +114,6 @@ def test_everything_on_explicitly_is_accepted():
      "kernels.lean_recompute, which needs train.gradient_checkpointing=true"),
     ("kernels.keep_attention=true", "train.gradient_checkpointing=false",
      "train.offload_activations, which needs train.gradient_checkpointing=true"),
-    ("kernels.traced_dequant=true", "lora.dora=true", "lora.fused, which needs lora.dora=false"),
-    ("kernels.fused_norm=true", "lora.dora=true", "lora.fused, which needs lora.dora=false"),
 ])
 def test_a_prerequisite_on_by_default_brings_its_own_rules(switch, bad, chain):
     """lean_tail_in_graph needs lean_recompute, on by default, which does nothing without lora.fused."""
@@ -115,8 +139,8 @@ def test_yaml_origins_of_both_keys(tmp_path):
 
 
 def test_a_whole_section_override_counts_as_explicit():
-    with pytest.raises(ConfigError, match=r"^command line 'kernels=\{fused_norm: true\}': kernels.fused_norm=true"):
-        load_config(None, ["kernels={fused_norm: true}", "lora.fused=false"])
+    with pytest.raises(ConfigError, match=r"^command line 'kernels=\{keep_attention: true\}': kernels.keep_attention=true"):
+        load_config(None, ["kernels={keep_attention: true}", "train.offload_activations=false"])
 
 
 def test_a_prerequisite_off_by_default_is_named_as_such(monkeypatch):
@@ -128,14 +152,14 @@ def test_a_prerequisite_off_by_default_is_named_as_such(monkeypatch):
     load_config(None, ["kernels.keep_attention=true", "lora.rslora=true"])
 
 
-def test_demo_config_refuses_lean_recompute_as_one_line(capsys):
-    """configs/demo.yaml turns checkpointing off; asking for lean recompute on top is an error naming its line."""
+def test_demo_config_refuses_kept_attention_as_one_line(capsys):
+    """configs/demo.yaml turns checkpointing off; asking for kept attention on top is an error naming its line."""
     line = next(i for i, t in enumerate((REPO / "configs/demo.yaml").read_text().splitlines(), 1)
                 if t.strip().startswith("gradient_checkpointing:"))
-    code = main(["config", "show", str(REPO / "configs/demo.yaml"), "kernels.lean_recompute=true"])
+    code = main(["config", "show", str(REPO / "configs/demo.yaml"), "kernels.keep_attention=true"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("qflash: error: command line 'kernels.lean_recompute=true': kernels.lean_recompute=true")
+    assert err[0].startswith("qflash: error: command line 'kernels.keep_attention=true': kernels.keep_attention=true")
     assert f"train.gradient_checkpointing is false ({REPO / 'configs/demo.yaml'}:{line})" in err[0]
 
 

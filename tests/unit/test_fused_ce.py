@@ -257,3 +257,17 @@ def test_softmax_gradient_twin(dtype):
     p = torch.softmax(logits.float(), 1)
     p[torch.arange(37), y] -= 1
     torch.testing.assert_close(d, p.to(dtype), rtol=0, atol=1e-6 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_steps_follow_the_lever(fused, tiny_models, identity_subset, tmp_path, monkeypatch):
+    """The training loop's loss (through the strategy's LossModule) takes the fused lm_head + loss exactly when
+    Levers says kernels.fused_ce is on: the switch reaches the step, not only loss_sum's callers in tests."""
+    from qflash.train.loop import run_training
+
+    setup = _setup(tiny_models["llama"], identity_subset, tmp_path / "run", f"kernels.fused_ce={str(fused).lower()}",
+                   "train.max_steps=2", "train.eval_every=0")
+    assert setup.levers.fused_ce.on == fused
+    counter = _Counters(monkeypatch)
+    run_training(setup, quiet=True)
+    assert (counter.fused > 0) == fused and (counter.plain > 0) == (not fused), (counter.fused, counter.plain)
