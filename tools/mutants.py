@@ -92,6 +92,13 @@ MUTANTS = [
     Mutant("levers: fused_ce not handed to the training loss", "src/qflash/train/distributed.py",
            "LossModule(model, autocast_dtype, fused_ce)", "LossModule(model, autocast_dtype)",
            "tests/unit/test_fused_ce.py::test_training_steps_follow_the_lever"),
+    # GGUF export (issue 23)
+    Mutant("gguf: Llama q/k left in transformers' rotary layout", "src/qflash/export/gguf.py",
+           "                t = _permute_rotary(t, heads if \"q_proj\" in hf_name else kv_heads)", "                pass",
+           "tests/integration/test_gguf_export.py::test_tiny_models_read_back_at_f16_rounding[llama]"),
+    Mutant("gguf: no end-of-turn id", "src/qflash/export/gguf.py",
+           '("eot", writer.add_eot_token_id)', '("no-eot", writer.add_eot_token_id)',
+           "tests/integration/test_gguf_export.py::test_a_trained_run_exports_merged_with_its_fidelity"),
     # GPU (run on the device: `python tools/mutants.py -k gpu`)
     Mutant("gpu: compiled layers drop the LoRA term of the input gradient", "src/qflash/model/fused_lora.py",
            "return (_grad_input_op if torch.compiler.is_compiling() else _grad_input)(g, w, gb, a, scaling)",

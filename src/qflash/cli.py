@@ -126,6 +126,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from qflash.export.gguf_export import ExportOptions, export
+
+    export(ExportOptions(args.source, format=args.format, dtype=args.dtype, output=args.output, base=args.base,
+                         overwrite=args.overwrite, check=not args.no_check, check_samples=args.check_samples))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from qflash.demo import compare_and_print
 
@@ -195,7 +203,8 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qflash", description="QLoRA fine-tuning with FlashAttention and packed sequences.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_config, _add_data, _add_chat, _add_generate, _add_serve, _add_merge, _add_eval, _add_compare, _add_bench, _add_demo):
+    for add in (_add_train, _add_config, _add_data, _add_chat, _add_generate, _add_serve, _add_merge, _add_export,
+                _add_eval, _add_compare, _add_bench, _add_demo):
         add(sub)
     return p
 
@@ -283,6 +292,19 @@ def _add_merge(sub) -> None:
     mg.add_argument("--check-samples", type=int, default=4, help="held-out samples for the fidelity check")
     mg.add_argument("--no-check", action="store_true", help="skip the fidelity check (logits vs base+adapter)")
     mg.set_defaults(fn=cmd_merge)
+
+
+def _add_export(sub) -> None:
+    ex = sub.add_parser("export", help="a run (merged) or a model as one GGUF file for llama.cpp / Ollama, checked")
+    ex.add_argument("source", metavar="RUN_OR_MODEL", help="a run directory, an adapter directory, or a model")
+    ex.add_argument("--format", default="gguf", choices=["gguf"])
+    ex.add_argument("--dtype", default="q8_0", choices=["f16", "bf16", "q8_0"], help="the GGUF's weight type")
+    ex.add_argument("--output", help="the .gguf file (default: RUN/export/NAME-DTYPE.gguf)")
+    ex.add_argument("--base", help="the base model for a run (default: the run's model.path)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    ex.add_argument("--check-samples", type=int, default=4, help="held-out samples for the fidelity check")
+    ex.add_argument("--no-check", action="store_true", help="skip the fidelity check (the GGUF read back)")
+    ex.set_defaults(fn=cmd_export)
 
 
 def _add_eval(sub) -> None:

@@ -1,0 +1,104 @@
+"""`qflash export --format gguf` on the CPU: tiny random Qwen2 and Llama models (the real SmolLM2 tokenizer) and a
+trained tiny run, read back by transformers' own GGUF loader (no qflash code on the reading side)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from qflash.errors import ConfigError, ModelError
+from qflash.export.gguf import read_back
+from qflash.export.gguf_export import ExportOptions, export
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits.float()[0]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tiny_models_read_back_at_f16_rounding(arch, tiny_models, tmp_path):
+    """f16: the logits of the fp32 model with its matrices rounded to f16, up to fp32 arithmetic (q/k permuted for
+    Llama and back by transformers; Qwen2's biases kept); q8_0: close in distribution. The tokenizer read back from the GGUF tokenizes the same."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_models[arch]
+    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    text = "<|im_start|>user\nWhat is your name? 你叫什么名字？<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text)["input_ids"]
+    want = _logits(ref, ids)
+    with torch.no_grad():  # the same model with its matrices rounded to f16 (vectors stay f32, as in the GGUF)
+        for p in ref.parameters():
+            if p.dim() > 1:
+                p.copy_(p.half().float())
+    want16 = _logits(ref, ids)
+    assert float((want16 - want).abs().max()) > 0
+    for dtype, bound in (("f16", 1e-5), ("q8_0", None)):
+        out = tmp_path / f"{arch}-{dtype}.gguf"
+        report = export(ExportOptions(str(src), dtype=dtype, output=str(out), check=False))
+        assert out.is_file() and report["arch"] == arch and report["tensors"] > 0
+        model, gtok = read_back(out)
+        assert gtok(text)["input_ids"] == ids
+        got = _logits(model, ids)
+        diff = float((got - want).abs().max())
+        if bound is not None:  # exactly the f16-rounded model, up to fp32 arithmetic
+            assert float((got - want16).abs().max()) <= bound * float(want.abs().max()), (dtype, diff)
+        else:
+            kl = float((want.log_softmax(-1).exp() * (want.log_softmax(-1) - got.log_softmax(-1))).sum(-1).mean())
+            assert kl < 1e-2 and diff > 0, (kl, diff)
+    assert (tmp_path / "Modelfile").is_file()  # the SmolLM2 tokenizer's template is ChatML
+    modelfile = (tmp_path / "Modelfile").read_text(encoding="utf-8")
+    assert modelfile.startswith(f"FROM ./{arch}-q8_0.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_a_trained_run_exports_merged_with_its_fidelity(tiny_models, identity_subset, tmp_path):
+    """A run: merged (streamed), converted, read back and compared with the merged model on held-out samples;
+    the report beside the file; the GGUF carries the trained chat template and end-of-turn token."""
+    from gguf import GGUFReader
+
+    from qflash.train.loop import build_setup, run_training
+
+    cfg = tiny_config(tiny_models["qwen2"], identity_subset, tmp_path / "run", "train.max_steps=3",
+                      "data.eval_ratio=0.25")
+    run_training(build_setup(cfg), quiet=True)
+    out = tmp_path / "out" / "run.gguf"
+    report = export(ExportOptions(str(tmp_path / "run"), dtype="f16", output=str(out)))
+    saved = json.loads(out.with_name("run.gguf.fidelity.json").read_text(encoding="utf-8"))
+    f = saved["fidelity"]
+    assert f["tokens"] > 0 and f["mean_kl"] < 1e-4 and f["top1_agreement"] > 0.99, f
+    assert report["fidelity"]["mean_kl"] == f["mean_kl"]
+    fields = GGUFReader(str(out)).fields
+    template = bytes(fields["tokenizer.chat_template"].parts[-1]).decode()
+    assert "<|im_start|>" in template
+    eot = int(fields["tokenizer.ggml.eot_token_id"].parts[-1][0])
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert bytes(tokens.parts[tokens.data[eot]]).decode() == "<|im_end|>"
+    assert not list(out.parent.glob(".*"))  # nothing temporary left beside it
+
+
+def test_bad_inputs_leave_nothing_behind(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    gpt2 = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    out = tmp_path / "out" / "x.gguf"
+    with pytest.raises(ModelError, match="supported: LlamaForCausalLM, Qwen2ForCausalLM"):
+        export(ExportOptions(str(gpt2), dtype="f16", output=str(out), check=False))
+    assert not out.exists() and not list(out.parent.glob(".*"))
+    out.write_bytes(b"keep")
+    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
+        export(ExportOptions(str(tiny_models["llama"]), dtype="f16", output=str(out), check=False))
+    assert out.read_bytes() == b"keep"
+    with pytest.raises(ConfigError, match="--dtype q4_k"):
+        export(ExportOptions(str(tiny_models["llama"]), dtype="q4_k", output=str(out), check=False))
+    run = tmp_path / "orphan"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ConfigError, match="base model is unknown"):
+        export(ExportOptions(str(run), dtype="f16", output=str(tmp_path / "o.gguf"), check=False))
+    assert not (tmp_path / "o.gguf").exists()
