@@ -51,9 +51,10 @@ def test_tiny_models_read_back_at_f16_rounding(arch, tiny_models, tmp_path):
         else:
             kl = float((want.log_softmax(-1).exp() * (want.log_softmax(-1) - got.log_softmax(-1))).sum(-1).mean())
             assert kl < 1e-2 and diff > 0, (kl, diff)
-    assert (tmp_path / "Modelfile").is_file()  # the SmolLM2 tokenizer's template is ChatML
-    modelfile = (tmp_path / "Modelfile").read_text(encoding="utf-8")
-    assert modelfile.startswith(f"FROM ./{arch}-q8_0.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    for dtype in ("f16", "q8_0"):  # the SmolLM2 tokenizer's template is ChatML, with a default system prompt
+        modelfile = (tmp_path / f"{arch}-{dtype}.Modelfile").read_text(encoding="utf-8")
+        assert modelfile.startswith(f"FROM ./{arch}-{dtype}.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
+        assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile, modelfile
 
 
 def test_a_trained_run_exports_merged_with_its_fidelity(tiny_models, identity_subset, tmp_path):

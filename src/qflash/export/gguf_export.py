@@ -96,7 +96,7 @@ def export(opts: ExportOptions) -> dict:
         os.replace(tmp_file, out)
         os.replace(work / (out.name + ".fidelity.json"), out.with_name(out.name + ".fidelity.json"))
         if modelfile is not None:
-            os.replace(modelfile, out.with_name("Modelfile"))
+            os.replace(modelfile, modelfile_path(out))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = time.perf_counter() - t0
@@ -222,6 +222,11 @@ CHATML = '''{{- if .System }}<|im_start|>system
 '''
 
 
+def modelfile_path(out: Path) -> Path:
+    """NAME.Modelfile beside NAME.gguf (several exports may share a directory)."""
+    return out.with_name(out.stem + ".Modelfile")
+
+
 def write_modelfile(model_dir: Path, out: Path, cfg: Config | None) -> Path | None:
     """An Ollama Modelfile for a ChatML template (SmolLM2, Qwen2): FROM, TEMPLATE, the stop token, the system
     prompt the template adds by default (or the run's). Other templates: none written (said), Ollama then uses
@@ -233,9 +238,9 @@ def write_modelfile(model_dir: Path, out: Path, cfg: Config | None) -> Path | No
         console.print("  Modelfile: not written (the chat template is not ChatML; Ollama reads the one in the GGUF)")
         return None
     system = None
-    m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", template)
-    if m:
-        system = m.group(1).encode().decode("unicode_escape")
+    m = re.search(r"<\|im_start\|>system(?:\\n|\n)([^{}'\"]*?)<\|im_end\|>", template)
+    if m:  # the system prompt the template adds when a conversation has none (what the run trained with)
+        system = m.group(1).replace("\\n", "\n")
     lines = [f"FROM ./{out.name}", f'TEMPLATE """{CHATML}"""', 'PARAMETER stop "<|im_end|>"',
              'PARAMETER stop "<|im_start|>"']
     if system:
@@ -252,6 +257,6 @@ def _summary(report: dict, out: Path, result: GgufResult) -> str:
             + (f"; mean KL vs the merged model {f['mean_kl']:.2e}, top-1 {f['top1_agreement']:.1%}" if f else "")
             + (f"; {len(result.kept_f16)} matrices kept f16" if result.kept_f16 else "")
             + f"\n  fidelity    {out.with_name(out.name + '.fidelity.json')}"
-            + (f"\n  ollama      ollama create {out.stem} -f {out.with_name('Modelfile')}"
-               if out.with_name("Modelfile").exists() else "")
+            + (f"\n  ollama      ollama create {out.stem} -f {modelfile_path(out)}"
+               if modelfile_path(out).exists() else "")
             + f"\n  llama.cpp   llama-cli -m {out} -cnv")
