@@ -103,3 +103,25 @@ def test_bad_inputs_leave_nothing_behind(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="base model is unknown"):
         export(ExportOptions(str(run), dtype="f16", output=str(tmp_path / "o.gguf"), check=False))
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_a_full_disk_is_one_error_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    """The writer failing half way (ENOSPC from the file system) is one clear error; no partial file remains."""
+    import errno
+
+    import gguf
+
+    calls = []
+    real = gguf.GGUFWriter.write_tensor_data
+
+    def full(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
+    out = tmp_path / "out" / "full.gguf"
+    with pytest.raises(ModelError, match="No space left on device"):
+        export(ExportOptions(str(tiny_models["qwen2"]), dtype="f16", output=str(out), check=False))
+    assert not out.exists() and list(out.parent.iterdir()) == []

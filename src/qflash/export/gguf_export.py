@@ -84,8 +84,11 @@ def export(opts: ExportOptions) -> dict:
         architecture(config, model_dir)  # refused before any writing, naming what is supported
         _need_space(out.parent, _model_bytes(model_dir), "the GGUF file")
         console.print(f"[bold]qflash export[/]: {model_dir} -> {out} ({opts.dtype})")
-        result = hf_to_gguf(model_dir, tmp_file, opts.dtype, name, progress=_progress())
-        fsync_file(tmp_file)
+        try:
+            result = hf_to_gguf(model_dir, tmp_file, opts.dtype, name, progress=_progress())
+            fsync_file(tmp_file)
+        except OSError as e:  # a full disk, mostly: nothing is left behind (the work directory goes below)
+            raise ModelError(f"{out}: writing the GGUF failed ({e.strerror or e}); nothing was written") from None
         report = {"file": str(out), "arch": result.arch, "dtype": opts.dtype, "tensors": result.tensors,
                   "bytes": tmp_file.stat().st_size, "kept_f16": result.kept_f16, "source": str(opts.source)}
         if opts.check:
