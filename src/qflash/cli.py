@@ -298,7 +298,7 @@ def _add_export(sub) -> None:
     ex = sub.add_parser("export", help="a run (merged) or a model as one GGUF file for llama.cpp / Ollama, checked")
     ex.add_argument("source", metavar="RUN_OR_MODEL", help="a run directory, an adapter directory, or a model")
     ex.add_argument("--format", default="gguf", choices=["gguf"])
-    ex.add_argument("--dtype", default="q8_0", choices=["f16", "bf16", "q8_0"], help="the GGUF's weight type")
+    ex.add_argument("--dtype", default="q8_0", choices=["f16", "bf16", "q8_0", "q4_0"], help="the GGUF's weight type")
     ex.add_argument("--output", help="the .gguf file (default: RUN/export/NAME-DTYPE.gguf)")
     ex.add_argument("--base", help="the base model for a run (default: the run's model.path)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --output")

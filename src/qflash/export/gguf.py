@@ -6,9 +6,10 @@ token types, special ids, the end-of-turn token) and the chat template the direc
 the one the run trained with). Llama's q/k projections are permuted into the rotary layout llama.cpp expects;
 Qwen2's are not (its rotary pairs halves, as transformers does) and keep their biases.
 
-Types: f16, bf16, q8_0 (blocks of 32 weights, one fp16 scale; the gguf package's quantizer). One-dimensional
-tensors (norms, biases) stay f32, as llama.cpp's own converter keeps them; a matrix whose rows are not a
-multiple of 32 goes f16 under q8_0 (said in the summary).
+Types: f16, bf16, q8_0 and q4_0 (blocks of 32 weights with one fp16 scale, 8 or 4 bits each; the gguf
+package's quantizer; under q4_0 the token embedding / output projection stay q8_0). One-dimensional tensors
+(norms, biases) stay f32, as llama.cpp's own converter keeps them; a matrix whose rows are not a multiple of 32
+stays f16 under q8_0/q4_0 (said in the summary).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from qflash.errors import ConfigError, ModelError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 """What this exporter writes: transformers' class -> llama.cpp's architecture name."""
-TYPES = ("f16", "bf16", "q8_0")
+TYPES = ("f16", "bf16", "q8_0", "q4_0")
 
 
 @dataclass
@@ -161,20 +162,23 @@ def add_model_metadata(writer, config: dict, arch: str, name: str, dtype: str) -
     writer.add_vocab_size(config["vocab_size"])
     writer.add_rope_dimension_count(config.get("head_dim") or hidden // heads)
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _target_type(shape: tuple[int, ...], dtype: str):
-    """(GGML type, numpy dtype of the written array) for a tensor of `shape` under --dtype `dtype`."""
+def _target_type(shape: tuple[int, ...], dtype: str, target: str = ""):
+    """(GGML type, numpy dtype of the written array) for the tensor `target` of `shape` under --dtype `dtype`.
+    q4_0 keeps the embedding / output projection at q8_0 (the tensor 4 bits hurt most, read by every token)."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
     if len(shape) == 1:
         return Q.F32, np.float32
-    if dtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
-        return Q.Q8_0, np.uint8
+    if dtype == "q4_0" and target.startswith(("token_embd", "output.")):
+        dtype = "q8_0"
+    if dtype in ("q8_0", "q4_0") and shape[-1] % 32 == 0:
+        return (Q.Q8_0 if dtype == "q8_0" else Q.Q4_0), np.uint8
     if dtype == "bf16":
         return Q.BF16, np.uint16
     return Q.F16, np.float16
@@ -226,8 +230,8 @@ def hf_to_gguf(model_dir: Path, out: Path, dtype: str, name: str, progress=None)
                 continue
             raise ModelError(f"{model_dir}: tensor {hf_name} has no GGUF name for {arch}")
         shape = tuple(model.tensors[hf_name].shape)
-        qtype, np_dtype = _target_type(shape, dtype)
-        if dtype == "q8_0" and len(shape) > 1 and qtype != gguf.GGMLQuantizationType.Q8_0:
+        qtype, np_dtype = _target_type(shape, dtype, target)
+        if dtype in ("q8_0", "q4_0") and len(shape) > 1 and np_dtype != np.uint8:
             result.kept_f16.append(target)
         plan.append((hf_name, target, shape, qtype, np_dtype))
     writer = gguf.GGUFWriter(out, arch)

@@ -26,7 +26,7 @@ from qflash.errors import ConfigError, ModelError
 from qflash.export.gguf import TYPES, GgufResult, architecture, fsync_file, hf_to_gguf, read_back
 from qflash.ui import console
 
-MERGE_DTYPE = {"f16": "fp16", "q8_0": "fp16", "bf16": "bf16"}
+MERGE_DTYPE = {"f16": "fp16", "q8_0": "fp16", "q4_0": "fp16", "bf16": "bf16"}
 
 
 @dataclass
