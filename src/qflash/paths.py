@@ -23,6 +23,12 @@ def qflash_home() -> Path:
     return Path(base) / "qflash"
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk before it is renamed into place."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

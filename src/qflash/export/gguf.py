@@ -15,7 +15,6 @@ stays f16 under q8_0/q4_0 (said in the summary).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,10 +272,3 @@ def read_back(path: Path, dtype: torch.dtype = torch.float32):
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, use_kernels=False, **kw)
     return model.eval(), tok
 
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -23,7 +23,8 @@ import torch
 
 from qflash.config import Config
 from qflash.errors import ConfigError, ModelError
-from qflash.export.gguf import TYPES, GgufResult, architecture, fsync_file, hf_to_gguf, read_back
+from qflash.export.gguf import TYPES, GgufResult, architecture, hf_to_gguf, read_back
+from qflash.paths import fsync_file
 from qflash.ui import console
 
 MERGE_DTYPE = {"f16": "fp16", "q8_0": "fp16", "q4_0": "fp16", "bf16": "bf16"}

@@ -28,7 +28,7 @@ from qflash.config import Config
 from qflash.errors import ConfigError, ModelError
 from qflash.export.adapter import Adapter, AdapterError, LoraModule, delta_shape, merged_bias, merged_weight, read_adapter
 from qflash.export.safetensors_io import DTYPES, INDEX_FILE, SafetensorsModel, ShardLayout, parse_size, plan_shards, write_shard
-from qflash.paths import swap_in
+from qflash.paths import fsync_file, swap_in
 from qflash.ui import console
 
 MERGE_RECORD = "qflash_merge.json"
@@ -215,11 +215,6 @@ def _finite(w: torch.Tensor) -> bool:
     return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def write_shards(plan: MergePlan, layout: ShardLayout, model: SafetensorsModel, adapter: Adapter,
                  dtype: torch.dtype, out_dir: Path) -> None:
     """Produce the tensors in layout order, one shard held at a time."""
@@ -232,7 +227,7 @@ def write_shards(plan: MergePlan, layout: ShardLayout, model: SafetensorsModel, 
                 progress.advance(shard[name].nbytes)
             write_shard(out_dir / file, shard)
             del shard
-            _fsync(out_dir / file)
+            fsync_file(out_dir / file)
     finally:
         progress.close()
     if layout.sharded:
