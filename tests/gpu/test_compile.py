@@ -91,50 +91,12 @@ def test_traced_dequant_matches_bitsandbytes_cuda_kernel(shape):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
-def _grads(model_dir, docs, overrides: list[str], compute: torch.dtype, lora_b_scale: float = 0.05):
-    """Loss and LoRA gradients of one step of qflash's training path (`overrides` on the defaults), LoRA B set
-    to seeded values large enough that the update carries about a quarter of each projection's output (weights
-    of std 0.02: alpha/r 0.25 x B 0.05 x A's 0.05 x sqrt(r=64)): every LoRA gradient is live and the LoRA terms of
-    the input gradients matter."""
-    from qflash.bench import runner
-    from qflash.data.batching import trained_tokens
-    from qflash.model.loading import load_configured_base
-    from qflash.train import levers as levers_mod
-    from qflash.train.loss import loss_sum
-
-    runner.QFLASH_OVERRIDES[:] = overrides
-    try:
-        cfg = runner.qflash_config(0.0, 1e-3, "auto")
-    finally:
-        runner.QFLASH_OVERRIDES[:] = []
-    model = load_configured_base(cfg, model_dir, torch.device("cuda"), compute)
-    model.config.use_cache = False
-    cfg.train.gradient_checkpointing = True
-    planned = 10**6 if cfg.kernels.compile_layers is True else 0  # compiled only when asked for
-    levers = levers_mod.resolve(cfg, torch.device("cuda"), compute, model, planned_steps=planned)
-    model, levers = levers_mod.apply(model, levers, cfg, seed=0)
-    model.train()
-    with torch.no_grad():
-        gen = torch.Generator(device="cuda").manual_seed(7)
-        for n, p in sorted(model.named_parameters()):
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * lora_b_scale)
-    batches = runner.qflash_batches(docs, 1024, model)
-    n = sum(trained_tokens(b) for b in batches)
-    total = 0.0
-    for b in batches:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=compute == torch.bfloat16):
-            loss = loss_sum(model, b, fused_ce=levers.fused_ce.on) / n
-        loss.backward()
-        total += loss.item()
-    return total, {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
-
-
 def test_compiled_layer_gradients_match_eager_tensor_by_tensor(tmp_path, monkeypatch):
     """compile_layers (on by default for long runs) with every default lever on: each LoRA gradient is as close to
     the fp32 truth as plain eager bf16 training's (within 1.5x its error, or 1%). The comparison can fail: zero
     gradients, and the gradients of another batch, are both rejected by it. (CPU twin, exact in fp32:
     tests/unit/test_kernels.py::test_compiled_layer_backward_matches_eager_through_aot_autograd.)"""
+    from test_gpu import _loss_and_lora_grads as _grads
     from test_gpu import _tiny_dir, rel_err
 
     from qflash.model import activation_offload
