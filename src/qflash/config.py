@@ -8,6 +8,7 @@ which key, and what is wrong, so the CLI can print it as one line.
 from __future__ import annotations
 
 import ast
+import codecs
 import dataclasses
 import difflib
 import functools
@@ -140,6 +141,10 @@ class DataConfig:
     pretraining; full pieces pack into bins of one length, which attention.cudnn and train.cuda_graphs reward)."""
     on_error: Literal["fail", "skip"] = "fail"
     """A bad record: fail (exit 2, list the problems) or skip (count per reason, write them to a JSONL)."""
+    encoding: str = "auto"
+    """Text encoding of the data files that are neither UTF-8 nor marked by a byte-order mark (e.g. big5, gbk,
+    shift_jis, cp1251, cp1252); auto detects it among GB18030, Big5, EUC-KR, Shift-JIS, EUC-JP, CP1251 and KOI8-R
+    and refuses a file whose encoding it cannot tell. `qflash data check` shows what each file is read as."""
     num_proc: int = 0
     """Worker processes for tokenizing datasets of 2,000+ records; 0 = one per core (up to 8)."""
     cache: bool = True
@@ -336,6 +341,14 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Value checks that types alone cannot express. Each returns a reason, or None when fine.
 
+def _known_codec(name: str) -> bool:
+    """`auto` or a codec Python knows (data.encoding)."""
+    try:
+        return name == "auto" or bool(codecs.lookup(name))
+    except LookupError:
+        return False
+
+
 def _check_values(cfg: Config) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
 
@@ -351,6 +364,8 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(cfg.data.template in (None, "chatml"), "data.template", "known templates: chatml")
     need(0.0 <= cfg.data.eval_ratio < 1.0, "data.eval_ratio", "must be in [0, 1)")
     need(cfg.data.num_proc >= 0, "data.num_proc", "must be >= 0 (0 = one per core)")
+    need(_known_codec(cfg.data.encoding), "data.encoding",
+         "is not an encoding Python knows; use auto or a codec name such as big5, gbk, shift_jis, cp1251")
     for i, ds in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
         name = f"data.datasets.{i}" if i < len(cfg.data.datasets) else f"data.eval_datasets.{i - len(cfg.data.datasets)}"
         need(bool(ds.path), f"{name}.path", "is required")
@@ -734,6 +749,45 @@ def _key_lines(schema: dict[str, tuple[type, dataclasses.Field, Any]], docs: dic
 # --------------------------------------------------------------------------------------------
 # YAML with line numbers, overrides, and the public entry point.
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives one key twice: PyYAML would keep the last silently (a second `train:` section
+    replacing the first)."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (merge keys `<<:` may still be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping below says so
+            if seen is not None:
+                raise DuplicateKeyError(
+                    None, None, f"the key '{key}' is given twice (first at line {seen}); keep one — "
+                    "the second would silently replace the first", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path, text: str | None = None) -> Any:
+    """The YAML of a file (text, when given, is its content), with StrictLoader; a ConfigError naming the file
+    and line when it is not valid YAML or gives a key twice."""
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8")
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (StrictLoader is a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+
+
 def _yaml_lines(text: str, path: str) -> dict[str, int]:
     """dotted key -> line number (1-based) of that key in the YAML text."""
     lines: dict[str, int] = {}
@@ -765,7 +819,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"command line: '{text}' has no key before '='")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else ""  # noqa: S506 (a SafeLoader)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"command line '{text}': {e.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -806,13 +862,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
         text = p.read_text(encoding="utf-8")
-        try:
-            loaded = yaml.safe_load(text)
-            lines = _yaml_lines(text, str(p))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        loaded = read_yaml(p, text)
+        lines = _yaml_lines(text, str(p))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-from qflash.config import Config, config_from_dict
+from qflash.config import Config, config_from_dict, read_yaml
 from qflash.errors import ConfigError
 from qflash.paths import inside, replaced_atomically
 
@@ -52,7 +50,7 @@ def find_adapter(path: str | Path) -> tuple[Path, Config | None]:
         if (cand / "adapter_config.json").is_file():
             cfg = None
             if (cand / RUN_CONFIG).is_file():
-                tree = yaml.safe_load((cand / RUN_CONFIG).read_text(encoding="utf-8"))
+                tree = read_yaml(cand / RUN_CONFIG)
                 cfg = config_from_dict(tree, where=str(cand / RUN_CONFIG))
             return cand, cfg
     if (p / "config.yaml").is_file() and not (p / ADAPTER_DIR).exists():

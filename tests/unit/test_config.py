@@ -130,3 +130,28 @@ def test_missing_config_file(capsys):
 def test_defaults_are_valid():
     cfg = Config()
     assert cfg.quant.mode == "nf4" and cfg.quant.double_quant and cfg.train.gradient_checkpointing
+
+
+def test_a_key_given_twice_in_the_yaml_names_file_line_and_key(tmp_path):
+    # A second `train:` section used to replace the first: max_steps and save_every fell back to defaults.
+    p = tmp_path / "twice.yaml"
+    p.write_text("train:\n  max_steps: 20\n  save_every: 5\nlora:\n  r: 8\ntrain:\n  lr: 1.0e-4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"^{p}:6: not valid YAML: the key 'train' is given twice \(first at line 1\)"):
+        load_config(p)
+    p.write_text("train:\n  max_steps: 20\n  lr: 1.0e-4\n  max_steps: 30\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"^{p}:4: .*'max_steps' is given twice \(first at line 2\)"):
+        load_config(p)
+    # Merge keys stay YAML: an explicit key overrides a merged one.
+    p.write_text("data:\n  vars:\n    <<: {name: A, author: B}\n    name: C\n", encoding="utf-8")
+    assert load_config(p).data.vars == {"name": "C", "author": "B"}
+
+
+def test_a_key_given_twice_in_an_override_or_a_saved_run_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"command line 'data.vars=\{name: A, name: B\}': the key 'name' is given twice"):
+        load_config(None, ["data.vars={name: A, name: B}"])
+    from qflash.rundir import RUN_CONFIG, find_adapter
+
+    (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / RUN_CONFIG).write_text("train:\n  max_steps: 3\ntrain:\n  max_steps: 4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / RUN_CONFIG}:3: .*'train' is given twice"):
+        find_adapter(tmp_path)

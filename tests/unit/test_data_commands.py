@@ -112,3 +112,22 @@ def test_training_reuses_what_check_cached(tmp_path, smol_tokenizer):
     cfg = load_config(None, [f"data.datasets=[{{path: '{p}'}}]"])
     _, stats = build_examples(cfg.data, ChatRenderer(smol_tokenizer), cache_dir=tmp_path / "data-cache")
     assert stats.cache == {str(p): "hit"}
+
+
+def test_check_with_every_record_skipped_is_not_usable(tmp_path):
+    p = write_jsonl(tmp_path / "questions.jsonl", [{"messages": [{"role": "user", "content": "only a question"}]}] * 2)
+    c = captured()
+    assert run_check(str(p), [], on_error="skip", skipped=str(tmp_path / "s.jsonl"), console=c) == 2
+    assert "not usable: no samples" in output(c) and "no usable samples" in output(c)
+
+
+def test_check_shows_the_encoding_of_each_file(tmp_path):
+    from test_data_encodings import ZH_HANT, rows, write_csv
+
+    (tmp_path / "d").mkdir()
+    write_csv(tmp_path / "d" / "zh.csv", rows(ZH_HANT), "big5")
+    (tmp_path / "d" / "en.csv").write_text("id,question,answer\n1,hi,hello\n", encoding="utf-8")
+    c = captured()
+    assert run_check(str(tmp_path / "d"), [], columns="user=question,assistant=answer", console=c) == 0
+    assert f"{tmp_path / 'd' / 'zh.csv'}: encoding big5 (cp950)" in output(c)
+    assert f"{tmp_path / 'd' / 'en.csv'}: encoding utf-8" in output(c)

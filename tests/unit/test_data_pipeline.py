@@ -323,3 +323,59 @@ def test_demo_samples_of_every_format_are_clean(name, spec, renderer):
     examples, stats = build_examples(cfg, renderer)
     assert len(examples) == stats.records >= 2 and not stats.problems
     assert all(ex.n_trained > 0 for ex in examples)
+
+
+QUESTION_ONLY = {"messages": [{"role": "user", "content": "only a question"}]}
+
+
+@pytest.mark.parametrize("case", ["empty file", "every record skipped"])
+def test_no_training_sample_is_an_error_before_the_model_loads(case, tmp_path, smol_dir, monkeypatch):
+    from conftest import tiny_config
+    from qflash.train import loop
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loop, "load_configured_base", no_model)
+    p = tmp_path / "data.jsonl"
+    if case == "empty file":
+        p.write_text("", encoding="utf-8")
+    else:
+        write_jsonl(p, [QUESTION_ONLY] * 3)
+    cfg = tiny_config(smol_dir, p, tmp_path / "run", "data.on_error=skip", "data.cache=false")
+    with pytest.raises(DataError) as e:
+        loop.build_setup(cfg, quiet=True)
+    msg = str(e.value)
+    assert msg.startswith(f"data.datasets: no training samples in {p}: ") and "run `qflash data check`" in msg
+    if case == "empty file":
+        assert "they hold no records (empty files?)" in msg
+    else:
+        assert "of their 3 record(s), 3 skipped as bad under data.on_error=skip (no assistant turn: 3)" in msg
+        assert f"written to {tmp_path / 'run' / 'skipped-train.jsonl'}" in msg
+
+
+def test_line_separators_inside_records_round_trip_through_the_cache(tmp_path, renderer):
+    # json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 as they are: str.splitlines() breaks there.
+    text = "first\u2028second\u2029third\u0085end"
+    bad = {"messages": [{"role": "user", "content": text}]}
+    p = write_jsonl(tmp_path / "separators.jsonl", [sharegpt("hi " + text, "ok " + text), bad])
+    cfg = data_cfg(p, "data.on_error=skip", cache=True)
+    first, = pipeline.encode_datasets(cfg, cfg.datasets, renderer, cache_dir=tmp_path / "cache")
+    again, = pipeline.encode_datasets(cfg, cfg.datasets, renderer, cache_dir=tmp_path / "cache")
+    assert (first.cache, again.cache) == ("written", "hit")
+    assert [(q.line, q.kind, q.raw) for q in again.problems] == [(2, "no assistant turn", bad)]
+    assert again.examples.ids.tolist() == first.examples.ids.tolist() and len(again.examples) == 1
+
+
+def test_training_logs_the_encoding_of_every_file(tmp_path, renderer, caplog):
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "a.jsonl", [sharegpt("hi", "hello")])
+    (tmp_path / "d" / "b.jsonl").write_bytes(
+        (json.dumps(sharegpt("头痛怎么办？最近总是头痛，晚上睡不好，白天也没有精神。" * 4, "建议规律作息，必要时就医检查。" * 4),
+                    ensure_ascii=False) + "\n").encode("gb18030"))
+    with caplog.at_level("INFO", logger="qflash.data.pipeline"):
+        examples, _ = build_examples(data_cfg(tmp_path / "d"), renderer)
+    assert len(examples) == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert f"data: {tmp_path / 'd' / 'a.jsonl'}: encoding utf-8" in said
+    assert f"data: {tmp_path / 'd' / 'b.jsonl'}: encoding gb18030" in said

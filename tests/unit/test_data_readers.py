@@ -158,3 +158,23 @@ def test_read_file_raises_every_problem_at_once(tmp_path):
     msg = str(e.value)
     assert "25 data problem(s) in 25 record(s) (malformed JSON: 25)" in msg
     assert f"{p}:20: malformed JSON" in msg and f"{p}:21:" not in msg and "... and 5 more" in msg
+
+
+def test_keyed_json_with_an_id_given_twice_keeps_both_apart(tmp_path):
+    # json.loads keeps the last of two equal keys: the first record used to vanish without a word.
+    p = tmp_path / "keyed.json"
+    p.write_text('{\n "a": {"text": "first"},\n "b": {"text": "bee"},\n "a": {"text": "second"}\n}\n', encoding="utf-8")
+    fr = read_one(p)
+    assert [(r.data["text"], r.line) for r in fr.records] == [("first", 2), ("bee", 3)]
+    (problem,) = fr.problems
+    assert problem.kind == "duplicate id" and problem.raw == '{"text": "second"}'
+    assert problem.message == (f"{p}:4: duplicate id 'a': the record at line 2 has the same id; "
+                               "give every record its own id")
+    with pytest.raises(DataError, match="1 data problem.*duplicate id: 1"):
+        list(read_file(p))
+    # The list of a {"data": [...]} file given twice: the file is refused, not half read.
+    w = tmp_path / "wrapped.json"
+    w.write_text('{"data": [{"text": "x"}],\n "data": [{"text": "y"}]}\n', encoding="utf-8")
+    fr = read_one(w)
+    assert fr.records == [] and fr.problems[0].message.startswith(
+        f"{w}:2: the key 'data' holding the records is given 2 times (lines 1 and 2)")

@@ -24,6 +24,8 @@ class SampleStream:
     """Which example indices each optimizer step consumes (per-epoch permutation cached)."""
 
     def __init__(self, n: int, seed: int, samples_per_step: int):
+        if n < 1:  # build_examples refuses an empty training set with the reason; this is the last guard
+            raise ValueError("SampleStream: no samples to draw from")
         self.n, self.seed, self.per_step = n, seed, samples_per_step
         self._epoch, self._order = -1, []
 

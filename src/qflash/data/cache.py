@@ -2,7 +2,7 @@
 
 The key hashes everything the tokens depend on: the bytes of every data file, the tokenizer files
 and the chat template in use, the dataset's format settings, the data settings that change tokens
-(vars, max_len, too_long, train_on, template), the versions of transformers and tokenizers, and
+(vars, max_len, too_long, train_on, template, encoding), the versions of transformers and tokenizers, and
 CACHE_VERSION (raise it whenever this package changes how data becomes tokens). It can be computed
 from the model directory without loading the tokenizer, so a cache hit costs no tokenizer load.
 
@@ -30,7 +30,7 @@ from qflash.data.problems import Problem
 from qflash.data.table import ExampleTable
 from qflash.data.template import TEMPLATES
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -99,7 +99,7 @@ def dataset_key(spec: DatasetSpec, cfg: DataConfig, files: list[Path], tok_ident
         "tokenizer": tok_identity,
         "files": [[str(f), sha256_file(f)] for f in files],
         "format": [spec.format, spec.columns, spec.prompt_template],
-        "data": [cfg.vars, cfg.max_len, cfg.too_long, cfg.train_on, cfg.template],
+        "data": [cfg.vars, cfg.max_len, cfg.too_long, cfg.train_on, cfg.template, cfg.encoding],
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
 
@@ -170,8 +170,9 @@ def load(cache_dir: Path, key: str) -> CachedDataset | None:
         meta = json.loads((entry / META_FILE).read_text(encoding="utf-8"))
         with pa.memory_map(str(entry / ARROW_FILE)) as source:
             table = pa.ipc.open_stream(source).read_all()
+        # split("\n"), not splitlines(): a record's text may hold U+2028, U+2029 or U+0085 unescaped.
         problems = [Problem.from_json(json.loads(line))
-                    for line in (entry / PROBLEMS_FILE).read_text(encoding="utf-8").splitlines() if line]
+                    for line in (entry / PROBLEMS_FILE).read_text(encoding="utf-8").split("\n") if line]
     except (OSError, ValueError, KeyError, pa.ArrowException):
         return None
     ids = table.column("input_ids").combine_chunks()

@@ -25,6 +25,7 @@ from qflash.data.pipeline import (
     DatasetResult,
     default_cache_dir,
     encode_datasets,
+    encoding_lines,
     held_out,
     iter_conversations,
     qflash_home,
@@ -157,7 +158,8 @@ class ProgressReport:
 
 def _print_datasets(out: Console, results: list[DatasetResult]) -> None:
     for r in results:
-        encodings = ", ".join(sorted(set(r.encodings.values()))) or "-"
+        per_file = len(r.encodings) > 1
+        encodings = "per file below" if per_file else next(iter(r.encodings.values()), "-")
         detected = ", ".join(f"{fmt} {n:,}" if len(r.formats) > 1 else fmt for fmt, n in r.formats.items())
         fmt = f"{r.spec.format} ({detected})" if r.spec.format == "auto" and detected else r.spec.format
         out.print(
@@ -169,6 +171,9 @@ def _print_datasets(out: Console, results: list[DatasetResult]) -> None:
             + (f", {r.split:,} split into {r.pieces:,} pieces" if r.split else ""),
             highlight=False,
         )
+        if per_file:
+            for line in encoding_lines(r.encodings):
+                out.print(f"    {escape(line)}", highlight=False)
         if r.ignored:
             out.print(f"    [yellow]not data files, left out:[/] {', '.join(r.ignored[:5])}"
                       + (f" and {len(r.ignored) - 5} more" if len(r.ignored) > 5 else ""))
@@ -247,6 +252,10 @@ def _verdict(out: Console, cfg: Config, problems: list[Problem], dropped: list[P
                   "--on-error skip (data.on_error=skip) to leave those records out"
                   + (f"; dropped samples written to {written}" if written else ""))
         return 2
+    if not samples:
+        out.print(f"[bold red]not usable[/]: no samples ({seconds:.1f}s): the files hold no records, or every record "
+                  "was left out (see above)" + (f"; the left-out records are written to {written}" if written else ""))
+        return 2
     summary = f"[bold green]ok[/]: {samples:,} samples ready ({seconds:.1f}s)"
     if left_out:
         records = len({(p.file, p.line) for p in left_out})
@@ -290,7 +299,7 @@ def run_preview(source: str, overrides, *, fmt: str | None = None, columns: str 
     shown, records = 0, 0
     problems: Counter[str] = Counter()
     for spec in cfg.data.datasets + cfg.data.eval_datasets:
-        for _, result in iter_conversations(spec, cfg.data.vars):
+        for _, result in iter_conversations(spec, cfg.data.vars, cfg.data.encoding):
             if shown >= n:
                 break
             records += 1

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from qflash.once import log_once
 from qflash.paths import qflash_home
 from qflash.config import DataConfig, DatasetSpec
 from qflash.data import cache
@@ -260,12 +261,12 @@ def _check_format_known(reads: Sequence[FileRead], unknown: dict[str, int]) -> N
             )
 
 
-def iter_conversations(spec: DatasetSpec, variables: dict[str, str]):
+def iter_conversations(spec: DatasetSpec, variables: dict[str, str], encoding: str = "auto"):
     """(raw record, Conversation or its problems) for every record of a dataset, file by file."""
     check_columns_spec(spec)
     files, _ = resolve_files(spec.path)
     for f in files:
-        fr = read_one(f)
+        fr = read_one(f, encoding)
         _check_table_columns(fr, spec)
         for p in fr.problems:
             yield p.raw, [p]
@@ -297,7 +298,7 @@ def encode_dataset(
     reads: list[FileRead] = []
     for i, f in enumerate(files):
         progress(f"reading {f.name}", i, len(files))
-        fr = read_one(f)
+        fr = read_one(f, cfg.encoding)
         _check_table_columns(fr, spec)
         reads.append(fr)
     records = [rec for fr in reads for rec in fr.records]
@@ -461,8 +462,47 @@ def build_examples(
     stats.skipped = len({(p.file, p.line) for p in settled.left_out})
     stats.dropped_too_long = len(settled.dropped)
     stats.skipped_path = str(settled.written_to) if settled.written_to else None
+    for r in results:
+        for line in encoding_lines(r.encodings):
+            log_once(log, f"data: {line}", logging.INFO)
     _log_left_out(stats)
+    if split == "train" and not examples:
+        raise no_samples_error(results, stats, cfg.on_error)
     return examples, stats
+
+
+def encoding_lines(encodings: dict[str, str], limit: int = 10) -> list[str]:
+    """How each file was decoded, one line per file; for more than `limit` files, one line per encoding."""
+    if len(encodings) <= limit:
+        return [f"{f}: encoding {e}" for f, e in encodings.items()]
+    by_encoding: dict[str, list[str]] = {}
+    for f, e in encodings.items():
+        by_encoding.setdefault(e, []).append(f)
+    return [f"encoding {e}: {len(fs):,} files ({', '.join(fs[:3])}{', ...' if len(fs) > 3 else ''})"
+            for e, fs in by_encoding.items()]
+
+
+def no_samples_error(results: Sequence[DatasetResult], stats: DataStats, on_error: str) -> DataError:
+    """No training sample is left: which files gave what, and why each record went (train raises it before it
+    loads the model)."""
+    files = [f for r in results for f in r.encodings] or [r.spec.path for r in results]
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    if stats.records == 0:
+        why = "they hold no records (empty files?)"
+    else:
+        gone = []
+        if stats.skipped:
+            gone.append(f"{stats.skipped:,} skipped as bad under data.on_error={on_error} "
+                        f"({format_counts(stats.problems)})")
+        if stats.dropped_too_long:
+            gone.append(f"{stats.dropped_too_long:,} dropped as longer than data.max_len (data.too_long=drop)")
+        if stats.held_out:
+            gone.append(f"{stats.held_out:,} held out for evaluation by data.eval_ratio")
+        why = f"of their {stats.records:,} record(s), " + ("; ".join(gone) or "none gave a sample")
+        if stats.skipped_path:
+            why += f"; the left-out records are written to {stats.skipped_path}"
+    return DataError(f"data.datasets: no training samples in {shown}: {why}. Nothing to train on; run "
+                     "`qflash data check` on the config or the data to see every problem")
 
 
 def _log_left_out(stats: DataStats) -> None:
@@ -482,11 +522,11 @@ def _log_left_out(stats: DataStats) -> None:
     log.warning("data: %s%s", ", ".join(parts), where)
 
 
-def load_conversations(spec: DatasetSpec, variables: dict[str, str]) -> list[Conversation]:
+def load_conversations(spec: DatasetSpec, variables: dict[str, str], encoding: str = "auto") -> list[Conversation]:
     """Every record of a dataset as a Conversation; any problem raises one DataError listing them all."""
     convs: list[Conversation] = []
     problems: list[Problem] = []
-    for _, res in iter_conversations(spec, variables):
+    for _, res in iter_conversations(spec, variables, encoding):
         if isinstance(res, list):
             problems += res
         else:
@@ -538,6 +578,8 @@ def data_fingerprint(cfg: DataConfig, tok, replay_answers: str | None = None) ->
         "template": cfg.template,
         "train_on": cfg.train_on,
     }
+    if cfg.encoding != "auto":  # only then, so runs that leave it alone keep the fingerprints they had
+        settings["encoding"] = cfg.encoding
     if cfg.replay.prompts:  # only then, so runs without replay keep the fingerprints they had
         r = cfg.replay
         settings["replay"] = [r.prompts, r.ratio, r.max_new_tokens, r.system, r.unfinished, replay_answers]

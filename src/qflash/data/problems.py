@@ -20,6 +20,7 @@ ProblemKind = Literal[
     "invalid encoding",
     "malformed JSON",
     "malformed CSV",
+    "duplicate id",
     "not an object",
     "unknown format",
     "unknown role",

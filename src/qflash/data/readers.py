@@ -6,15 +6,8 @@ Parquet, and directories of them (recursively, in sorted order, hidden files lef
 record keeps its file and line: the line a JSON value or CSV row starts on, the JSONL line, or the
 1-based row of a Parquet file.
 
-Encoding, decided per file (Parquet is UTF-8 by definition):
-  1. a byte-order mark decides (UTF-8, UTF-16);
-  2. strict UTF-8;
-  3. if that fails, GB18030 (a superset of GBK/GB2312; Chinese spreadsheet exports use it), but only
-     when the whole file decodes strictly as GB18030, most non-ASCII bytes are *not* valid UTF-8,
-     and the high bytes come in runs as Chinese characters do (Latin-1 accents stand alone);
-  4. otherwise the file is UTF-8 with a few invalid bytes (a stray Latin-1 `é`, a cut character):
-     each record holding one is an "invalid encoding" problem and the rest of the file is fine.
-So one bad byte never flips a UTF-8 file to another encoding, and never aborts the file.
+Encodings are decided per file by qflash.data.encodings (Parquet is UTF-8 by definition); a file whose
+encoding cannot be told is refused whole (DataError), never read as mojibake.
 
 Nothing here raises for a bad record: lines that cannot be read come back as Problems, so one bad
 line cannot abort a load of 100k.
@@ -23,7 +16,6 @@ line cannot abort a load of 100k.
 from __future__ import annotations
 
 import bisect
-import codecs
 import csv
 import io
 import json
@@ -32,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from qflash.data.encodings import AUTO, DecodedText, decode_bytes, printable
 from qflash.data.problems import Problem, problems_error
 from qflash.errors import DataError
 
@@ -47,12 +40,6 @@ SUFFIXES = tuple(KINDS_BY_SUFFIX)
 # Keys that mark a JSON object as one record rather than a container of records.
 RECORD_KEYS = frozenset({"messages", "conversations", "instruction", "output", "text"})
 
-_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could not decode
-_VALID_NON_ASCII = re.compile("[^\x00-\x7f\udc80-\udcff]")
-_ISOLATED_HIGH_BYTE = re.compile(rb"(?<![\x80-\xff])[\x80-\xff](?![\x80-\xff])")
-_HIGH_BYTE = re.compile(rb"[\x80-\xff]")
-# A GB18030 file of Chinese text has almost no lone high bytes; a Latin-1 one has almost only those.
-_MAX_ISOLATED_SHARE = 0.2
 
 
 @dataclass
@@ -78,70 +65,6 @@ class FileRead:
     problems: list[Problem] = field(default_factory=list)
     columns: list[str] | None = None
     """Header of a CSV/TSV file or schema of a Parquet file; None for JSON."""
-
-
-@dataclass
-class DecodedText:
-    text: str
-    encoding: str
-    bad_lines: dict[int, str]
-    """line -> reason, for lines holding bytes that are not valid in `encoding`."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoding
-
-
-def decode_bytes(raw: bytes) -> DecodedText:
-    """Decode a whole file following the rules in the module docstring."""
-    if raw.startswith(codecs.BOM_UTF8):
-        return _utf8_with_bad_lines(raw[len(codecs.BOM_UTF8):], "utf-8 (BOM)")
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return DecodedText(raw.decode("utf-16"), "utf-16", {})  # UnicodeDecodeError: the caller reports the file
-    try:
-        return DecodedText(raw.decode("utf-8"), "utf-8", {})
-    except UnicodeDecodeError:
-        pass
-    if _looks_like_gb18030(raw):
-        return DecodedText(raw.decode("gb18030"), "gb18030", {})
-    return _utf8_with_bad_lines(raw, "utf-8")
-
-
-def _looks_like_gb18030(raw: bytes) -> bool:
-    as_utf8 = raw.decode("utf-8", "surrogateescape")
-    invalid = len(_ESCAPED_BYTE.findall(as_utf8))
-    if len(_VALID_NON_ASCII.findall(as_utf8)) >= invalid:
-        return False  # mostly valid UTF-8: the invalid bytes are the exception, not the encoding
-    try:
-        raw.decode("gb18030")
-    except UnicodeDecodeError:
-        return False
-    high = len(_HIGH_BYTE.findall(raw))
-    return len(_ISOLATED_HIGH_BYTE.findall(raw)) <= _MAX_ISOLATED_SHARE * high
-
-
-def _utf8_with_bad_lines(raw: bytes, name: str) -> DecodedText:
-    try:
-        return DecodedText(raw.decode("utf-8"), name, {})
-    except UnicodeDecodeError:
-        pass
-    # surrogateescape keeps every undecodable byte as one lone surrogate, so positions stay exact.
-    text = raw.decode("utf-8", "surrogateescape")
-    bad: dict[int, str] = {}
-    line, counted_to = 1, 0
-    for m in _ESCAPED_BYTE.finditer(text):
-        line += text.count("\n", counted_to, m.start())
-        counted_to = m.start()
-        if line not in bad:
-            column = m.start() - text.rfind("\n", 0, m.start())
-            byte = ord(m.group()) - 0xDC00
-            bad[line] = f"byte {byte:#04x} is not valid UTF-8 (column {column}); re-save the file as UTF-8"
-    return DecodedText(text, name, bad)
-
-
-def printable(text: str) -> str:
-    """Text that may hold undecodable bytes, with those bytes shown as \\xNN."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class _Lines:
@@ -239,20 +162,45 @@ def _json_array(path: str, text: str, start: int, dec: DecodedText, lines: _Line
         i = nxt
 
 
-def _object_members(text: str, start: int) -> dict[str, tuple[int, int]]:
-    """key -> (start, end) positions of its value, for the valid JSON object at text[start] == '{'."""
+def _object_members(text: str, start: int) -> list[tuple[str, int, int]]:
+    """(key, start, end) of each member's value, in file order, for the valid JSON object at text[start] == '{'.
+    A key given twice is listed twice (json.loads would keep only the last)."""
     decoder = json.JSONDecoder()
-    spans: dict[str, tuple[int, int]] = {}
+    members: list[tuple[str, int, int]] = []
     i = _skip_ws(text, start + 1)
     while i < len(text) and text[i] != "}":
         key, i = decoder.raw_decode(text, i)
         i = _skip_ws(text, _skip_ws(text, i) + 1)  # past ':'
         _, end = decoder.raw_decode(text, i)
-        spans[key] = (i, end)
+        members.append((key, i, end))
         i = _skip_ws(text, end)
         if text[i] == ",":
             i = _skip_ws(text, i + 1)
-    return spans
+    return members
+
+
+def _keyed_records(path: str, text: str, members: list[tuple[str, int, int]], dec: DecodedText, lines: _Lines,
+                   out: FileRead) -> None:
+    """{"id1": record, "id2": record}: one record per id; an id given twice is a problem of its second record."""
+    first_line: dict[str, int] = {}
+    for key, a, b in members:
+        line = lines.at(a)
+        if key in first_line:
+            out.problems.append(Problem(
+                path, line, "", f"duplicate id {key!r}: the record at line {first_line[key]} has the same id; "
+                "give every record its own id", "duplicate id", printable(text[a:b])))
+            continue
+        first_line[key] = line
+        _add_span(path, json.loads(text[a:b]), text, a, b, dec, lines, out)
+
+
+def _add_span(path: str, record: Any, text: str, a: int, b: int, dec: DecodedText, lines: _Lines,
+              out: FileRead) -> None:
+    bad = _first_bad_line(dec.bad_lines, lines.at(a), lines.at(max(a, b - 1)))
+    if bad is not None:
+        out.problems.append(Problem(path, bad, "", dec.bad_lines[bad], "invalid encoding", printable(text[a:b])))
+    else:
+        out.records.append(Record(record, path, lines.at(a)))
 
 
 def _json_object(path: str, text: str, start: int, dec: DecodedText, lines: _Lines, out: FileRead) -> None:
@@ -265,24 +213,24 @@ def _json_object(path: str, text: str, start: int, dec: DecodedText, lines: _Lin
         out.problems.append(Problem(path, e.lineno, "", f"malformed JSON: {e.msg}; the file could not be read",
                                     "malformed JSON", printable(text[:200])))
         return
-    spans: list[tuple[Any, int, int]]  # (record, start, end)
     if not isinstance(obj, dict) or RECORD_KEYS & obj.keys():
-        spans = [(obj, start, len(text))]
-    else:
-        lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
-        if len(lists) == 1:  # {"data": [records]}
-            _json_array(path, text, _object_members(text, start)[lists[0]][0], dec, lines, out)
+        _add_span(path, obj, text, start, len(text), dec, lines, out)
+        return
+    members = _object_members(text, start)
+    lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    if len(lists) == 1:  # {"data": [records]}
+        spans = [(a, b) for key, a, b in members if key == lists[0]]
+        if len(spans) > 1:
+            lines_of = " and ".join(str(lines.at(a)) for a, _ in spans)
+            out.problems.append(Problem(path, lines.at(spans[1][0]), "", f"the key {lists[0]!r} holding the records "
+                                        f"is given {len(spans)} times (lines {lines_of}); keep one list of records; "
+                                        "the file could not be read", "duplicate id", None))
             return
-        if obj and all(isinstance(v, dict) for v in obj.values()):  # {"id1": record, "id2": record}
-            spans = [(obj[k], a, b) for k, (a, b) in _object_members(text, start).items()]
-        else:
-            spans = [(obj, start, len(text))]
-    for record, a, b in spans:
-        bad = _first_bad_line(dec.bad_lines, lines.at(a), lines.at(max(a, b - 1)))
-        if bad is not None:
-            out.problems.append(Problem(path, bad, "", dec.bad_lines[bad], "invalid encoding", printable(text[a:b])))
-        else:
-            out.records.append(Record(record, path, lines.at(a)))
+        _json_array(path, text, spans[0][0], dec, lines, out)
+    elif obj and all(isinstance(v, dict) for v in obj.values()):  # {"id1": record, "id2": record}
+        _keyed_records(path, text, members, dec, lines, out)
+    else:
+        _add_span(path, obj, text, start, len(text), dec, lines, out)
 
 
 def _json(path: str, dec: DecodedText, out: FileRead) -> None:
@@ -363,8 +311,8 @@ def _parquet(path: Path, out: FileRead) -> None:
 # Files and directories
 
 
-def read_one(path: Path) -> FileRead:
-    """Records and problems of one data file (its type from the suffix)."""
+def read_one(path: Path, encoding: str = AUTO) -> FileRead:
+    """Records and problems of one data file (its type from the suffix); `encoding` = data.encoding."""
     kind = KINDS_BY_SUFFIX[path.suffix.lower()]
     name = str(path)
     if kind == "parquet":
@@ -372,7 +320,7 @@ def read_one(path: Path) -> FileRead:
         _parquet(path, out)
         return out
     try:
-        dec = decode_bytes(path.read_bytes())
+        dec = decode_bytes(path.read_bytes(), name, encoding)
     except UnicodeDecodeError as e:
         out = FileRead(name, "unknown")
         out.problems.append(Problem(name, 0, "", f"cannot decode the file ({e.reason}); re-save it as UTF-8",
@@ -413,15 +361,15 @@ def resolve_files(path: str | Path) -> tuple[list[Path], list[Path]]:
     return [p], []
 
 
-def read_path(path: str | Path) -> list[FileRead]:
+def read_path(path: str | Path, encoding: str = AUTO) -> list[FileRead]:
     """Every file of a dataset path (a file or a directory), read."""
     files, _ = resolve_files(path)
-    return [read_one(f) for f in files]
+    return [read_one(f, encoding) for f in files]
 
 
-def read_file(path: str | Path) -> Iterator[Record]:
+def read_file(path: str | Path, encoding: str = AUTO) -> Iterator[Record]:
     """Records of a data file or directory; any problem is raised (as a DataError listing them all)."""
-    reads = read_path(path)
+    reads = read_path(path, encoding)
     problems = [p for r in reads for p in r.problems]
     if problems:
         raise problems_error(problems)

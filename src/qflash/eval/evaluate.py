@@ -140,7 +140,7 @@ def held_out_questions(cfg: Config, specs: Sequence[DatasetSpec]) -> list[Questi
     """Every held-out conversation as (conversation up to its last user turn, last assistant reply)."""
     out: list[Question] = []
     for spec in specs:
-        for conv in load_conversations(spec, cfg.data.vars):
+        for conv in load_conversations(spec, cfg.data.vars, cfg.data.encoding):
             q = _question(conv)
             if q is not None:
                 out.append(q)

@@ -160,7 +160,7 @@ def _questions(cfg: Config | None, n: int = 5) -> list[str]:
 
     out: list[str] = []
     for spec in cfg.data.eval_datasets:
-        for conv in load_conversations(spec, cfg.data.vars):
+        for conv in load_conversations(spec, cfg.data.vars, cfg.data.encoding):
             user = next((m["content"] for m in conv.messages if m["role"] == "user"), None)
             if user and len(out) < n:
                 out.append(user)
