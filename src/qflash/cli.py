@@ -67,7 +67,7 @@ def _engine(args: argparse.Namespace):
     from qflash.infer.engine import Engine
     from qflash.infer.generate import load_target
 
-    return Engine(load_target(args.target, args.model, args.adapter, args.device, args.quant))
+    return Engine(load_target(args.target, args.model, args.adapter, args.device, args.quant, args.trust_remote_code))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -122,7 +122,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from qflash.export.merge import MergeOptions, merge
 
     merge(MergeOptions(args.source, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, base=args.base,
-                       overwrite=args.overwrite, check=not args.no_check, check_samples=args.check_samples))
+                       overwrite=args.overwrite, check=not args.no_check, check_samples=args.check_samples,
+                       trust_remote_code=args.trust_remote_code))
     return 0
 
 
@@ -130,21 +131,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qflash.export.gguf_export import ExportOptions, export
 
     export(ExportOptions(args.source, format=args.format, dtype=args.dtype, output=args.output, base=args.base,
-                         overwrite=args.overwrite, check=not args.no_check, check_samples=args.check_samples))
+                         overwrite=args.overwrite, check=not args.no_check, check_samples=args.check_samples,
+                         trust_remote_code=args.trust_remote_code))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from qflash.demo import compare_and_print
 
-    ok = compare_and_print(args.run, args.n, args.max_new_tokens)
+    ok = compare_and_print(args.run, args.n, args.max_new_tokens, args.trust_remote_code)
     return 0 if ok else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from qflash.eval.command import run_eval
 
-    return run_eval(args.run, data=args.data, control=args.control, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    return run_eval(args.run, data=args.data, control=args.control, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                    trust_remote_code=args.trust_remote_code)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -192,12 +195,18 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="auto", choices=["auto", "nf4", "none"],
                    help="auto: a run's base as it was trained (NF4), a plain model unquantized")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_trust_remote_code(p)
     doc, d = option_help(), SamplingOptions()
     p.add_argument("--temperature", type=float, default=d.temperature, help=doc["temperature"])
     p.add_argument("--top-p", type=float, default=d.top_p, help=doc["top_p"])
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=doc["max_new_tokens"])
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help=doc["repetition_penalty"])
     p.add_argument("--seed", type=int, default=d.seed, help=doc["seed"])
+
+
+def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model's own Python code run (only here: a run directory's saved config cannot turn it on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +300,7 @@ def _add_merge(sub) -> None:
     mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     mg.add_argument("--check-samples", type=int, default=4, help="held-out samples for the fidelity check")
     mg.add_argument("--no-check", action="store_true", help="skip the fidelity check (logits vs base+adapter)")
+    _add_trust_remote_code(mg)
     mg.set_defaults(fn=cmd_merge)
 
 
@@ -304,6 +314,7 @@ def _add_export(sub) -> None:
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ex.add_argument("--check-samples", type=int, default=4, help="held-out samples for the fidelity check")
     ex.add_argument("--no-check", action="store_true", help="skip the fidelity check (the GGUF read back)")
+    _add_trust_remote_code(ex)
     ex.set_defaults(fn=cmd_export)
 
 
@@ -316,6 +327,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=None,
                     help="answer length for held-out questions (default: eval.max_new_tokens or the longest reference + 16)")
     ev.add_argument("--limit", type=int, default=None, help="ask only the first N held-out questions")
+    _add_trust_remote_code(ev)
     ev.set_defaults(fn=cmd_eval)
 
 
@@ -324,6 +336,7 @@ def _add_compare(sub) -> None:
     cmp_.add_argument("run", help="run directory (output_dir of qflash train)")
     cmp_.add_argument("-n", type=int, default=None, help="questions to ask (default: the run's eval.identity_samples)")
     cmp_.add_argument("--max-new-tokens", type=int, default=None)
+    _add_trust_remote_code(cmp_)
     cmp_.set_defaults(fn=cmd_compare)
 
 

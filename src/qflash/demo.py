@@ -11,13 +11,14 @@ from qflash.errors import ConfigError
 from qflash.ui import console
 
 
-def compare_and_print(run: str, n: int | None = None, max_new_tokens: int | None = None) -> bool:
+def compare_and_print(run: str, n: int | None = None, max_new_tokens: int | None = None,
+                      trust_remote_code: bool = False) -> bool:
     """Print base vs fine-tuned answers side by side; True when the fine-tune names its identity on >= 80%
     of the held-out questions and (with eval.control_prompts) on at most 1 in 6 control prompts."""
     from qflash.eval.identity import compare_identity
     from qflash.infer.generate import load_for_inference
 
-    loaded = load_for_inference(adapter=run)
+    loaded = load_for_inference(adapter=run, trust_remote_code=trust_remote_code)
     n = n if n is not None else loaded.cfg.eval.identity_samples
     max_new = max_new_tokens or loaded.cfg.eval.max_new_tokens
     console.print(f"asking {n} held-out identity questions to the base model and to the fine-tuned one ...")
@@ -131,6 +132,6 @@ def run_demo(config: str | None, overrides: list[str]) -> int:
     console.rule("[bold]qflash demo: NF4 QLoRA on the embedded SmolLM2-135M-Instruct")
     result = train(cfg, overwrite=True)
     console.rule("[bold]before / after")
-    ok = compare_and_print(str(result.output_dir))
+    ok = compare_and_print(str(result.output_dir), trust_remote_code=cfg.model.trust_remote_code)  # the user's own config
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s; run directory: {result.output_dir}")
     return 0 if ok else 1

@@ -19,3 +19,9 @@ class DataError(QflashError):
 
 class ModelError(QflashError):
     """A model path or model file that cannot be loaded."""
+
+
+class StorageError(QflashError):
+    """A file could not be written (disk full, permissions); what was there before is intact."""
+
+    exit_code = 1

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qflash.errors import ConfigError
+from qflash.errors import ConfigError, StorageError
 
 
 def qflash_home() -> Path:
@@ -27,6 +27,47 @@ def fsync_file(path: Path) -> None:
     """Flush a written file's data to the disk before it is renamed into place."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a file created or renamed in it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file under `root`, then every directory bottom-up, flushed to the disk: after this a rename of
+    `root` cannot become durable before its contents (no complete-looking directory of empty files after a
+    power cut)."""
+    dirs = []
+    for here, _, files in os.walk(root):
+        dirs.append(Path(here))
+        for name in files:
+            path = Path(here) / name
+            if not path.is_symlink():
+                fsync_file(path)
+    for d in reversed(dirs):
+        fsync_dir(d)
+
+
+def write_file_durably(path: Path, text: str) -> None:
+    """Write a small text file under a temporary name, fsync it, rename it into place, fsync the directory:
+    `path` holds the old text or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def sha256_file(path: Path) -> str:
@@ -58,6 +99,7 @@ def swap_in(tmp: Path, final: Path, aside: str) -> None:
         old = final.parent / aside
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)  # both renames on the disk before the old copy goes
     if old is not None:
         shutil.rmtree(old)
 
@@ -65,18 +107,21 @@ def swap_in(tmp: Path, final: Path, aside: str) -> None:
 @contextlib.contextmanager
 def replaced_atomically(final: Path, tag: str):
     """A fresh directory beside `final` to write into; when the block ends without an error its files
-    are fsync'd and it takes `final`'s place whole (the old one, if any, removed after the swap). On an
-    error, or a kill before the swap, `final` is untouched and the temporary one is removed (or, after
-    a kill, left as `.TAG.tmp-*` for the next run to clear)."""
+    and directories are fsync'd and it takes `final`'s place whole (the old one, if any, removed after the
+    swap; the parent directory fsync'd). On an error, or a kill before the swap, `final` is untouched and
+    the temporary one is removed (or, after a kill, left as `.TAG.tmp-*` for the next run to clear). A
+    write that fails (disk full, permissions) is a StorageError that says so."""
     final = Path(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.tmp-", dir=final.parent))
     try:
         yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        fsync_tree(tmp)
         swap_in(tmp, final, f".{tag}.old-{os.getpid()}")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous {final} is intact" if final.exists() else f"nothing was left at {final}"
+        raise StorageError(f"could not write {final}: {e.strerror or e}; {kept}. "
+                           "Free space or fix permissions, then run the same command again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,11 +15,15 @@ Train writes it (save_adapter); infer, eval and export find the adapter and the 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from qflash.config import Config, config_from_dict, read_yaml
 from qflash.errors import ConfigError
+from qflash.once import log_once
 from qflash.paths import inside, replaced_atomically
+
+log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 RUN_CONFIG = "qflash_config.yaml"
@@ -43,8 +47,12 @@ def save_adapter(model, out: Path, cfg: Config, fingerprint: dict, model_dir: Pa
     return final
 
 
-def find_adapter(path: str | Path) -> tuple[Path, Config | None]:
-    """A run directory or an adapter directory -> (adapter dir, the run's config if saved beside it)."""
+def find_adapter(path: str | Path, trust_remote_code: bool = False) -> tuple[Path, Config | None]:
+    """A run directory or an adapter directory -> (adapter dir, the run's config if saved beside it).
+
+    model.trust_remote_code of the returned config is `trust_remote_code` (the command line's), never the saved
+    config's: a run directory may come from anyone, and its config must not switch on running the model's code.
+    """
     p = Path(path)
     for cand in (p / ADAPTER_DIR, p):
         if (cand / "adapter_config.json").is_file():
@@ -52,10 +60,18 @@ def find_adapter(path: str | Path) -> tuple[Path, Config | None]:
             if (cand / RUN_CONFIG).is_file():
                 tree = read_yaml(cand / RUN_CONFIG)
                 cfg = config_from_dict(tree, where=str(cand / RUN_CONFIG))
+                _distrust_saved_config(cfg, cand / RUN_CONFIG, trust_remote_code)
             return cand, cfg
     if (p / "config.yaml").is_file() and not (p / ADAPTER_DIR).exists():
         raise ConfigError(f"--adapter: {p}: this run has no adapter yet (did training finish?)")
     raise ConfigError(f"--adapter: {p}: no adapter_config.json here or in {p / ADAPTER_DIR}")
+
+
+def _distrust_saved_config(cfg: Config, where: Path, trust_remote_code: bool) -> None:
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        log_once(log, f"{where}: model.trust_remote_code: true is ignored (a run directory's saved config never "
+                      f"runs a model's own code); pass --trust-remote-code if you trust {cfg.model.path}")
+    cfg.model.trust_remote_code = trust_remote_code
 
 
 def is_adapter_path(path: str | Path) -> bool:

@@ -272,3 +272,63 @@ def test_source_has_no_unsafe_loading():
             if re.search(r"trust_remote_code\s*=\s*True", code):
                 offenders.append(f"{path}:{n}: trust_remote_code forced on")
     assert offenders == []
+
+
+def _checkpoint_steps(out: Path) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in sorted((out / "checkpoints").glob("step-*"))]
+
+
+def test_second_run_on_a_live_output_dir_is_refused_and_touches_nothing(config_file, tmp_path):
+    """A run in progress; a second `qflash train` on its output_dir, without and with --overwrite, is refused
+    ("in use") before it deletes or cleans anything: the first's checkpoints, logs, TensorBoard files and its
+    adapter being written stay."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QFLASH_FAULTS": "save_pause=0.2"}
+    cmd = [sys.executable, "-m", "qflash.cli", "train", str(config_file), f"output_dir={out}"]
+    first = subprocess.Popen([*cmd, "train.max_steps=100000", "train.keep=100000"], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t_end = time.monotonic() + 120
+        while not (find_resumable(out)[0] and steps_logged(out) > 4) and time.monotonic() < t_end:
+            assert first.poll() is None, "the first run ended early"
+            time.sleep(0.05)
+        in_flight = out / ".adapter.tmp-inflight"  # as the first run's adapter looks while it is written
+        in_flight.mkdir()
+        (in_flight / "adapter_model.safetensors").write_bytes(b"being written")
+        checkpoints, metrics = _checkpoint_steps(out), (out / "metrics.jsonl").read_bytes()
+        for extra in ([], ["--overwrite"]):
+            second = subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert f"output_dir: {out} is in use by another qflash run (pid {first.pid})" in second.stderr
+        assert first.poll() is None, "the first run goes on"
+        assert set(checkpoints) <= set(_checkpoint_steps(out)), "the first's checkpoints are all there"
+        assert (out / "metrics.jsonl").read_bytes().startswith(metrics), "its metrics log only grew"
+        assert (out / "tensorboard").is_dir() and (out / "samples.jsonl").is_file()
+        assert (in_flight / "adapter_model.safetensors").read_bytes() == b"being written"
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_rewind_sets_later_checkpoints_aside_and_rotation_keeps_the_new_ones(tiny_models, identity_subset, tmp_path,
+                                                                            capsys):
+    """Resuming from an older checkpoint while later ones exist: those go to checkpoints/abandoned-*/ (said once),
+    so that `keep` rotates the new checkpoints (not delete each right after it is written) and a later auto-resume
+    continues the new line, not the abandoned one."""
+    out = tmp_path / "run"
+    model = tiny_models["qwen2"]
+    run_training(build_setup(tiny_config(model, identity_subset, out, "train.max_steps=6", "train.save_every=2",
+                                         "train.keep=3")), quiet=True)
+    assert _checkpoint_steps(out) == [2, 4, 6]
+    older = out / "checkpoints" / "step-00000002"
+    rewind = tiny_config(model, identity_subset, out, "train.max_steps=5", "train.save_every=3", "train.keep=2",
+                         f"train.resume={older}")
+    result = run_training(build_setup(rewind, quiet=True))
+    assert result.steps == 5
+    assert _checkpoint_steps(out) == [3, 5], "rotation with keep=2 over the new checkpoints"
+    aside = list((out / "checkpoints").glob("abandoned-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-00000004", "step-00000006"]
+    said = capsys.readouterr().err.replace("\n", "")
+    assert said.count("rewinding to step 2: the later checkpoints step-00000004, step-00000006 were moved") == 1
+    ckpt, _ = find_resumable(out)
+    assert ckpt.name == "step-00000005", "auto-resume continues the new line"

@@ -193,3 +193,77 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     assert p.stderr.strip().splitlines() == [
         f'qflash: error: {src}:2: messages: expected a non-empty list of {{"role": ..., "content": ...}} objects']
     assert not (tmp_path / "out.jsonl").exists()
+
+
+class _Echo:
+    """An engine that answers with separators JSONL must keep inside a line: the file's lines, not the model."""
+
+    context_window = 100
+
+    def prompt_ids(self, messages):
+        return list(range(len(messages[-1]["content"])))
+
+    def complete_batch(self, prompts, opts):
+        from qflash.infer.engine import Completion
+
+        return [Completion(f"a\u2028b\u2029c\u0085d {len(p)}", "stop", len(p), 4) for p in prompts]
+
+
+def test_own_output_with_unicode_line_separators_resumes(tmp_path):
+    from qflash.infer.batch import run_generate
+    from qflash.infer.options import SamplingOptions
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x" * n} for n in range(1, 5)] + [{"prompt": "p\u2028q"}])
+    out = tmp_path / "out.jsonl"
+    first = run_generate(_Echo, src, out, SamplingOptions(), batch_size=2)
+    assert first.answered == 5
+    again = run_generate(_Echo, src, out, SamplingOptions(), batch_size=2)
+    assert again.answered == 0 and again.skipped == 5, "qflash reads back what it wrote"
+    assert [json.loads(x)["response"][:7] for x in out.read_text(encoding="utf-8").split("\n") if x] == \
+        ["a\u2028b\u2029c\u0085d"] * 5
+
+
+@pytest.mark.parametrize("content", [b'{"results":[{"id":1,"response":"x"}]}', b'[{"id": 1}]',
+                                     b'{"id": 1, "prompt": "Hi", "response": "x"}\n{"other": "file"}'])
+def test_foreign_output_without_final_newline_is_refused_untouched(tmp_path, content):
+    from qflash.infer.batch import run_generate
+    from qflash.infer.options import SamplingOptions
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi"}])
+    out = tmp_path / "results.json"
+    out.write_bytes(content)
+    with pytest.raises(DataError, match=r"results.json:\d+: not a line written by qflash generate"):
+        run_generate(_Echo, src, out, SamplingOptions())
+    assert out.read_bytes() == content, "validated before anything is cut"
+
+
+def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
+    """Two runs on one --output would interleave their lines: the second is refused while the first writes."""
+    from qflash.infer.batch import run_generate
+    from qflash.infer.options import SamplingOptions
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x" * n} for n in range(1, 5)])
+    out = tmp_path / "out.jsonl"
+    first = (  # a run_generate whose model is slow: it holds the output while the second one starts
+        "import sys, time\n"
+        "from qflash.infer.batch import run_generate\n"
+        "from qflash.infer.options import SamplingOptions\n"
+        "class Slow:\n"
+        "    context_window = 100\n"
+        "    def prompt_ids(self, m):\n"
+        "        return [1, 2]\n"
+        "    def complete_batch(self, prompts, opts):\n"
+        "        print('generating', flush=True)\n"
+        "        time.sleep(60)\n"
+        "run_generate(Slow, sys.argv[1], sys.argv[2], SamplingOptions())\n")
+    holder = subprocess.Popen([sys.executable, "-c", first, str(src), str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "generating"
+        with pytest.raises(DataError, match="another qflash generate is writing it"):
+            run_generate(_Echo, src, out, SamplingOptions(), overwrite=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.read_bytes() == b""
+    assert run_generate(_Echo, src, out, SamplingOptions()).answered == 4

@@ -9,7 +9,7 @@ from qflash.errors import ConfigError
 
 
 def run_eval(run: str, *, data: Sequence[str] | None = None, control: str | None = None,
-             max_new_tokens: int | None = None, limit: int | None = None) -> int:
+             max_new_tokens: int | None = None, limit: int | None = None, trust_remote_code: bool = False) -> int:
     from qflash.eval.evaluate import evaluate_run
     from qflash.eval.report import print_table, write_report
     from qflash.ui import console
@@ -19,7 +19,7 @@ def run_eval(run: str, *, data: Sequence[str] | None = None, control: str | None
         raise ConfigError(f"RUN_DIR: {run}: no such directory (give the output_dir of a qflash train run)")
     console.rule(f"[bold]qflash eval {run}")
     result = evaluate_run(run_dir, data=data, control=control, max_new_tokens=max_new_tokens, limit=limit,
-                          say=lambda s: console.print(s))
+                          say=lambda s: console.print(s), trust_remote_code=trust_remote_code)
     where = write_report(result, run_dir)
     print_table(result, where)
     return 0

@@ -236,12 +236,13 @@ def evaluate_run(
     max_new_tokens: int | None = None,
     limit: int | None = None,
     say: Say = lambda s: None,
+    trust_remote_code: bool = False,
 ) -> EvalResult:
     from qflash.infer.generate import load_for_inference
     from qflash.model.attention import choice_of
 
     t0 = time.perf_counter()
-    loaded = load_for_inference(adapter=str(run))
+    loaded = load_for_inference(adapter=str(run), trust_remote_code=trust_remote_code)
     if not loaded.has_adapter:
         raise ConfigError(f"{run}: no adapter to evaluate")
     cfg, specs = _eval_specs(loaded.cfg, data)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from qflash.config import Config
-from qflash.errors import ConfigError, ModelError
+from qflash.errors import ConfigError, ModelError, StorageError
 from qflash.export.gguf import TYPES, GgufResult, architecture, hf_to_gguf, read_back
-from qflash.paths import fsync_file
+from qflash.paths import fsync_dir, fsync_file
 from qflash.ui import console
 
 MERGE_DTYPE = {"f16": "fp16", "q8_0": "fp16", "q4_0": "fp16", "bf16": "bf16"}
@@ -41,6 +41,7 @@ class ExportOptions:
     overwrite: bool = False
     check: bool = True
     check_samples: int = 4
+    trust_remote_code: bool = False
 
 
 def default_output(opts: ExportOptions, name: str) -> Path:
@@ -73,7 +74,7 @@ def export(opts: ExportOptions) -> dict:
     if opts.dtype not in TYPES:
         raise ConfigError(f"--dtype {opts.dtype}: GGUF export writes {', '.join(TYPES)}")
     t0 = time.perf_counter()
-    adapter_dir, cfg = find_adapter(opts.source) if is_adapter_path(opts.source) else (None, None)
+    adapter_dir, cfg = find_adapter(opts.source, opts.trust_remote_code) if is_adapter_path(opts.source) else (None, None)
     name = run_name(adapter_dir) if adapter_dir is not None else Path(opts.source).stem or "model"
     out = Path(opts.output) if opts.output else default_output(opts, name)
     _check_output(out, opts.overwrite)
@@ -94,18 +95,33 @@ def export(opts: ExportOptions) -> dict:
                   "bytes": tmp_file.stat().st_size, "kept_f16": result.kept_f16, "source": str(opts.source)}
         if opts.check:
             report["fidelity"] = check_gguf(tmp_file, model_dir, cfg, opts.check_samples)
-        modelfile = write_modelfile(model_dir, out, cfg)
-        (work / (out.name + ".fidelity.json")).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
-                                                        encoding="utf-8")
-        os.replace(tmp_file, out)
-        os.replace(work / (out.name + ".fidelity.json"), out.with_name(out.name + ".fidelity.json"))
-        if modelfile is not None:
-            os.replace(modelfile, modelfile_path(out))
+        _put_in_place(out, work, tmp_file, report, lambda: write_modelfile(model_dir, out, cfg, into=work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = time.perf_counter() - t0
     console.print(_summary(report, out, result))
     return report
+
+
+def _put_in_place(out: Path, work: Path, tmp_file: Path, report: dict, write_modelfile_into_work) -> None:
+    """The fidelity report written and every file fsync'd beside the GGUF in `work`, then each renamed into
+    place and the directory fsync'd. A write that fails (disk full) leaves what was at `out` as it was."""
+    report_file = work / (out.name + ".fidelity.json")
+    try:
+        modelfile = write_modelfile_into_work()
+        report_file.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for f in (tmp_file, report_file, modelfile):
+            if f is not None:
+                fsync_file(f)
+        fsync_dir(work)
+    except OSError as e:
+        raise StorageError(f"{out}: writing {e.filename or report_file} failed ({e.strerror or e}); nothing was "
+                           "replaced. Free space, then run the same command again") from None
+    os.replace(tmp_file, out)
+    os.replace(report_file, out.with_name(out.name + ".fidelity.json"))
+    if modelfile is not None:
+        os.replace(modelfile, modelfile_path(out))
+    fsync_dir(out.parent)
 
 
 def _merged_or_model(opts: ExportOptions, adapter_dir: Path | None, work: Path) -> Path:
@@ -116,7 +132,8 @@ def _merged_or_model(opts: ExportOptions, adapter_dir: Path | None, work: Path) 
     from qflash.export.merge import MergeOptions, merge
 
     merged = work / "merged"
-    merge(MergeOptions(opts.source, str(merged), dtype=MERGE_DTYPE[opts.dtype], base=opts.base, check=False))
+    merge(MergeOptions(opts.source, str(merged), dtype=MERGE_DTYPE[opts.dtype], base=opts.base, check=False,
+                       trust_remote_code=opts.trust_remote_code))
     return merged
 
 
@@ -231,7 +248,7 @@ def modelfile_path(out: Path) -> Path:
     return out.with_name(out.stem + ".Modelfile")
 
 
-def write_modelfile(model_dir: Path, out: Path, cfg: Config | None) -> Path | None:
+def write_modelfile(model_dir: Path, out: Path, cfg: Config | None, into: Path | None = None) -> Path | None:
     """An Ollama Modelfile for a ChatML template (SmolLM2, Qwen2): FROM, TEMPLATE, the stop token, the system
     prompt the template adds by default (or the run's). Other templates: none written (said), Ollama then uses
     the template stored in the GGUF."""
@@ -249,7 +266,7 @@ def write_modelfile(model_dir: Path, out: Path, cfg: Config | None) -> Path | No
              'PARAMETER stop "<|im_start|>"']
     if system:
         lines.append(f'SYSTEM """{system}"""')
-    path = out.parent / f".{out.name}.Modelfile"
+    path = (into or out.parent) / f".{out.name}.Modelfile"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from qflash.config import Config
-from qflash.errors import ConfigError, ModelError
+from qflash.errors import ConfigError, ModelError, StorageError
 from qflash.export.adapter import Adapter, AdapterError, LoraModule, delta_shape, merged_bias, merged_weight, read_adapter
 from qflash.export.safetensors_io import DTYPES, INDEX_FILE, SafetensorsModel, ShardLayout, parse_size, plan_shards, write_shard
-from qflash.paths import fsync_file, swap_in
+from qflash.paths import fsync_file, fsync_tree, swap_in
 from qflash.ui import console
 
 MERGE_RECORD = "qflash_merge.json"
@@ -47,6 +47,8 @@ class MergeOptions:
     overwrite: bool = False
     check: bool = True
     check_samples: int = 4
+    trust_remote_code: bool = False
+    """--trust-remote-code: the base model's own code may run (a run's saved config cannot say so)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +281,7 @@ def write_tokenizer_files(model_dir: Path, out_dir: Path, chat_template: str | N
 # Sources and destination
 
 
-def _adapter_source(source: str, base: str | None) -> tuple[Path, Config | None, str]:
+def _adapter_source(source: str, base: str | None, trust_remote_code: bool) -> tuple[Path, Config | None, str]:
     """(adapter dir, the run's config or None, the base model path to use)."""
     from qflash.rundir import find_adapter
 
@@ -289,7 +291,7 @@ def _adapter_source(source: str, base: str | None) -> tuple[Path, Config | None,
     if not ((p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file()):
         raise ConfigError(f"merge: {p}: no adapter_config.json here or in {p / 'adapter'}; "
                           "give a run directory (output_dir of qflash train) or a PEFT adapter directory")
-    adapter_dir, cfg = find_adapter(p)
+    adapter_dir, cfg = find_adapter(p, trust_remote_code)
     if base is not None:
         return adapter_dir, cfg, base
     if cfg is None:
@@ -330,15 +332,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _owner(leftover: Path) -> int | None:
+    """The process that made a merge's temporary or set-aside directory: from its name (.X.merge-old-PID,
+    .X.merge-tmp-PID-*), else from its .owner-pid file (temporaries of older versions)."""
+    tail = leftover.name.rsplit(".merge-", 1)[-1].split("-")  # old-PID, tmp-PID-RANDOM
+    if len(tail) == {"old": 2, "tmp": 3}.get(tail[0]) and tail[1].isdigit():
+        return int(tail[1])
+    try:
+        return int((leftover / OWNER).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _dead(pid: int | None) -> bool:
+    return pid is not None and pid != os.getpid() and not _pid_alive(pid)
+
+
 def _remove_orphans(out: Path) -> None:
-    """Temporary directories of merges into `out` whose process is gone (killed with -9, power cut): they
-    can never finish, so they go. One whose process still runs, or of unknown owner, is left alone."""
-    for tmp in sorted(out.parent.glob(f".{out.name}.merge-tmp-*")):
-        try:
-            pid = int((tmp / OWNER).read_text(encoding="utf-8").strip())
-        except (OSError, ValueError):
+    """What merges into `out` left when their process died (killed with -9, power cut): temporaries can never
+    finish, so they go; the previous model set aside by a merge killed between its two renames goes too, or,
+    when `out` is missing (the kill came between them), is put back as `out`. Anything whose process still
+    runs, or of unknown owner, is left alone. Each is said."""
+    if not out.parent.is_dir():
+        return
+    for old in sorted(out.parent.glob(f".{out.name}.merge-old-*")):
+        if not _dead(pid := _owner(old)):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            console.print(f"  removed {old} (the previous {out.name}, left by a merge interrupted while swapping)")
+        else:
+            os.replace(old, out)
+            console.print(f"  restored {out} from {old} (a merge, process {pid}, was killed between its two renames)")
+    for tmp in sorted(out.parent.glob(f".{out.name}.merge-tmp-*")):
+        if _dead(pid := _owner(tmp)):
             shutil.rmtree(tmp, ignore_errors=True)
             console.print(f"  removed {tmp} (left by an interrupted merge, process {pid})")
 
@@ -352,7 +379,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.chmod(tmp, 0o777 & ~umask)
     for f in tmp.iterdir():
         os.chmod(f, 0o666 & ~umask)
-    swap_in(tmp, out, f".{out.name}.merge-old-{os.getpid()}")
+    fsync_tree(tmp)  # shards, index, config, tokenizer, qflash_merge.json and the directory, before the rename
+    swap_in(tmp, out, f".{out.name}.merge-old-{os.getpid()}")  # fsyncs the parent directory
 
 
 def _refuse_quantized(model_dir: Path) -> None:
@@ -422,11 +450,11 @@ class _Sources:
 def _gather(opts: MergeOptions) -> _Sources:
     from qflash.model.loading import load_tokenizer, resolve_model_dir
 
-    adapter_dir, cfg, base = _adapter_source(opts.source, opts.base)
+    adapter_dir, cfg, base = _adapter_source(opts.source, opts.base, opts.trust_remote_code)
     model_dir = resolve_model_dir(base)
     _check_output(Path(opts.output), opts.overwrite, {"base model": model_dir, "adapter": adapter_dir})
     _refuse_quantized(model_dir)
-    trust = cfg.model.trust_remote_code if cfg else False
+    trust = opts.trust_remote_code
     adapter, model = read_adapter(adapter_dir), SafetensorsModel(model_dir)
     tok = load_tokenizer(model_dir, trust)
     return _Sources(adapter, cfg, base, model_dir, model, tok, _renderer(tok, cfg), trust)
@@ -452,6 +480,8 @@ def merge(opts: MergeOptions) -> MergeResult:
     if opts.check and opts.check_samples < 1:
         raise ConfigError("--check-samples: must be >= 1 (or pass --no-check)")
     max_bytes = parse_size(opts.max_shard_size)
+    out = Path(opts.output)
+    _remove_orphans(out)  # before the output is checked: an interrupted swap puts the previous model back
     src = _gather(opts)
     plan = plan_merge(src.model, src.adapter, tied_weights(src.model_dir, src.trust))
     layout = plan_shards(plan.out_specs(DTYPES[opts.dtype]), max_bytes)
@@ -462,12 +492,10 @@ def merge(opts: MergeOptions) -> MergeResult:
         f"{opts.dtype}, {len(layout.files)} file(s) of at most {_size(max_bytes)}"
     )
 
-    out = Path(opts.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-tmp-", dir=out.parent))
-    (tmp / OWNER).write_text(f"{os.getpid()}\n", encoding="utf-8")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-tmp-{os.getpid()}-", dir=out.parent))
     try:
+        (tmp / OWNER).write_text(f"{os.getpid()}\n", encoding="utf-8")
         stops = _write_all(tmp, src, plan, layout, opts.dtype)
         result = MergeResult(
             out, list(layout.files), layout.total_bytes, len(plan.tensors), len(src.adapter.modules),
@@ -484,6 +512,11 @@ def merge(opts: MergeOptions) -> MergeResult:
         record = result.record(opts, src.adapter, src.base, src.model_dir, max_bytes)
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous {out} is intact" if out.exists() else "nothing was left behind"
+        raise StorageError(f"merge: {e.filename or out}: {e.strerror or e}; {kept}. Free space or fix permissions, "
+                           "then run the same command again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,15 +12,21 @@ Greedy batched replies equal one-by-one replies: the attention mask hides the pa
 start at each prompt's first real token. (A repetition penalty other than 1 also sees the padding
 tokens, so with it a reply can depend on its batch.)
 
-Resuming: the output file is read first and ids already answered there are skipped. A last line cut
-off by a killed run (no newline at its end) is dropped from the file, said on the terminal. Each
-batch is appended, flushed and fsync'd before the next one starts, so at most the batch in flight is
-lost to a crash. The output file is a log that grows batch by batch on purpose (that is what makes it
-resumable); --overwrite starts it over.
+Resuming: the output file is read first and ids already answered there are skipped. Every complete
+line is checked before anything is changed; only then is a last line cut off by a killed run (no newline
+at its end, not complete JSON) dropped from the file, said on the terminal. A file that is not a qflash
+output is refused untouched. Lines end at '\n' only (a reply may hold U+2028 and the like). Each batch
+is appended, flushed and fsync'd before the next one starts, so at most the batch in flight is lost to a
+crash; a batch that cannot be written (disk full) is cut back off, so the file stays whole lines. One
+run writes an output file at a time (a lock on the file; a second run is refused). The output file is
+a log that grows batch by batch on purpose (that is what makes it resumable); --overwrite starts it over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from qflash.errors import DataError
+from qflash.errors import DataError, StorageError
 from qflash.infer.options import MessageError, SamplingOptions, check_messages
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,8 @@ def id_key(value: Any) -> str:
 
 
 def _json_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, text) of the non-blank lines of a UTF-8 file (a BOM is accepted)."""
+    """(line number, text) of the non-blank lines of a UTF-8 file (a BOM is accepted). Lines end at '\n'
+    only, as JSONL has it: U+2028, U+2029 and U+0085 may stand raw inside a JSON string."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
@@ -62,7 +69,7 @@ def _json_lines(path: Path) -> list[tuple[int, str]]:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8") from None
-    return [(n, s) for n, s in enumerate(text.splitlines(), start=1) if s.strip()]
+    return [(n, s) for n, s in enumerate(text.split("\n"), start=1) if s.strip()]
 
 
 def _parse_line(path: Path, n: int, text: str) -> dict:
@@ -117,37 +124,89 @@ class Answered:
 
 
 def read_answered(out: Path, requests: list[Request], input_path: Path) -> Answered:
-    """Ids already answered in `out`; drops a cut-off last line; refuses answers to other prompts."""
+    """Ids already answered in `out`; refuses answers to other prompts and files qflash did not write; then,
+    and only then, drops a cut-off last line."""
     done = Answered()
     if not out.exists():
         return done
     data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(out, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        done.dropped_partial = True
-        log.warning("%s: the last line was cut off (a run was stopped while writing it); dropped it, "
-                    "that prompt will be answered again", out)
+    complete = data[: data.rfind(b"\n") + 1]
+    tail = data[len(complete):]
+    if tail.strip() and not _cut_off_answer(tail):
+        n = complete.count(b"\n") + 1
+        raise DataError(f"{out}:{n}: not a line written by qflash generate (the file does not end with a "
+                        "newline and its last line is not an answer cut off by a stopped run); left as it is: "
+                        "give another --output, or --overwrite to start it over")
     by_key = {r.key: r for r in requests}
+    whole_lines = complete.count(b"\n")
     for n, text in _json_lines(out):
-        obj = _parse_line(out, n, text)
-        if "id" not in obj or "response" not in obj:
-            raise DataError(f"{out}:{n}: not a line written by qflash generate (no id/response); "
-                            "give another --output, or --overwrite to start it over")
-        key = id_key(obj["id"])
-        req = by_key.get(key)
-        if req is None:
-            done.foreign += 1
-            continue
-        stored = {k: obj[k] for k in ("prompt", "messages") if k in obj}
-        if stored != req.source:
-            raise DataError(f"{out}:{n}: id {key} was answered for another prompt than {input_path}:{req.line} "
-                            "holds now; give another --output, or --overwrite to answer everything again")
-        done.keys.add(key)
+        if n > whole_lines:
+            break
+        _check_answer_line(out, n, text, by_key, input_path, done)
+    if tail:
+        _drop_tail(out, len(complete))
+        done.dropped_partial = True
     return done
+
+
+def _cut_off_answer(tail: bytes) -> bool:
+    """The start of a line qflash generate writes (json.dumps of {"id": ...}), cut before its end."""
+    try:
+        json.loads(tail)
+    except ValueError:
+        return tail.startswith(b'{"id": ')
+    return False  # complete JSON without its newline: someone else's file (a minified .json)
+
+
+def _check_answer_line(out: Path, n: int, text: str, by_key: dict[str, Request], input_path: Path,
+                       done: Answered) -> None:
+    obj = _parse_line(out, n, text)
+    if "id" not in obj or "response" not in obj:
+        raise DataError(f"{out}:{n}: not a line written by qflash generate (no id/response); "
+                        "give another --output, or --overwrite to start it over")
+    key = id_key(obj["id"])
+    req = by_key.get(key)
+    if req is None:
+        done.foreign += 1
+        return
+    stored = {k: obj[k] for k in ("prompt", "messages") if k in obj}
+    if stored != req.source:
+        raise DataError(f"{out}:{n}: id {key} was answered for another prompt than {input_path}:{req.line} "
+                        "holds now; give another --output, or --overwrite to answer everything again")
+    done.keys.add(key)
+
+
+def _drop_tail(out: Path, keep: int) -> None:
+    with open(out, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    log.warning("%s: the last line was cut off (a run was stopped while writing it); dropped it, "
+                "that prompt will be answered again", out)
+
+
+@contextlib.contextmanager
+def output_lock(output: Path):
+    """The output file, locked against a second `qflash generate` (which is refused: two runs would interleave
+    their lines). A file this call created is removed again if nothing was written to it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, created = os.open(output, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+    except FileExistsError:
+        fd, created = os.open(output, os.O_RDWR), False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"--output {output}: another qflash generate is writing it; wait for it to finish, "
+                            "or give another --output") from None
+        try:
+            yield fd
+        finally:
+            if created and os.fstat(fd).st_size == 0:
+                output.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 class _Progress:
@@ -202,17 +261,23 @@ def run_generate(
     batch_size: int = 8, overwrite: bool = False,
 ) -> GenerateSummary:
     """Answer every prompt of input_path not yet in output; the model is loaded only if there is work."""
-    from qflash.ui import console
-
     input_path, output = Path(input_path), Path(output)
     if batch_size < 1:
         raise DataError(f"--batch-size: must be >= 1, got {batch_size}")
     if output.exists() and output.resolve() == input_path.resolve():
         raise DataError(f"--output {output}: is the input file; give another path")
     requests = read_requests(input_path)
-    if overwrite and output.exists():
-        output.unlink()
-    done = read_answered(output, requests, input_path)
+    with output_lock(output) as fd:
+        if overwrite:
+            os.ftruncate(fd, 0)  # under the lock, and the same file the lock is on
+        done = read_answered(output, requests, input_path)
+        return _answer_pending(load_engine, requests, done, input_path, output, opts, batch_size)
+
+
+def _answer_pending(load_engine: Callable[[], Any], requests: list[Request], done: Answered, input_path: Path,
+                    output: Path, opts: SamplingOptions, batch_size: int) -> GenerateSummary:
+    from qflash.ui import console
+
     pending = [r for r in requests if r.key not in done.keys]
     skipped = len(requests) - len(pending)
     if done.foreign:
@@ -232,24 +297,10 @@ def run_generate(
         torch.manual_seed(opts.seed)
         opts = replace(opts, seed=None)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     summary = GenerateSummary(0, skipped, 0, 0.0, {"stop": 0, "length": 0})
     progress = _Progress(len(pending))
-    t0 = time.perf_counter()
     try:
-        with open(output, "a", encoding="utf-8") as f:
-            for k in range(0, len(order), batch_size):
-                batch = order[k : k + batch_size]
-                results = engine.complete_batch([prompts[i] for i in batch], opts)
-                for i, c in zip(batch, results):
-                    f.write(json.dumps(_output_record(pending[i], c), ensure_ascii=False) + "\n")
-                    summary.finish[c.finish_reason] += 1
-                    summary.tokens += c.completion_tokens
-                f.flush()
-                os.fsync(f.fileno())
-                summary.answered += len(batch)
-                summary.seconds = time.perf_counter() - t0
-                progress.update(len(batch), summary.tokens / max(summary.seconds, 1e-9))
+        _write_batches(engine, pending, prompts, order, opts, batch_size, output, summary, progress)
     except KeyboardInterrupt:
         progress.close()
         console.print(f"stopped after {summary.answered} of {len(pending)} prompts (all written to {output}); "
@@ -262,6 +313,41 @@ def run_generate(
         f"finish: {summary.finish['stop']} stop, {summary.finish['length']} length -> {output}"
     )
     return summary
+
+
+def _write_batches(engine, pending: list[Request], prompts: list[list[int]], order: list[int], opts: SamplingOptions,
+                   batch_size: int, output: Path, summary: GenerateSummary, progress: _Progress) -> None:
+    """Each batch's answers appended and fsync'd; a batch that cannot be written is cut back off the file."""
+    t0 = time.perf_counter()
+    with open(output, "ab", buffering=0) as f:  # unbuffered: a failed write leaves nothing behind to flush later
+        for k in range(0, len(order), batch_size):
+            batch = order[k : k + batch_size]
+            results = engine.complete_batch([prompts[i] for i in batch], opts)
+            lines = "".join(json.dumps(_output_record(pending[i], c), ensure_ascii=False) + "\n"
+                            for i, c in zip(batch, results))
+            _append_durably(f, output, lines.encode("utf-8"), summary.answered + summary.skipped)
+            for c in results:
+                summary.finish[c.finish_reason] += 1
+                summary.tokens += c.completion_tokens
+            summary.answered += len(batch)
+            summary.seconds = time.perf_counter() - t0
+            progress.update(len(batch), summary.tokens / max(summary.seconds, 1e-9))
+
+
+def _append_durably(f, output: Path, data: bytes, answered_before: int) -> None:
+    """One batch's lines on the disk, or none of them (disk full: the file is cut back to where it was)."""
+    size = os.fstat(f.fileno()).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+        os.fsync(f.fileno())
+    except OSError as e:
+        os.ftruncate(f.fileno(), size)
+        what = "disk full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise StorageError(f"--output {output}: could not append a batch ({what}); the {answered_before} answers "
+                           "written before it are intact. Free space, then run the same command again to resume") \
+            from None
 
 
 def _tokenized(engine, pending: list[Request], input_path: Path) -> list[list[int]]:

@@ -48,20 +48,23 @@ QuantChoice = Literal["auto", "nf4", "none"]
 
 
 def load_for_inference(
-    model: str | None = None, adapter: str | None = None, device: str = "auto", quant: QuantChoice | None = None
+    model: str | None = None, adapter: str | None = None, device: str = "auto", quant: QuantChoice | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """The base model quantized as it was trained (NF4 unless the run said none), plus the adapter.
 
     quant: None = the run config's quant.mode (NF4 for a plain model: how training would load it);
     auto = as trained with an adapter, unquantized without one (a merged 16-bit model stays 16-bit);
-    nf4 / none force it.
+    nf4 / none force it. trust_remote_code: the command line's --trust-remote-code (a run's saved config
+    cannot switch it on: rundir.find_adapter).
     """
     cfg = Config()
     adapter_dir = None
     if adapter:
-        adapter_dir, run_cfg = find_adapter(adapter)
+        adapter_dir, run_cfg = find_adapter(adapter, trust_remote_code)
         if run_cfg is not None:
             cfg = run_cfg
+    cfg.model.trust_remote_code = trust_remote_code
     if model:
         cfg.model.path = model
     if quant == "auto":
@@ -106,13 +109,13 @@ def split_target(target: str | None, model: str | None, adapter: str | None) -> 
 
 def load_target(
     target: str | None, model: str | None = None, adapter: str | None = None, device: str = "auto",
-    quant: QuantChoice = "auto",
+    quant: QuantChoice = "auto", trust_remote_code: bool = False,
 ) -> LoadedModel:
     """What the chat/generate/serve commands load: MODEL_OR_RUN and/or --model/--adapter."""
     model, adapter = split_target(target, model, adapter)
     t0 = time.perf_counter()
     log.info("loading %s ...", " + ".join(x for x in (model, adapter) if x) or EMBEDDED_MODEL)
-    loaded = load_for_inference(model, adapter, device, quant)
+    loaded = load_for_inference(model, adapter, device, quant, trust_remote_code)
     log.info("loaded %s (%s base%s, %s) in %.1fs", loaded.name, "NF4" if loaded.cfg.quant.mode == "nf4" else "unquantized",
              " + adapter" if loaded.has_adapter else "", loaded.device.type, time.perf_counter() - t0)
     return loaded

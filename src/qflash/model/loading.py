@@ -8,18 +8,20 @@ load is a plain `from_pretrained` of safetensors.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from qflash.config import EMBEDDED_MODEL
 from qflash.errors import ModelError
 from qflash.once import log_once
-from qflash.paths import qflash_home
+from qflash.paths import fsync_dir, fsync_tree, qflash_home
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ def embedded_gguf() -> Path:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Dequantize a GGUF model into an HF directory (safetensors + tokenizer), written atomically."""
+    """Dequantize a GGUF model into an HF directory (safetensors + tokenizer), written atomically: into a
+    temporary directory, every file and the directory fsync'd, renamed into place, the parent fsync'd (so a
+    power cut never leaves a complete-looking entry of empty files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
@@ -69,32 +73,83 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "QFLASH_SOURCE").write_text(f"converted from {gguf_path}\n", encoding="utf-8")
+        fsync_tree(tmp)
         if out_dir.exists():  # another process won the race; keep theirs
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, out_dir)
+            fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (its header unreadable, its size not what the header says), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if n <= 0 or 8 + n > size:
+            return f"{path.name} has no readable header ({size} bytes)"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"{path.name} has a damaged header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return None if size == 8 + n + end else f"{path.name} is {size} bytes, its header says {8 + n + end}"
+
+
+def cache_entry_problem(entry: Path) -> str | None:
+    """Why a converted model in the cache cannot be used (a file missing, empty or cut short), or None."""
+    if not (entry / "config.json").is_file():
+        return "config.json missing"
+    weights = sorted(entry.glob("*.safetensors"))
+    if not weights:
+        return "no .safetensors file"
+    for f in weights:
+        if problem := _safetensors_problem(f):
+            return problem
+    try:
+        json.loads((entry / "config.json").read_bytes())
+    except ValueError:
+        return "config.json is empty or cut short"
+    for f in sorted(entry.glob("*.json")):  # the tokenizer's (megabytes): whole when it ends as JSON ends
+        with open(f, "rb") as fh:
+            fh.seek(max(f.stat().st_size - 64, 0))
+            if not fh.read().rstrip().endswith(b"}"):
+                return f"{f.name} is empty or cut short"
+    return None
+
+
+def _converted(gguf_file: Callable[[], Path], target: Path) -> Path:
+    """The cache's conversion of a GGUF file; made once, and made again when the entry is damaged (written by
+    a version that did not fsync it, before a power cut): never used half-written."""
+    if target.exists():
+        problem = cache_entry_problem(target)
+        if problem is None:
+            return target
+        log.warning("%s: the converted model is damaged (%s; written before a crash?); converting it again",
+                    target, problem)
+        aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+        os.replace(target, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    return convert_gguf(gguf_file(), target)
+
+
 def resolve_model_dir(path: str) -> Path:
     """Turn `model.path` into an HF-format directory, converting GGUF files once into the cache."""
     if path in (EMBEDDED_MODEL, "", None):
         target = qflash_home() / "models" / EMBEDDED_MODEL
-        if not (target / "config.json").is_file():
-            convert_gguf(embedded_gguf(), target)
-        return target
+        return _converted(embedded_gguf, target)
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         import hashlib
 
         digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:12]
         target = qflash_home() / "models" / f"{p.stem}-{digest}"
-        if not (target / "config.json").is_file():
-            convert_gguf(p, target)
-        return target
+        return _converted(lambda: p, target)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelError(f"model.path: {p}: not a Hugging Face model directory (no config.json)")

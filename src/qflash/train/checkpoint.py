@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from qflash.errors import QflashError
-from qflash.paths import sha256_file
+from qflash.errors import QflashError, StorageError
+from qflash.paths import fsync_dir, sha256_file
 from qflash.train.faults import Faults
 
 CKPT_DIR = "checkpoints"
@@ -42,18 +43,8 @@ _NAME = re.compile(r"^step-(\d{8})$")
 FORMAT_VERSION = 1
 
 
-class CheckpointWriteError(QflashError):
+class CheckpointWriteError(StorageError):
     """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
-
-    exit_code = 1
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_durable(path: Path, data: bytes, faults: Faults | None = None) -> None:
@@ -91,13 +82,26 @@ def restore_rng(state_json: dict, rng_pt: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(rng_pt["torch"])
     if torch.cuda.is_available() and rng_pt.get("cuda"):
-        torch.cuda.set_rng_state_all(rng_pt["cuda"])
+        _restore_cuda_rng(rng_pt)
+
+
+def _restore_cuda_rng(rng_pt: dict) -> None:
+    """The saving process's own GPU generator into this process's GPU, and no other: a resume may see fewer
+    GPUs than the run that saved (the others' states would name devices that do not exist here), and this
+    process draws its dropout masks from its current device only."""
+    saved = rng_pt["cuda"]
+    here = torch.cuda.current_device()
+    # Checkpoints from before "cuda_device" was saved: the state of the device of the same index, else the first.
+    index = rng_pt.get("cuda_device", here if here < len(saved) else 0)
+    torch.cuda.set_rng_state(saved[index], device=here)
 
 
 def _torch_rng() -> dict:
+    on_cuda = torch.cuda.is_available()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if on_cuda else [],
+        **({"cuda_device": torch.cuda.current_device()} if on_cuda else {}),
     }
 
 
@@ -160,14 +164,39 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(out, keep)
+    _prune(out, keep, final)
     return final
 
 
-def _prune(out: Path, keep: int) -> None:
+def _prune(out: Path, keep: int, just_written: Path) -> None:
+    """All but the newest `keep` complete checkpoints go; never the one just written (after a rewind the
+    newer ones are set aside first: set_aside_newer)."""
     complete = complete_checkpoints(out)
     for _, path in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+        if path != just_written:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+ABANDONED = "abandoned-"
+
+
+def set_aside_newer(out: Path, step: int) -> tuple[Path, list[str]] | None:
+    """A rewind (resuming from `step` while checkpoints of later steps exist): those move into
+    checkpoints/abandoned-<time>/, where resume never looks and pruning never reaches; (where, their
+    names), or None when there are none. Without this, pruning would keep the abandoned later steps and
+    delete each new checkpoint as soon as it is written, and a later resume would pick an abandoned one."""
+    root = out / CKPT_DIR
+    newer = sorted(p for p in root.iterdir() if (m := _NAME.match(p.name)) and int(m.group(1)) > step) \
+        if root.is_dir() else []
+    if not newer:
+        return None
+    aside = root / f"{ABANDONED}{time.strftime('%Y%m%d-%H%M%S')}-step-{step:08d}"
+    aside.mkdir()
+    for p in newer:
+        os.replace(p, aside / p.name)
+    fsync_dir(aside)
+    fsync_dir(root)
+    return aside, [p.name for p in newer]
 
 
 def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:

@@ -35,7 +35,7 @@ from qflash.model.loading import (
 )
 from qflash.model.lora import layer_paths
 from qflash import rundir
-from qflash.paths import inside
+from qflash.paths import inside, write_file_durably
 from qflash.rundir import ADAPTER_DIR, SAMPLES_LOG
 from qflash.train.checkpoint import (
     CKPT_DIR,
@@ -43,6 +43,7 @@ from qflash.train.checkpoint import (
     load_checkpoint,
     remove_stale_temporaries,
     restore_rng,
+    set_aside_newer,
 )
 from qflash.train.checkpoint import LoadedCheckpoint
 from qflash.train.distributed import Parallel, Ranks, fsdp_requested, launched_distributed, make_accelerator, ranks_of
@@ -173,7 +174,9 @@ def save_adapter(setup: Setup, out: Path, weights: dict[str, torch.Tensor] | Non
 RUN_FILES = (ADAPTER_DIR, CKPT_DIR, "metrics.jsonl", SAMPLES_LOG, "tensorboard")
 
 
-def _prepare_output_dir(out: Path, overwrite: bool) -> None:
+def prepare_output_dir(out: Path) -> None:
+    """output_dir exists, is writable and its run files stay inside it. Deletes nothing: that waits for the
+    run lock (clear_output_dir)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -183,6 +186,11 @@ def _prepare_output_dir(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"output_dir: {out}: cannot write there ({e.strerror or e})") from None
     for name in RUN_FILES:
         inside(out, name, "output_dir")  # a symlinked checkpoints/ or adapter/ must not lead elsewhere
+
+
+def clear_output_dir(out: Path, overwrite: bool) -> None:
+    """--overwrite: the previous run's files go; always: adapter temporaries of a killed run. Only under the
+    run lock (RunLock): a live run's files and its in-flight adapter must never be deleted."""
     if overwrite:
         for name in RUN_FILES:
             target = out / name
@@ -206,9 +214,7 @@ def _trim_log(path: Path, last_step: int) -> None:
             continue  # a line cut short by a kill
         if rec.get("step", 0) <= last_step:
             kept.append(line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_file_durably(path, "".join(kept))
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -242,9 +248,11 @@ def run_training(
     ranks = ranks_of(accelerator)
     # Only process 0 touches the run directory (lock, logs, checkpoints, adapter); the others wait.
     if ranks.main:
-        _prepare_output_dir(out, overwrite)
-    ranks.barrier()
+        prepare_output_dir(out)
     with RunLock(out) if ranks.main else contextlib.nullcontext():
+        if ranks.main:
+            clear_output_dir(out, overwrite)  # under the lock: never a live run's files
+        ranks.barrier()
         return _run_locked(setup, out, accelerator, ranks, force=force, on_step=on_step, quiet=quiet or not ranks.main,
                            faults=faults or Faults.from_env())
 
@@ -263,7 +271,7 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
     if ranks.main:
         _trim_log(out / "metrics.jsonl", run.start)
         _trim_log(out / SAMPLES_LOG, run.start)
-        (out / "config.yaml").write_text(setup.cfg.to_yaml(), encoding="utf-8")
+        write_file_durably(out / "config.yaml", setup.cfg.to_yaml())
     if run.start >= run.steps:
         return _already_complete(run)
     if not quiet:
@@ -295,6 +303,7 @@ def _checkpoint_to_resume(setup: Setup, out: Path, ranks: Ranks, identity: dict,
     if ckpt_path is None and (out / ADAPTER_DIR).exists():
         raise ConfigError(f"output_dir: {out} already holds a trained adapter; pass --overwrite to replace it or choose another output_dir")
     if ckpt_path is None:
+        _rewind(out, 0, ranks, quiet)  # damaged later checkpoints must not outrank the new ones
         return None, None
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     diffs = differences(ckpt.state.get("identity", {}), identity)
@@ -304,7 +313,19 @@ def _checkpoint_to_resume(setup: Setup, out: Path, ranks: Ranks, identity: dict,
             + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
             + ". Pass --force to resume anyway, --overwrite to start over, or choose another output_dir"
         )
+    _rewind(out, ckpt.step, ranks, quiet)
     return ckpt, ckpt_path
+
+
+def _rewind(out: Path, step: int, ranks: Ranks, quiet: bool) -> None:
+    """Checkpoints after the step the run goes on from are set aside (checkpoint.set_aside_newer), said once."""
+    if ranks.main:
+        moved = set_aside_newer(out, step)
+        if moved is not None and not quiet:
+            aside, names = moved
+            console.print(f"[yellow]rewinding to step {step}: the later checkpoints {', '.join(names)} were moved to "
+                          f"{aside} (never resumed from; delete it when you no longer need them)[/]")
+    ranks.barrier()
 
 
 def _new_run(setup: Setup, out: Path, accelerator, ranks: Ranks, named: dict, identity: dict, faults: Faults, *,
@@ -389,10 +410,16 @@ def train(cfg: Config, *, overwrite: bool = False, force: bool = False, quiet: b
         main = accelerator.is_main_process
         with accelerator.main_process_first():
             setup = build_setup(cfg, quiet=quiet or not main)
+        result = run_training(setup, overwrite=overwrite, force=force, quiet=quiet)
     else:
         main = True
-        setup = build_setup(cfg, quiet=quiet)
-    result = run_training(setup, overwrite=overwrite, force=force, quiet=quiet)
+        out = Path(cfg.output_dir)
+        prepare_output_dir(out)
+        # The lock before anything is built: a second run on a live output_dir is refused at once, before it
+        # loads a model or writes a file there (run_training takes the same lock again, re-entrantly).
+        with RunLock(out):
+            setup = build_setup(cfg, quiet=quiet)
+            result = run_training(setup, overwrite=overwrite, force=force, quiet=quiet)
     if not quiet and main:
         print_summary(result, setup)
     return result

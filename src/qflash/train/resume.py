@@ -74,25 +74,41 @@ def pick_checkpoint(out: Path, resume: str) -> tuple[Path | None, list[str]]:
 
 
 class RunLock:
-    """One training process per output_dir: a second one would interleave checkpoints."""
+    """One training process per output_dir: a second one would interleave checkpoints (and --overwrite would
+    delete a live run's files). Re-entrant within a process: `train` takes it before building anything,
+    run_training takes it again."""
+
+    _held: dict[Path, int] = {}
+    """Lock files this process holds -> how many times it entered them."""
 
     def __init__(self, out: Path):
         self.path = out / ".qflash.lock"
+        self._key = self.path.resolve()
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
+        if self._key in RunLock._held:
+            RunLock._held[self._key] += 1
+            return self
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
             os.close(self._fd)
-            raise QflashError(f"output_dir: {self.path.parent} is in use by another qflash run (pid {holder or '?'})") from None
+            self._fd = None
+            raise QflashError(f"output_dir: {self.path.parent} is in use by another qflash run (pid {holder or '?'}); "
+                              "wait for it to finish, or choose another output_dir") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        RunLock._held[self._key] = 1
         return self
 
     def __exit__(self, *exc) -> None:
+        RunLock._held[self._key] -= 1
+        if RunLock._held[self._key]:
+            return
+        del RunLock._held[self._key]
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
