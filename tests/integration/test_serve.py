@@ -30,9 +30,10 @@ class Server:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=300)
 
 
-def start_server(args: list[str], timeout: float = 300) -> tuple[subprocess.Popen, int, str]:
+def start_server(args: list[str], timeout: float = 300,
+                 launcher: tuple[str, ...] = ("-m", "qflash.cli")) -> tuple[subprocess.Popen, int, str]:
     """`qflash serve ... --port 0` in a subprocess; the port it bound, from its first line."""
-    proc = subprocess.Popen([sys.executable, "-m", "qflash.cli", "serve", *args, "--port", "0"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, *launcher, "serve", *args, "--port", "0"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
