@@ -75,27 +75,40 @@ def post_and_leave(port: int, body: dict) -> socket.socket:
 
 
 class Gate:
-    """engine.complete held until open(); records the order requests reach the model and what each generated."""
+    """engine.complete held until open(); records the prompts in the order they reach the model, and what each
+    generated (by the order of arrival)."""
 
     def __init__(self, engine, monkeypatch):
-        self.real, self.opened, self.calls = engine.complete, threading.Event(), []
+        self.engine, self.real, self.opened = engine, engine.complete, threading.Event()
+        self.calls: list[str] = []
+        self.tokens: dict[int, int] = {}
         self.entered = threading.Semaphore(0)
-        self.tokens: list[int] = []
         monkeypatch.setattr(engine, "complete", self)
 
     def __call__(self, prompt, opts, on_text=None, cancel=None):
-        self.calls.append(prompt)
-        self.entered.release()
-        assert self.opened.wait(60)
         from qflash.infer.engine import Cancelled
 
+        index = len(self.calls)
+        self.calls.append(self.engine.decode(prompt))
+        self.entered.release()
+        assert self.opened.wait(60)
         try:
             c = self.real(prompt, opts, on_text=on_text, cancel=cancel)
         except Cancelled as e:
-            self.tokens.append(getattr(e, "generated", 0))
+            self.tokens[index] = getattr(e, "generated", 0)
             raise
-        self.tokens.append(c.completion_tokens)
+        self.tokens[index] = c.completion_tokens
         return c
+
+    def wait_for(self, text: str, timeout: float = 20) -> int | None:
+        """The index of the call whose prompt holds text once it has ended, else None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = [i for i, t in enumerate(self.calls) if text in t and i in self.tokens]
+            if done:
+                return done[0]
+            time.sleep(0.05)
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,7 +148,7 @@ def test_a_full_queue_refuses_with_429_and_serves_first_come_first_served(start,
     assert set(statuses) <= {200, 429}, statuses
     assert len(refused) == n - 1 - 16, statuses  # 1 running + a queue of 16 (the default --max-queue)
     assert all(answers[i][1] for i in refused), "429 without Retry-After"
-    reached = [int(re.search(r"request (\d+)", tiny_engine.decode(p)).group(1)) for p in gate.calls]
+    reached = [int(re.search(r"request (\d+)", text).group(1)) for text in gate.calls]
     assert reached == served, "not first come, first served"
 
 
@@ -172,30 +185,33 @@ def test_a_client_that_leaves_stops_its_work_before_and_during_generation(start,
     holder = threading.Thread(target=ask, args=(port, {"messages": FRANCE, "max_tokens": 2}))
     holder.start()
     assert gate.entered.acquire(timeout=20)
-    body = {"messages": FRANCE, "max_tokens": 400}
-    waiting = [post_and_leave(port, body) for _ in range(5)]  # queued behind the holder
+    waiting = [post_and_leave(port, {"messages": [{"role": "user", "content": f"queued {i}"}], "max_tokens": 400})
+               for i in range(5)]  # queued behind the holder
     time.sleep(0.5)
     for sock in waiting:
         sock.close()
     time.sleep(0.3)
     gate.opened.set()
     holder.join(30)
-    before = list(gate.tokens)
-    assert len(gate.calls) == 1, f"{len(gate.calls) - 1} requests of clients that had left reached the model"
 
     # during generation, not streamed and streamed: the client leaves once the model is at work
+    during = []
     for stream in (False, True):
-        sock = post_and_leave(port, {**body, "stream": stream})
-        assert gate.entered.acquire(timeout=20)
+        text = f"during {'stream' if stream else 'reply'}"
+        sock = post_and_leave(port, {"messages": [{"role": "user", "content": text}], "max_tokens": 400,
+                                     "stream": stream})
+        deadline = time.monotonic() + 20
+        while not any(text in t for t in gate.calls) and time.monotonic() < deadline:
+            time.sleep(0.02)
         time.sleep(0.2)
         sock.close()
-        deadline = time.monotonic() + 20
-        while len(gate.tokens) < len(before) + 1 + stream and time.monotonic() < deadline:
-            time.sleep(0.05)
-    during = gate.tokens[len(before):]
-    print(f"\nleft: 5 clients left while queued -> {len(gate.calls) - 3} generations; 2 left while generating -> "
+        index = gate.wait_for(text)
+        during.append(gate.tokens.get(index))
+    reached = [t for t in gate.calls if "queued" in t]
+    print(f"\nleft: 5 clients left while queued -> {len(reached)} reached the model; 2 left while generating -> "
           f"{during} tokens generated of 400 asked")
-    assert len(during) == 2 and all(t < 200 for t in during), during
+    assert not reached, f"{len(reached)} requests of clients that had left were generated"
+    assert all(t is not None and t < 200 for t in during), during
     assert ask(port, {"messages": FRANCE, "max_tokens": 3})[0] == 200
     health = json.loads(raw_timed(port, "GET", "/health")[2])
     assert health["requests"]["cancelled_queued"] == 5 and health["requests"]["cancelled_running"] == 2
