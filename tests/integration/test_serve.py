@@ -402,5 +402,6 @@ def test_engine_cancel_stops_generation_with_cancelled(tiny_engine):
     done = tiny_engine.complete([1, 2, 3], opts, cancel=cancel)  # never set: an ordinary reply
     assert done.completion_tokens >= 1
     cancel.set()
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled) as stopped:
         tiny_engine.complete([1, 2, 3], opts, cancel=cancel)
+    assert stopped.value.generated == 1  # the first token, then the stop (what serve counts as wasted)

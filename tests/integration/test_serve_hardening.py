@@ -39,9 +39,12 @@ def start(tiny_engine):
 
     servers = []
 
-    def run(ceiling: int = 8, api_key: str | None = None):
-        srv = make_server(ServeState(tiny_engine, "tiny", SamplingOptions(max_new_tokens=ceiling), api_key),
-                          "127.0.0.1", 0)
+    def run(ceiling: int = 8, api_key: str | None = None, **limits):
+        from qflash.infer.serve import ServeLimits
+
+        state = ServeState(tiny_engine, "tiny", SamplingOptions(max_new_tokens=ceiling), api_key,
+                           *([ServeLimits(**limits)] if limits else []))
+        srv = make_server(state, "127.0.0.1", 0)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
         return srv
@@ -324,6 +327,26 @@ def test_idle_and_slow_reader_floods_under_a_descriptor_limit(tiny_models):
             s.close()
         proc.kill()
         proc.wait()
+
+
+def test_silent_connections_and_trickled_bodies_are_closed_after_the_timeout(start):
+    port = start(ceiling=4, timeout=1.0).server_address[1]
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    trickle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000\r\n\r\n{")
+    t0 = time.monotonic()
+    for _ in range(4):  # a byte every 0.4s: never silent for the timeout, yet the body is late
+        time.sleep(0.4)
+        try:
+            trickle.sendall(b" ")
+        except OSError:
+            break
+    reply = trickle.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply[:200]
+    assert idle.recv(1) == b"" and time.monotonic() - t0 < 5  # closed by the server
+    idle.close()
+    trickle.close()
 
 
 def _closed_by_server(sock: socket.socket) -> bool:
