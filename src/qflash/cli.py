@@ -92,14 +92,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from qflash.infer.serve import check_bind, resolve_api_key, serve
+    from qflash.infer.serve import ServeLimits, check_bind, resolve_api_key, serve
 
     opts = _sampling(args)
     api_key = resolve_api_key(args.api_key)
     check_bind(args.host, api_key)  # before the model loads: a refused bind should not wait for it
+    limits = ServeLimits(args.max_connections, args.max_queue, args.timeout).checked()
     engine = _engine(args)
     return serve(engine, host=args.host, port=args.port, model_id=args.model_name or engine.loaded.name,
-                 defaults=opts, api_key=api_key)
+                 defaults=opts, api_key=api_key, limits=limits)
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -183,7 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_inference_args(p: argparse.ArgumentParser) -> None:
+def _add_inference_args(p: argparse.ArgumentParser, max_new_tokens_help: str | None = None) -> None:
     """What chat, generate and serve share: what to load, and the sampling options."""
     from qflash.infer.options import SamplingOptions, option_help
 
@@ -199,7 +200,7 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     doc, d = option_help(), SamplingOptions()
     p.add_argument("--temperature", type=float, default=d.temperature, help=doc["temperature"])
     p.add_argument("--top-p", type=float, default=d.top_p, help=doc["top_p"])
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=doc["max_new_tokens"])
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=max_new_tokens_help or doc["max_new_tokens"])
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help=doc["repetition_penalty"])
     p.add_argument("--seed", type=int, default=d.seed, help=doc["seed"])
 
@@ -282,11 +283,22 @@ def _add_generate(sub) -> None:
 
 def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)")
-    _add_inference_args(sv)
+    # The one option whose meaning differs here: a ceiling, not only a default.
+    _add_inference_args(sv, max_new_tokens_help=(
+        "the most new tokens a request may ask for (max_tokens / max_completion_tokens): a request asking for "
+        "more is refused with 400 naming this limit, as OpenAI refuses a max_tokens over a model's limit; a "
+        "request that names none gets this many, or what the context window leaves"))
     sv.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --api-key")
     sv.add_argument("--port", type=int, default=8000, help="port (0 = any free one, printed at start)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $QFLASH_API_KEY)")
     sv.add_argument("--model-name", help="the model id clients send (default: the run's or the model's name)")
+    from qflash.infer.options import option_help
+    from qflash.infer.serve_api import ServeLimits
+
+    doc, d = option_help(ServeLimits), ServeLimits()
+    sv.add_argument("--max-connections", type=int, default=d.max_connections, help=doc["max_connections"])
+    sv.add_argument("--max-queue", type=int, default=d.max_queue, help=doc["max_queue"])
+    sv.add_argument("--timeout", type=float, default=d.timeout, help=doc["timeout"])
     sv.set_defaults(fn=cmd_serve)
 
 

@@ -38,16 +38,20 @@ class ContextOverflow(QflashError):
 
 
 class Cancelled(QflashError):
-    """Generation stopped early because its cancel event was set (the server is shutting down)."""
+    """Generation stopped early because its cancel event was set (the server is shutting down, the client left)."""
+
+    generated: int = 0
+    """Tokens generated before the stop (what the cancelled work cost)."""
 
 
 class _CancelCriterion(StoppingCriteria):
     """Ends generation at the next token once the event is set (checked once per generated token)."""
 
     def __init__(self, event: threading.Event):
-        self.event, self.fired = event, False
+        self.event, self.fired, self.steps = event, False, 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.steps += 1  # called once per generated token
         self.fired = self.fired or self.event.is_set()
         return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
@@ -218,7 +222,9 @@ class Engine:
                 **self._generate_kwargs(opts, max_new),
             )
         if stop is not None and stop.fired:
-            raise Cancelled("generation cancelled")
+            cancelled = Cancelled("generation cancelled")
+            cancelled.generated = stop.steps
+            raise cancelled
         return self._completion(out[0, len(prompt_ids):].tolist(), len(prompt_ids))
 
     @torch.no_grad()
