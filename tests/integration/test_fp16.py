@@ -33,7 +33,7 @@ def test_fp16_trains_with_a_loss_scale_and_resumes_exactly(tiny_models, identity
     ref = tmp_path / "ref"
     setup = build_setup(tiny_config(tiny_models["qwen2"], identity_subset, ref, *FP16), quiet=True)
     assert setup.dtype == torch.float16
-    result = run_training(setup, quiet=True)
+    run_training(setup, quiet=True)
     rows = _metrics(ref)
     assert rows[0]["loss_scale"] == 2.0 ** 18 and any(r["skipped"] for r in rows[:4]) and not rows[-1]["skipped"]
     applied = [r["loss"] for r in rows if not r["skipped"]]

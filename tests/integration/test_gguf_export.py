@@ -4,7 +4,6 @@ trained tiny run, read back by transformers' own GGUF loader (no qflash code on 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
