@@ -83,7 +83,7 @@ class DiskFull:
                     mp.setattr(mod, name, save_file)
 
     def _due(self, file) -> bool:
-        self.points.append(str(file))
+        self.points.append(os.fsdecode(file))
         return len(self.points) == self.fail_at
 
 
@@ -302,3 +302,43 @@ def test_merge_killed_between_its_renames_is_repaired(tiny_models, tmp_path, cap
     (old / "model.safetensors").write_bytes(b"previous")
     merge(MergeOptions(str(adapter), str(out), base=str(base), check=False, overwrite=True))
     assert not old.exists() and "left by a merge interrupted while swapping" in capsys.readouterr().err
+
+
+def test_full_disk_at_the_run_logs_is_one_error_and_the_same_command_goes_on(tiny_models, identity_subset, tmp_path):
+    """Train's other write points — config.yaml, metrics.jsonl, the samples log, TensorBoard's events — on a full
+    disk: one StorageError naming the file and what is intact (the checkpoint writes are the test above's); the
+    same command then finishes with the adapter of a run that never saw a full disk."""
+    from qflash.errors import StorageError
+    from qflash.train.loop import build_setup, run_training
+
+    args = ("train.max_steps=2", "train.save_every=1")
+
+    def train(out: Path):
+        return run_training(build_setup(tiny_config(tiny_models["qwen2"], identity_subset, out, *args)), quiet=True)
+
+    clean = (train(tmp_path / "clean").adapter_dir / "adapter_model.safetensors").read_bytes()
+    with pytest.MonkeyPatch.context() as mp:
+        counted = DiskFull(mp)
+        train(tmp_path / "count")
+    first: dict[str, int] = {}  # the first write point of each file that is not a checkpoint's or the adapter's
+    for k, point in enumerate(counted.points, start=1):
+        if not Path(point).is_relative_to(tmp_path / "count"):
+            first.setdefault(point, k)  # outside the run (a cache): must not stop it either
+            continue
+        rel = Path(point).relative_to(tmp_path / "count")
+        if rel.parts[0] not in ("checkpoints", "adapter") and not rel.parts[0].startswith((".adapter", ".write-test")):
+            first.setdefault("tensorboard" if rel.parts[0] == "tensorboard" else rel.name, k)
+    assert {"metrics.jsonl", "tensorboard"} <= set(first) and any("config.yaml" in n for n in first), sorted(first)
+    for name, k in first.items():
+        out = tmp_path / f"full-{k}"
+        with pytest.MonkeyPatch.context() as mp:
+            DiskFull(mp, fail_at=k)
+            with pytest.raises(QflashError) as stopped:
+                train(out)
+        message = str(stopped.value)
+        assert ENOSPC in message and "\n" not in message and (name in message or str(out) in message), message
+        if isinstance(stopped.value, StorageError):  # stopped while training: says how to go on
+            print(f"  {name}: {message}")
+            assert "run the same command again" in message or "start again" in message, message
+        assert (train(out).adapter_dir / "adapter_model.safetensors").read_bytes() == clean, name
+    print(f"train: {len(first)} log write points faulted ({', '.join(first)})")

@@ -8,6 +8,7 @@ every trained token of the step however the samples are split into micro-batches
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from qflash.data.pipeline import build_examples, data_fingerprint
 from qflash.data.replay import ReplayStats, build_replay
 from qflash.data.replay import key_for as replay_key
 from qflash.data.template import ChatRenderer, Example
-from qflash.errors import ConfigError
+from qflash.errors import ConfigError, StorageError
 from qflash.model.loading import (
     compute_dtype,
     load_configured_base,
@@ -253,8 +254,28 @@ def run_training(
         if ranks.main:
             clear_output_dir(out, overwrite)  # under the lock: never a live run's files
         ranks.barrier()
-        return _run_locked(setup, out, accelerator, ranks, force=force, on_step=on_step, quiet=quiet or not ranks.main,
-                           faults=faults or Faults.from_env())
+        try:
+            return _run_locked(setup, out, accelerator, ranks, force=force, on_step=on_step,
+                               quiet=quiet or not ranks.main, faults=faults or Faults.from_env())
+        except OSError as e:
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            raise stopped_by_storage(e, out) from e
+
+
+# A write that failed because of the disk, not because of qflash: training stops as one error that says what
+# is intact and how to go on (checkpoint writes say so themselves: CheckpointWriteError).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+def stopped_by_storage(e: OSError, out: Path) -> StorageError:
+    """A full (or failing) disk while writing a run's logs, config or adapter: which file, which checkpoint is
+    intact, and the command that goes on from it."""
+    where = os.fsdecode(e.filename) if e.filename else out
+    complete = complete_checkpoints(out)
+    intact = (f"the last complete checkpoint, {complete[-1][1].name}, is intact: free space and run the same command "
+              "again to resume from it") if complete else "no checkpoint was written yet: free space and start again"
+    return StorageError(f"{where}: {e.strerror or e}: training stopped; {intact}")
 
 
 def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bool, on_step: StepHook | None,
