@@ -288,10 +288,11 @@ def test_second_run_on_a_live_output_dir_is_refused_and_touches_nothing(config_f
     first = subprocess.Popen([*cmd, "train.max_steps=100000", "train.keep=100000"], cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        t_end = time.monotonic() + 120
+        t_end = time.monotonic() + 300
         while not (find_resumable(out)[0] and steps_logged(out) > 4) and time.monotonic() < t_end:
             assert first.poll() is None, "the first run ended early"
             time.sleep(0.05)
+        assert find_resumable(out)[0] and steps_logged(out) > 4, "the first run did not get going in 300 s"
         in_flight = out / ".adapter.tmp-inflight"  # as the first run's adapter looks while it is written
         in_flight.mkdir()
         (in_flight / "adapter_model.safetensors").write_bytes(b"being written")
