@@ -258,14 +258,20 @@ def test_paths_from_names_stay_inside(tmp_path):
 
 
 def test_source_has_no_unsafe_loading():
-    """Weights through safetensors, torch.load only with weights_only=True, YAML only with safe_load."""
+    """Weights through safetensors, torch.load only with weights_only=True, YAML only with safe_load (or the
+    config's StrictLoader, a SafeLoader that refuses duplicate keys)."""
+    import yaml
+
+    from qflash.config import StrictLoader
+
+    assert issubclass(StrictLoader, yaml.SafeLoader)
     offenders = []
     for path in (REPO / "src").rglob("*.py"):
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             code = line.split("#", 1)[0]
             if "torch.load(" in code and "weights_only=True" not in code:
                 offenders.append(f"{path}:{n}: torch.load without weights_only=True")
-            if re.search(r"\byaml\.(load|unsafe_load|full_load)\(", code):
+            if re.search(r"\byaml\.(load|unsafe_load|full_load)\(", code) and "Loader=StrictLoader)" not in code:
                 offenders.append(f"{path}:{n}: yaml load other than safe_load")
             if re.search(r"\b(pickle|dill|cloudpickle)\.loads?\(", code):
                 offenders.append(f"{path}:{n}: pickle load")
