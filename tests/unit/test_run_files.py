@@ -84,3 +84,20 @@ def test_commands_take_trust_from_the_command_line_only():
                  ["merge", "run", "--output", "o"], ["export", "run"], ["eval", "run"], ["compare", "run"]):
         assert parser.parse_args(argv).trust_remote_code is False
         assert parser.parse_args([*argv, "--trust-remote-code"]).trust_remote_code is True
+
+
+def test_a_setting_added_after_a_checkpoint_is_the_same_run_at_its_default():
+    """A checkpoint written before a setting existed (data.encoding came later) resumes while the setting is left
+    at its default; set to anything else, it is a difference like any other."""
+    from qflash.config import Config
+    from qflash.train.resume import differences, flatten, run_identity
+
+    fingerprint, shapes = {"fingerprint": "f", "tokenizer": "t"}, {"a": [2, 2]}
+    current = run_identity(Config().to_dict(), fingerprint, shapes)
+    saved = {**current, "config": {k: v for k, v in current["config"].items() if k != "data.encoding"}}
+    assert "data.encoding" in flatten(Config().to_dict()) and differences(saved, current) == []
+    forced = Config()
+    forced.data.encoding = "big5"
+    assert differences(saved, run_identity(forced.to_dict(), fingerprint, shapes)) == ["data.encoding: None -> 'big5'"]
+    changed = {**current, "config": {**current["config"], "train.lr": 1.0}}
+    assert differences(changed, current) == [f"train.lr: 1.0 -> {Config().train.lr!r}"]

@@ -46,10 +46,21 @@ def run_identity(cfg_dict: dict, fingerprint: dict, lora_shapes: dict[str, list[
     }
 
 
+def _default_settings() -> dict[str, object]:
+    from qflash.config import Config
+
+    return flatten(Config().to_dict())
+
+
 def differences(saved: dict, current: dict) -> list[str]:
+    """What differs between a checkpoint's identity and this run's. A setting the checkpoint does not name (one
+    added to qflash after it was written, e.g. data.encoding) is the same run while it is left at its default."""
     diffs = []
     old_cfg, new_cfg = saved.get("config", {}), current["config"]
+    defaults = _default_settings()
     for key in sorted(set(old_cfg) | set(new_cfg)):
+        if key not in old_cfg and key in defaults and new_cfg.get(key) == defaults[key]:
+            continue
         if old_cfg.get(key) != new_cfg.get(key):
             diffs.append(f"{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
     if saved.get("data_fingerprint") != current["data_fingerprint"]:
