@@ -169,6 +169,11 @@ class TrainConfig:
     """Peak learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay on the LoRA weights."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (beta1, beta2): the decay of the gradient's running mean and of its square's; some recipes
+    lower beta2 (e.g. [0.9, 0.95]) for steadier updates on small batches."""
+    adam_eps: float = 1e-8
+    """AdamW's epsilon, added to the root of the squared-gradient average."""
     warmup_ratio: float = 0.03
     """Share of the steps spent warming up linearly from 0 to lr."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -375,6 +380,9 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     need(t.lr > 0, "train.lr", "must be > 0")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas",
+         "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    need(t.adam_eps > 0, "train.adam_eps", "must be > 0")
     need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 (or unset to use epochs)")
     need(t.epochs > 0, "train.epochs", "must be > 0")

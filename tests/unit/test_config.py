@@ -155,3 +155,33 @@ def test_a_key_given_twice_in_an_override_or_a_saved_run_config(tmp_path):
     (tmp_path / RUN_CONFIG).write_text("train:\n  max_steps: 3\ntrain:\n  max_steps: 4\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"^{tmp_path / RUN_CONFIG}:3: .*'train' is given twice"):
         find_adapter(tmp_path)
+
+
+def test_adamw_betas_and_eps_reach_the_optimizer():
+    """train.adam_betas / adam_eps (seed 002 trains with beta2 0.95) are the optimizer's: its steps are those of
+    torch's AdamW built with them by hand, and differ from the defaults' from the second step on."""
+    import re
+
+    import torch
+
+    from qflash.train.loop import build_optimizer
+
+    def steps(cfg, make=None) -> torch.Tensor:
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(8))
+        opt = make([p]) if make else build_optimizer([p], cfg, torch.device("cpu"))
+        for i in range(3):
+            p.grad = torch.randn(8) * (i + 1)
+            opt.step()
+        return p.detach()
+
+    cfg = load_config(None, ["train.adam_betas=[0.9, 0.95]", "train.adam_eps=1e-3", "train.weight_decay=0.1"])
+    group = build_optimizer([torch.nn.Parameter(torch.ones(1))], cfg, torch.device("cpu")).param_groups[0]
+    assert tuple(group["betas"]) == (0.9, 0.95) and group["eps"] == 1e-3 and group["weight_decay"] == 0.1
+    by_hand = steps(None, lambda ps: torch.optim.AdamW(ps, lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-3,
+                                                        weight_decay=0.1))
+    assert torch.equal(steps(cfg), by_hand)
+    assert not torch.allclose(steps(load_config(None, ["train.weight_decay=0.1"])), by_hand)
+    for bad, says in ((["train.adam_betas=[0.9, 1.0]"], "two numbers in [0, 1)"), (["train.adam_eps=0"], "> 0")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config(None, bad)

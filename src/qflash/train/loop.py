@@ -143,13 +143,15 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch
         # LoRA states are small: paging buys nothing, and torch's fused AdamW (one kernel for all
         # tensors, same math) costs ~2 ms a step where bnb's paged one launches per tensor (~50 ms, 7B).
         fused = device.type == "cuda"
-        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
+        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                 betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps, fused=fused)
     if device.type != "cuda":
         raise ConfigError(f"train.optimizer={kind} needs a CUDA GPU; use train.optimizer=adamw on CPU")
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW32bit if kind == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
-    return cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=tuple(cfg.train.adam_betas),
+               eps=cfg.train.adam_eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
