@@ -65,8 +65,8 @@ ARCHES = ("qwen2", "llama", "qwen3", "mistral")
 
 def make_tiny_model(out: Path, arch: str, tokenizer, seed: int = 0, sliding_window: int | None = None) -> Path:
     """A tiny random model of the real architecture (2 layers, hidden 64, GQA) with the real tokenizer.
-    Qwen3: per-head q/k RMSNorms over head_dim 16, no q/k/v biases. Mistral: `sliding_window` (None: full
-    causal attention, as the general tests want)."""
+    Qwen3: per-head q/k RMSNorms over head_dim 128 (wider than hidden / heads, as in the real ones), no q/k/v
+    biases. Mistral: `sliding_window` (None: full causal attention, as the general tests want)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
@@ -84,7 +84,7 @@ def make_tiny_model(out: Path, arch: str, tokenizer, seed: int = 0, sliding_wind
         initializer_range=INIT_RANGE,
     )
     if arch == "qwen3":
-        config = Qwen3Config(**common, head_dim=16)  # its default head_dim is 128, not hidden / heads
+        config = Qwen3Config(**common, head_dim=128)  # as in every Qwen3 dense model: wider than hidden / heads
     elif arch == "mistral":
         config = MistralConfig(**common, head_dim=16, sliding_window=sliding_window)
     else:

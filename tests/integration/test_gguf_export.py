@@ -8,10 +8,14 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import ARCHES, tiny_config
 from qflash.errors import ConfigError, ModelError
 from qflash.export.gguf import read_back
 from qflash.export.gguf_export import ExportOptions, export
+
+
+GGUF_ARCH = {"mistral": "llama"}
+"""llama.cpp writes Mistral as its llama architecture."""
 
 
 def _logits(model, ids):
@@ -19,10 +23,11 @@ def _logits(model, ids):
         return model(torch.tensor([ids])).logits.float()[0]
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ARCHES)
 def test_tiny_models_read_back_at_f16_rounding(arch, tiny_models, tmp_path):
     """f16: the logits of the fp32 model with its matrices rounded to f16, up to fp32 arithmetic (q/k permuted for
-    Llama and back by transformers; Qwen2's biases kept); q8_0: close in distribution. The tokenizer read back from the GGUF tokenizes the same."""
+    Llama and Mistral and back by transformers; Qwen2's biases kept; Qwen3's q/k norms and its head_dim of 128 on
+    hidden 64); q8_0: close in distribution. The tokenizer read back from the GGUF tokenizes the same."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = tiny_models[arch]
@@ -40,9 +45,15 @@ def test_tiny_models_read_back_at_f16_rounding(arch, tiny_models, tmp_path):
     for dtype, bound in (("f16", 1e-5), ("q8_0", None)):
         out = tmp_path / f"{arch}-{dtype}.gguf"
         report = export(ExportOptions(str(src), dtype=dtype, output=str(out), check=False))
-        assert out.is_file() and report["arch"] == arch and report["tensors"] > 0
+        assert out.is_file() and report["arch"] == GGUF_ARCH.get(arch, arch) and report["tensors"] > 0
         model, gtok = read_back(out)
         assert gtok(text)["input_ids"] == ids
+        if arch == "qwen3":  # llama.cpp reads the head width from the file (transformers assumes Qwen3's 128)
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(out))
+            assert int(reader.fields["qwen3.attention.key_length"].parts[-1][0]) == 128
+            assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= {t.name for t in reader.tensors}
         got = _logits(model, ids)
         diff = float((got - want).abs().max())
         if bound is not None:  # exactly the f16-rounded model, up to fp32 arithmetic
@@ -87,7 +98,7 @@ def test_bad_inputs_leave_nothing_behind(tiny_models, tmp_path):
     gpt2 = tmp_path / "gpt2"
     AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
     out = tmp_path / "out" / "x.gguf"
-    with pytest.raises(ModelError, match="supported: LlamaForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(ModelError, match="supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3"):
         export(ExportOptions(str(gpt2), dtype="f16", output=str(out), check=False))
     assert not out.exists() and not list(out.parent.glob(".*"))
     out.write_bytes(b"keep")
@@ -124,3 +135,18 @@ def test_a_full_disk_is_one_error_and_leaves_nothing(tiny_models, tmp_path, monk
     with pytest.raises(ModelError, match="No space left on device"):
         export(ExportOptions(str(tiny_models["qwen2"]), dtype="f16", output=str(out), check=False))
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_what_the_gguf_cannot_carry_or_the_check_cannot_read_is_said():
+    """A Qwen3 head width other than 128 cannot be read back by transformers (its qwen3 table has no key_length):
+    the check refuses, naming --no-check; a Mistral sliding window shorter than the context is said once."""
+    from qflash.export.gguf import not_read_back, window_note
+
+    qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
+    assert not_read_back({**qwen3, "head_dim": 128}) is None and not_read_back(qwen3) is None
+    assert "head_dim 128 only (this model has 64)" in not_read_back({**qwen3, "head_dim": 64})
+    assert not_read_back({"architectures": ["MistralForCausalLM"], "head_dim": 64}) is None
+    mistral = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "max_position_embeddings": 32768}
+    assert "4096-token sliding window" in window_note({**mistral, "sliding_window": 4096})
+    assert window_note({**mistral, "sliding_window": None}) is None
+    assert window_note({**mistral, "sliding_window": 32768}) is None  # as wide as the context: no difference
