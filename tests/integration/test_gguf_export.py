@@ -42,7 +42,9 @@ def test_tiny_models_read_back_at_f16_rounding(arch, tiny_models, tmp_path):
                 p.copy_(p.half().float())
     want16 = _logits(ref, ids)
     assert float((want16 - want).abs().max()) > 0
-    for dtype, bound in (("f16", 1e-5), ("q8_0", None)):
+    # q8_0's blocks do not depend on the architecture: checked on Qwen2 and Llama (each takes seconds here)
+    dtypes = ("f16", "q8_0") if arch in ("qwen2", "llama") else ("f16",)
+    for dtype, bound in (("f16", 1e-5), ("q8_0", None))[: len(dtypes)]:
         out = tmp_path / f"{arch}-{dtype}.gguf"
         report = export(ExportOptions(str(src), dtype=dtype, output=str(out), check=False))
         assert out.is_file() and report["arch"] == GGUF_ARCH.get(arch, arch) and report["tensors"] > 0
@@ -61,7 +63,7 @@ def test_tiny_models_read_back_at_f16_rounding(arch, tiny_models, tmp_path):
         else:
             kl = float((want.log_softmax(-1).exp() * (want.log_softmax(-1) - got.log_softmax(-1))).sum(-1).mean())
             assert kl < 1e-2 and diff > 0, (kl, diff)
-    for dtype in ("f16", "q8_0"):  # the SmolLM2 tokenizer's template is ChatML, with a default system prompt
+    for dtype in dtypes:  # the SmolLM2 tokenizer's template is ChatML, with a default system prompt
         modelfile = (tmp_path / f"{arch}-{dtype}.Modelfile").read_text(encoding="utf-8")
         assert modelfile.startswith(f"FROM ./{arch}-{dtype}.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
         assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile, modelfile

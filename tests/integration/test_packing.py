@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ARCHES, make_tiny_model, tiny_config
+from conftest import make_tiny_model, tiny_config
 from qflash.data.batching import pack_rows, packed_micro_batches, pad_batch, trained_tokens
 from qflash.data.template import IGNORE
 from qflash.model import attention
@@ -16,7 +16,8 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+# Mistral's packed rows: test_sliding_window_applies_per_document_in_a_packed_row (with its window, the stronger case)
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
 def test_packed_loss_and_grads_equal_one_by_one(arch, tiny_models, identity_subset, tmp_path):
     cfg = tiny_config(tiny_models[arch], identity_subset, tmp_path, "data.max_len=200", "lora.dropout=0.0")
     setup = build_setup(cfg)
