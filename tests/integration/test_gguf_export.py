@@ -152,3 +152,21 @@ def test_what_the_gguf_cannot_carry_or_the_check_cannot_read_is_said():
     assert "4096-token sliding window" in window_note({**mistral, "sliding_window": 4096})
     assert window_note({**mistral, "sliding_window": None}) is None
     assert window_note({**mistral, "sliding_window": 32768}) is None  # as wide as the context: no difference
+
+
+def test_a_sentencepiece_style_tokenizer_is_refused(tiny_models, tmp_path):
+    """Mistral 7B's tokenizer.json is BPE too, but SentencePiece-style (byte fallback, Metaspace): written as
+    byte-level BPE, llama.cpp would split text wrongly and the logit check would not notice (it feeds both models
+    the same ids). Refused, naming llama.cpp's converter."""
+    import shutil
+
+    src = tmp_path / "spm-mistral"
+    shutil.copytree(tiny_models["mistral"], src)
+    tok = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["model"]["byte_fallback"] = True
+    tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    (src / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    out = tmp_path / "out" / "spm.gguf"
+    with pytest.raises(ModelError, match="SentencePiece-style BPE .* convert_hf_to_gguf.py"):
+        export(ExportOptions(str(src), dtype="f16", output=str(out), check=False))
+    assert not out.exists() and not list(out.parent.glob(".*"))

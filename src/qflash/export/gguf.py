@@ -107,6 +107,11 @@ def add_tokenizer(writer, model_dir: Path) -> dict[str, int]:
     model = tok.get("model", {})
     if model.get("type") != "BPE":
         raise ModelError(f"{path}: a {model.get('type')} tokenizer; GGUF export writes byte-level BPE ones only")
+    if model.get("byte_fallback") or '"Metaspace"' in json.dumps(tok.get("pre_tokenizer")):
+        # SentencePiece-style BPE (Mistral 7B v0.1-v0.3, Llama 2): llama.cpp reads it as its "llama" vocabulary, with
+        # scores and byte tokens this writer does not produce; written as byte-level BPE it would tokenize wrongly.
+        raise ModelError(f"{path}: a SentencePiece-style BPE tokenizer (byte fallback / Metaspace); GGUF export "
+                         "writes byte-level BPE ones only: convert this model with llama.cpp's convert_hf_to_gguf.py")
     vocab: dict[str, int] = dict(model["vocab"])
     for a in tok.get("added_tokens", []):
         vocab.setdefault(a["content"], a["id"])
