@@ -48,8 +48,12 @@ def test_tiny_models_read_back_at_f16_rounding(arch, tiny_models, tmp_path):
         out = tmp_path / f"{arch}-{dtype}.gguf"
         report = export(ExportOptions(str(src), dtype=dtype, output=str(out), check=False))
         assert out.is_file() and report["arch"] == GGUF_ARCH.get(arch, arch) and report["tensors"] > 0
-        model, gtok = read_back(out)
-        assert gtok(text)["input_ids"] == ids
+        if arch in ("qwen2", "llama"):
+            model, gtok = read_back(out)
+            assert gtok(text)["input_ids"] == ids
+        else:  # the same tokenizer as Qwen2's and Llama's: only the model is read back (each read parses the file)
+            model = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32,
+                                                         use_kernels=False).eval()
         if arch == "qwen3":  # llama.cpp reads the head width from the file (transformers assumes Qwen3's 128)
             from gguf import GGUFReader
 
