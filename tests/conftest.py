@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded model's real tokenizer, tiny random Qwen2/Llama models, small data."""
+"""Shared fixtures: the embedded model's real tokenizer, tiny random Qwen2/Llama/Qwen3/Mistral models, small data."""
 
 from __future__ import annotations
 
@@ -59,9 +59,15 @@ def smol_tokenizer(smol_dir):
     return load_tokenizer(smol_dir)
 
 
-def make_tiny_model(out: Path, arch: str, tokenizer, seed: int = 0) -> Path:
-    """A tiny random model of the real architecture (2 layers, hidden 64, GQA) with the real tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+ARCHES = ("qwen2", "llama", "qwen3", "mistral")
+"""The architectures of the tiny models (tests parametrized over all of them use this)."""
+
+
+def make_tiny_model(out: Path, arch: str, tokenizer, seed: int = 0, sliding_window: int | None = None) -> Path:
+    """A tiny random model of the real architecture (2 layers, hidden 64, GQA) with the real tokenizer.
+    Qwen3: per-head q/k RMSNorms over head_dim 128 (wider than hidden / heads, as in the real ones), no q/k/v
+    biases. Mistral: `sliding_window` (None: full causal attention, as the general tests want)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=len(tokenizer),
@@ -77,7 +83,12 @@ def make_tiny_model(out: Path, arch: str, tokenizer, seed: int = 0) -> Path:
         tie_word_embeddings=True,
         initializer_range=INIT_RANGE,
     )
-    config = Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)
+    if arch == "qwen3":
+        config = Qwen3Config(**common, head_dim=128)  # as in every Qwen3 dense model: wider than hidden / heads
+    elif arch == "mistral":
+        config = MistralConfig(**common, head_dim=16, sliding_window=sliding_window)
+    else:
+        config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(out))
@@ -88,7 +99,7 @@ def make_tiny_model(out: Path, arch: str, tokenizer, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(root / arch, arch, smol_tokenizer) for arch in ("qwen2", "llama")}
+    return {arch: make_tiny_model(root / arch, arch, smol_tokenizer) for arch in ARCHES}
 
 
 @pytest.fixture(scope="session")

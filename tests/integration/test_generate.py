@@ -267,3 +267,31 @@ def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
         holder.wait()
     assert out.read_bytes() == b""
     assert run_generate(_Echo, src, out, SamplingOptions()).answered == 4
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_greedy_generation_equals_argmax_without_cache(arch, tiny_models):
+    """Qwen3 and Mistral through the engine (KV cache, left-padded batch): each reply is the argmax of a plain
+    fp32 forward over the whole sequence so far, token by token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qflash.infer.engine import Engine
+    from qflash.infer.generate import load_target
+    from qflash.infer.options import SamplingOptions
+
+    engine = Engine(load_target(str(tiny_models[arch]), device="cpu", quant="none"))
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_models[arch]), dtype=torch.float32).eval()
+    opts = SamplingOptions(max_new_tokens=8)
+    prompts = [engine.prompt_ids([{"role": "user", "content": p["prompt"]}]) for p in PROMPTS[:2]]
+    batched = engine.complete_batch(prompts, opts)
+    for ids, row in zip(prompts, batched):
+        seq = list(ids)
+        with torch.no_grad():
+            while len(seq) - len(ids) < opts.max_new_tokens:
+                seq.append(int(plain(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+                if seq[-1] in engine.stop_ids:
+                    break
+        want = engine._completion(seq[len(ids):], len(ids))
+        assert engine.complete(ids, opts) == want == row
+        assert want.completion_tokens >= 1

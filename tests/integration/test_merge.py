@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import REPO, tiny_config
+from conftest import ARCHES, REPO, tiny_config
 from qflash.cli import main
 from qflash.export.merge import MergeOptions, merge
 
@@ -82,7 +82,7 @@ def runs(tiny_models, identity_subset, tmp_path_factory):
 # Parity: a trained run merged in fp32 gives the logits of base + adapter
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ARCHES)
 def test_merged_fp32_matches_base_plus_adapter_and_loads_plainly(arch, runs, tiny_models, tmp_path):
     run = runs(arch)
     out = tmp_path / "merged"

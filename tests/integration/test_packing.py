@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import make_tiny_model, tiny_config
 from qflash.data.batching import pack_rows, packed_micro_batches, pad_batch, trained_tokens
 from qflash.data.template import IGNORE
+from qflash.model import attention
 from qflash.model.attention import PackingError
 from qflash.train.loop import build_setup
 from qflash.train.loss import loss_sum
@@ -15,7 +16,8 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+# Mistral's packed rows: test_sliding_window_applies_per_document_in_a_packed_row (with its window, the stronger case)
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
 def test_packed_loss_and_grads_equal_one_by_one(arch, tiny_models, identity_subset, tmp_path):
     cfg = tiny_config(tiny_models[arch], identity_subset, tmp_path, "data.max_len=200", "lora.dropout=0.0")
     setup = build_setup(cfg)
@@ -92,3 +94,51 @@ def test_stock_sdpa_with_cache_leaks_across_documents(tiny_models, identity_subs
         leaky = stock(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=True).logits[0, n0:]
         right = stock(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False).logits[0, n0:]
     assert (leaky - right).abs().max() > 1e-3
+
+
+WINDOW = 16
+
+
+@pytest.fixture(scope="module")
+def windowed_mistral(tmp_path_factory, smol_tokenizer):
+    """The tiny Mistral with a 16-token sliding window (the identity documents are longer)."""
+    return make_tiny_model(tmp_path_factory.mktemp("windowed") / "mistral", "mistral", smol_tokenizer,
+                           sliding_window=WINDOW)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_sliding_window_applies_per_document_in_a_packed_row(backend, windowed_mistral, identity_subset, tmp_path):
+    """Mistral's window on the CPU path: a packed row (block-diagonal mask) equals each document run alone,
+    where the window restarts with the document; and the window does limit attention (without it: other logits)."""
+    setup = build_setup(tiny_config(windowed_mistral, identity_subset, tmp_path, "data.max_len=400",
+                                    f"attention.backend={backend}"))
+    model, ex = setup.model.eval(), setup.examples
+    lengths = [len(ex[i].input_ids) for i in (0, 1)]
+    assert min(lengths) > 2 * WINDOW, lengths
+    row = pack_rows(ex, [0, 1], varlen=False)
+
+    def alone(i):
+        return model(input_ids=torch.as_tensor(ex[i].input_ids)[None], use_cache=False).logits[0]
+
+    with torch.no_grad():
+        packed = model(**row.model_inputs()).logits[0]
+        windowed = [alone(0), alone(1)]
+        model.config.sliding_window = None  # the same weights, full causal attention
+        try:
+            full = alone(1)
+        finally:
+            model.config.sliding_window = WINDOW
+    torch.testing.assert_close(packed[: lengths[0]], windowed[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[lengths[0]:], windowed[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[:WINDOW], windowed[1][:WINDOW], atol=1e-5, rtol=1e-5)  # inside the window
+    assert (full[WINDOW:] - windowed[1][WINDOW:]).abs().amax(-1).min() > 1e-4, "every token past the window differs"
+
+
+def test_varlen_refuses_a_document_longer_than_mistrals_window(windowed_mistral, identity_subset, tmp_path):
+    """The varlen kernels run plain causal attention: a Mistral layer hands them its window, and a packed
+    document longer than it is refused (with what to do), not trained on with too wide an attention."""
+    setup = build_setup(tiny_config(windowed_mistral, identity_subset, tmp_path, "data.max_len=400"))
+    attention.use(setup.model, attention.Choice("torch_varlen"))
+    row = pack_rows(setup.examples, [0, 1], varlen=True)
+    with torch.no_grad(), pytest.raises(PackingError, match=rf"\(window {WINDOW}\).*keep data.max_len <= {WINDOW}"):
+        setup.model(**row.model_inputs())

@@ -6,22 +6,26 @@ import torch
 from qflash.kernels.rmsnorm import FusedRMSNorm, swap_rms_norms
 
 
-@pytest.mark.parametrize("cls_name", ["Qwen2RMSNorm", "LlamaRMSNorm"])
-def test_fused_rms_norm_equals_transformers_norm_then_cast(cls_name):
+@pytest.mark.parametrize("cls_name, shape", [("Qwen2RMSNorm", (3, 7, 64)), ("LlamaRMSNorm", (3, 7, 64)),
+                                             ("MistralRMSNorm", (3, 7, 64)), ("Qwen3RMSNorm", (3, 7, 64)),
+                                             ("Qwen3RMSNorm", (3, 7, 4, 128))], ids=str)
+def test_fused_rms_norm_equals_transformers_norm_then_cast(cls_name, shape):
     """fp32 residual in: the output is exactly transformers' fp32 norm output rounded to the compute dtype
-    (what autocast would hand to the next matmul), and the input gradient matches."""
-    import transformers.models.llama.modeling_llama as llama
-    import transformers.models.qwen2.modeling_qwen2 as qwen2
+    (what autocast would hand to the next matmul), and the input gradient matches. (3, 7, 4, 128): Qwen3's
+    per-head q_norm / k_norm, over head_dim on (batch, seq, heads, head_dim)."""
+    import importlib
 
-    cls = getattr(qwen2 if cls_name.startswith("Qwen2") else llama, cls_name)
+    module = importlib.import_module(f"transformers.models.{cls_name[:-7].lower()}.modeling_{cls_name[:-7].lower()}")
+    cls = getattr(module, cls_name)
+    width = shape[-1]
     torch.manual_seed(0)
-    ref = cls(64, eps=1e-6)
+    ref = cls(width, eps=1e-6)
     with torch.no_grad():
-        ref.weight.copy_(torch.randn(64) * 0.3 + 1)
+        ref.weight.copy_(torch.randn(width) * 0.3 + 1)
     ours = FusedRMSNorm(ref.weight, ref.variance_epsilon, compiled=False)
-    x = (torch.randn(3, 7, 64) * 4).requires_grad_()
+    x = (torch.randn(shape) * 4).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
-    g = torch.randn(3, 7, 64)
+    g = torch.randn(shape)
 
     want = ref(x)  # fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -37,16 +41,22 @@ def test_fused_rms_norm_equals_transformers_norm_then_cast(cls_name):
     torch.testing.assert_close(ours(x.detach()), ref(x.detach()), rtol=1e-6, atol=1e-6)
 
 
-def test_swap_shares_weights_and_keeps_state_dict(tiny_models):
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_swap_shares_weights_and_keeps_state_dict(arch, tiny_models):
+    """Every plain RMSNorm is swapped, Qwen3's per-head q_norm / k_norm (over head_dim) included, and the
+    model computes what it did."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2"]), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models[arch]), dtype=torch.float32)
     keys = list(model.state_dict())
     norms = {name: m for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
     ids = torch.randint(0, 100, (2, 9))
     before = model(ids).logits
     n = swap_rms_norms(model, compiled=False)
-    assert n == 2 * 2 + 1  # two per layer and the final norm
+    per_layer = 4 if arch == "qwen3" else 2  # input and post-attention norms (+ q_norm and k_norm) per layer
+    assert n == per_layer * 2 + 1 == len(norms)  # ... and the final norm
+    if arch == "qwen3":
+        assert model.model.layers[0].self_attn.k_norm.weight.shape == (128,)
     assert list(model.state_dict()) == keys
     for name, old in norms.items():  # the swapped-in norm holds the same weight tensor, not a copy
         new = model.get_submodule(name)

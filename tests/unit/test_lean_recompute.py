@@ -44,7 +44,7 @@ def _loss_grads_gemms(setup, batch, monkeypatch, count: bool = True):
     return loss.item(), grads, calls
 
 
-@pytest.mark.parametrize("arch, offload", [("qwen2", False), ("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("arch, offload", [("qwen2", False), ("llama", False), ("qwen3", False), ("qwen2", True)])
 def test_lean_recompute_skips_down_proj_and_keeps_gradients(arch, offload, tiny_models, identity_subset, tmp_path,
                                                             monkeypatch):
     results = {}

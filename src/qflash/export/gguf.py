@@ -3,8 +3,11 @@
 Written with the `gguf` package's writer, one tensor at a time (read lazily from the safetensors shards,
 converted, written, dropped): the architecture's metadata, the tokenizer (byte-level BPE: vocabulary, merges,
 token types, special ids, the end-of-turn token) and the chat template the directory carries (merge writes
-the one the run trained with). Llama's q/k projections are permuted into the rotary layout llama.cpp expects;
-Qwen2's are not (its rotary pairs halves, as transformers does) and keep their biases.
+the one the run trained with). Llama's and Mistral's q/k projections are permuted into the rotary layout llama.cpp
+expects (Mistral is llama.cpp's `llama` architecture); Qwen2's and Qwen3's are not (their rotary pairs halves, as
+transformers does). Qwen2 keeps its q/k/v biases; Qwen3 has none, and its per-head q/k norms become attn_q_norm /
+attn_k_norm. The head width is written (attention.key_length / value_length) where the config gives one: Qwen3's
+128 is wider than hidden / heads.
 
 Types: f16, bf16, q8_0 and q4_0 (blocks of 32 weights with one fp16 scale, 8 or 4 bits each; the gguf
 package's quantizer; under q4_0 the token embedding / output projection stay q8_0). One-dimensional tensors
@@ -23,7 +26,8 @@ import torch
 
 from qflash.errors import ConfigError, ModelError
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}
 """What this exporter writes: transformers' class -> llama.cpp's architecture name."""
 TYPES = ("f16", "bf16", "q8_0", "q4_0")
 
@@ -103,6 +107,11 @@ def add_tokenizer(writer, model_dir: Path) -> dict[str, int]:
     model = tok.get("model", {})
     if model.get("type") != "BPE":
         raise ModelError(f"{path}: a {model.get('type')} tokenizer; GGUF export writes byte-level BPE ones only")
+    if model.get("byte_fallback") or '"Metaspace"' in json.dumps(tok.get("pre_tokenizer")):
+        # SentencePiece-style BPE (Mistral 7B v0.1-v0.3, Llama 2): llama.cpp reads it as its "llama" vocabulary, with
+        # scores and byte tokens this writer does not produce; written as byte-level BPE it would tokenize wrongly.
+        raise ModelError(f"{path}: a SentencePiece-style BPE tokenizer (byte fallback / Metaspace); GGUF export "
+                         "writes byte-level BPE ones only: convert this model with llama.cpp's convert_hf_to_gguf.py")
     vocab: dict[str, int] = dict(model["vocab"])
     for a in tok.get("added_tokens", []):
         vocab.setdefault(a["content"], a["id"])
@@ -149,7 +158,9 @@ def add_model_metadata(writer, config: dict, arch: str, name: str, dtype: str) -
     heads = config["num_attention_heads"]
     hidden = config["hidden_size"]
     rope = config.get("rope_parameters") or {}
-    writer.add_name(name)
+    # transformers' GGUF loader (the fidelity check's reader) takes a llama file named exactly "mistral" for a
+    # gguf-py architecture "mistral", which does not exist, and cannot read it; llama.cpp does not read the name.
+    writer.add_name("Mistral" if arch == "llama" and name == "mistral" else name)
     writer.add_context_length(config.get("max_position_embeddings", 4096))
     writer.add_embedding_length(hidden)
     writer.add_block_count(config["num_hidden_layers"])
@@ -159,7 +170,11 @@ def add_model_metadata(writer, config: dict, arch: str, name: str, dtype: str) -
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_rope_dimension_count(config.get("head_dim") or hidden // heads)
+    head_dim = config.get("head_dim") or hidden // heads
+    writer.add_rope_dimension_count(head_dim)
+    if config.get("head_dim"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     writer.add_file_type(file_type)
@@ -214,8 +229,8 @@ def hf_to_gguf(model_dir: Path, out: Path, dtype: str, name: str, progress=None)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     arch = architecture(config, model_dir)
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                     config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map({"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+                                      "qwen3": gguf.MODEL_ARCH.QWEN3}[arch], config["num_hidden_layers"])
     model = SafetensorsModel(model_dir)
     tied = config.get("tie_word_embeddings", False)
     plan = []
@@ -261,6 +276,23 @@ def hf_to_gguf(model_dir: Path, out: Path, dtype: str, name: str, progress=None)
     finally:
         writer.close()
     return result
+
+
+def not_read_back(config: dict) -> str | None:
+    """Why transformers' GGUF loader cannot read back the export of `config` (the fidelity check), else None."""
+    if architecture(config, Path("config.json")) == "qwen3" and config.get("head_dim", 128) != 128:
+        # its qwen3 table maps no attention.key_length: the head width read back is Qwen3Config's default
+        return f"transformers' GGUF loader reads Qwen3 with head_dim 128 only (this model has {config['head_dim']})"
+    return None
+
+
+def window_note(config: dict) -> str | None:
+    """What a sliding window becomes in the GGUF (llama.cpp's llama architecture attends over the whole context)."""
+    window = config.get("sliding_window")
+    if config.get("model_type") == "mistral" and window and window < config.get("max_position_embeddings", 0):
+        return (f"the model's {window}-token sliding window is not in GGUF's llama architecture: llama.cpp attends "
+                f"over the whole context, the same as the model up to {window} tokens")
+    return None
 
 
 def read_back(path: Path, dtype: torch.dtype = torch.float32):

@@ -23,7 +23,7 @@ import torch
 
 from qflash.config import Config
 from qflash.errors import ConfigError, ModelError, StorageError
-from qflash.export.gguf import TYPES, GgufResult, architecture, hf_to_gguf, read_back
+from qflash.export.gguf import TYPES, GgufResult, architecture, hf_to_gguf, not_read_back, read_back, window_note
 from qflash.paths import fsync_dir, fsync_file
 from qflash.ui import console
 
@@ -84,8 +84,14 @@ def export(opts: ExportOptions) -> dict:
         model_dir = _merged_or_model(opts, adapter_dir, work)
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
         architecture(config, model_dir)  # refused before any writing, naming what is supported
+        unreadable = not_read_back(config) if opts.check else None
+        if unreadable:
+            raise ModelError(f"{model_dir}: the fidelity check cannot run: {unreadable}; pass --no-check to export "
+                             "unchecked")
         _need_space(out.parent, _model_bytes(model_dir), "the GGUF file")
         console.print(f"[bold]qflash export[/]: {model_dir} -> {out} ({opts.dtype})")
+        if window_note(config):
+            console.print(f"  note: {window_note(config)}")
         try:
             result = hf_to_gguf(model_dir, tmp_file, opts.dtype, name, progress=_progress())
             fsync_file(tmp_file)

@@ -17,7 +17,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# The norms this replaces: y = w * x / rms(x) (Gemma's (1 + w) variant is different math: left alone).
+# The norms this replaces: y = w * x / rms(x) (Gemma's (1 + w) variant is different math: left alone). Qwen3's
+# per-head q_norm / k_norm are Qwen3RMSNorm too: the statistics run over the last dimension, head_dim there, and
+# they hand RoPE the compute dtype (as a Llama q_proj does) instead of an fp32 product with an fp32 weight.
 PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Qwen2MoeRMSNorm")
 
 

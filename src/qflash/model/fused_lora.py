@@ -18,7 +18,7 @@ disabled adapters go through PEFT's own forward. `lora.fused: false` turns it of
 
 Lean recompute (`kernels.lean_recompute`): under activation checkpointing a layer's forward runs
 twice, and the second run (the recompute, in backward) only has to rebuild what backward reads.
-The last projection of a Llama/Qwen2-style decoder layer (mlp.down_proj) writes its output straight
+The last projection of a Llama/Mistral/Qwen2/Qwen3 decoder layer (mlp.down_proj) writes its output straight
 into the residual add, which backward does not read; so in the recompute that projection saves its
 inputs for backward and skips its GEMMs (its output is discarded). Gradients are unchanged; a
 quarter of the recompute's GEMM work is gone.
