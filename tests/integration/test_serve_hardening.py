@@ -40,10 +40,12 @@ def start(tiny_engine):
     servers = []
 
     def run(ceiling: int = 8, api_key: str | None = None, **limits):
-        from qflash.infer.serve import ServeLimits
+        extra = []
+        if limits:  # imported only here: the tests without limits also run against a server that has none
+            from qflash.infer.serve import ServeLimits
 
-        state = ServeState(tiny_engine, "tiny", SamplingOptions(max_new_tokens=ceiling), api_key,
-                           *([ServeLimits(**limits)] if limits else []))
+            extra = [ServeLimits(**limits)]
+        state = ServeState(tiny_engine, "tiny", SamplingOptions(max_new_tokens=ceiling), api_key, *extra)
         srv = make_server(state, "127.0.0.1", 0)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
