@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qflash.data.cache import file_chat_template
 from qflash.errors import ConfigError, ModelError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -135,21 +136,10 @@ def add_tokenizer(writer, model_dir: Path) -> dict[str, int]:
         if name in ids:
             adder(ids[name])
     writer.add_add_bos_token(False)
-    template = _chat_template(model_dir)
+    template = file_chat_template(model_dir)
     if template:
         writer.add_chat_template(template)
     return ids
-
-
-def _chat_template(model_dir: Path) -> str | None:
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cfg = model_dir / "tokenizer_config.json"
-    if cfg.is_file():
-        t = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-        return t if isinstance(t, str) else None
-    return None
 
 
 def add_model_metadata(writer, config: dict, arch: str, name: str, dtype: str) -> None:

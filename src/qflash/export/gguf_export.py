@@ -258,9 +258,9 @@ def write_modelfile(model_dir: Path, out: Path, cfg: Config | None, into: Path |
     """An Ollama Modelfile for a ChatML template (SmolLM2, Qwen2): FROM, TEMPLATE, the stop token, the system
     prompt the template adds by default (or the run's). Other templates: none written (said), Ollama then uses
     the template stored in the GGUF."""
-    from qflash.export.gguf import _chat_template
+    from qflash.data.cache import file_chat_template
 
-    template = _chat_template(model_dir) or ""
+    template = file_chat_template(model_dir) or ""
     if "<|im_start|>" not in template or "<|im_end|>" not in template:
         console.print("  Modelfile: not written (the chat template is not ChatML; Ollama reads the one in the GGUF)")
         return None
