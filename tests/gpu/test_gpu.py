@@ -327,8 +327,11 @@ def _live_calls():
 
 def test_kept_attention_runs_one_attention_forward_per_layer_on_gpu(tmp_path, monkeypatch):
     """kernels.keep_attention (compiled layers, offloaded checkpoint, every tensor pinned however small): the
-    recompute runs no FlashAttention forward kernel; loss and LoRA gradients equal recomputing it (up to
-    FlashAttention's backward, which accumulates dq with atomics)."""
+    recompute runs no FlashAttention forward kernel; the loss equals recomputing it, and each LoRA gradient is as
+    close to the fp32 truth as the recomputing run's (within 1.5x its error, or 1%; zero gradients fail that).
+    Not bit-equal to the recomputing run: its backward pairs the recompute's q/k/v (another compiled graph, so
+    other bf16 roundings) with the forward's output and lse (session 13 measured 7.1e-3 on one tensor of a tiny
+    model with weights of std 0.2, where bf16 alone moves gradients by half)."""
     from torch.profiler import ProfilerActivity, profile
 
     from qflash.bench import runner
@@ -337,9 +340,13 @@ def test_kept_attention_runs_one_attention_forward_per_layer_on_gpu(tmp_path, mo
     from qflash.train.loss import loss_sum
 
     monkeypatch.setattr(activation_offload, "MIN_OFFLOAD_BYTES", 0)
-    model_dir = _tiny_dir(tmp_path, "qwen2")
+    model_dir = _tiny_dir(tmp_path, "qwen2", init=0.02)
     rng = np.random.default_rng(5)
     docs = [rng.integers(0, 512, n) for n in (300, 200, 700, 64)]
+    truth_loss, truth = _loss_and_lora_grads(
+        model_dir, docs, ["kernels.compile_layers=false", "kernels.lean_recompute=false", "kernels.fused_ce=false",
+                          "train.offload_activations=false", "train.embedding_on_cpu=false", "lora.fused=false",
+                          "kernels.fused_norm=false"], torch.float32)
     results, forwards = {}, {}
     for keep in (False, True):
         runner.QFLASH_OVERRIDES[:] = [f"kernels.keep_attention={str(keep).lower()}", "attention.cudnn=false"]
@@ -369,5 +376,15 @@ def test_kept_attention_runs_one_attention_forward_per_layer_on_gpu(tmp_path, mo
     assert forwards == {False: [2 * layers] * len(batches), True: [layers] * len(batches)}, forwards
     (base_loss, base), (loss, grads) = results[False], results[True]
     assert abs(loss - base_loss) <= 1e-6 * abs(base_loss), (loss, base_loss)
-    for k in base:
-        assert rel_err(grads[k], base[k]) < 1e-3, (k, rel_err(grads[k], base[k]))
+    assert truth.keys() == base.keys() == grads.keys()
+    bound = {k: max(1.5 * rel_err(base[k], truth[k]), 1e-2) for k in truth}
+
+    def wrong(g) -> list[str]:
+        return [k for k in truth if not (torch.isfinite(g[k]).all() and rel_err(g[k], truth[k]) <= bound[k])]
+
+    worst = max(truth, key=lambda k: rel_err(grads[k], base[k]))
+    print(f"kept attention: worst LoRA grad vs recomputing {rel_err(grads[worst], base[worst]):.2e} ({worst}); vs fp32 "
+          f"{rel_err(grads[worst], truth[worst]):.4f}, recomputing vs fp32 {rel_err(base[worst], truth[worst]):.4f}; "
+          f"loss {loss:.6f} fp32 {truth_loss:.6f}")
+    assert wrong(grads) == [], [(k, rel_err(grads[k], truth[k]), bound[k]) for k in wrong(grads)]
+    assert len(wrong({k: torch.zeros_like(g) for k, g in truth.items()})) == len(truth)
