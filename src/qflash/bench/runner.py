@@ -212,8 +212,10 @@ def reference_model(model_dir: Path, dropout: float, lr: float):
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
+    # use_kernels=False: the seeds' recipe as written (transformers 5.25 would otherwise swap in Hugging Face Hub
+    # kernels wherever the `kernels` package is installed, and fail offline: device session 14).
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=quant, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa", device_map={"": 0})
+                                                 attn_implementation="sdpa", device_map={"": 0}, use_kernels=False)
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
