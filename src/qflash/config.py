@@ -52,6 +52,10 @@ class ModelConfig:
     """A local Hugging Face model directory, a .gguf file, or `smollm2-135m-instruct` (the embedded default)."""
     trust_remote_code: bool = False
     """Run Python code shipped inside the model directory. Off unless you trust its author."""
+    adapter: str | None = None
+    """Start from this trained adapter (a run directory or an adapter directory) instead of fresh LoRA weights,
+    e.g. preference tuning after supervised tuning (`model.adapter: runs/sft`). Its LoRA settings (r, alpha,
+    targets, rsLoRA, DoRA) must equal this run's lora section."""
 
 
 @dataclass
@@ -223,11 +227,32 @@ class TrainConfig:
     """Abort after this many consecutive steps with a non-finite loss or gradient (each one is skipped)."""
     eval_every: int = 0
     """Held-out loss (token-weighted) every N optimizer steps and at the end, into metrics.jsonl; 0 = off."""
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = "sft"
+    """What training optimizes. sft: next-token loss on the answers. dpo, orpo, simpo: preference tuning on
+    pairs (a prompt with a chosen and a rejected answer; data/preference.py reads them), with the `pref` section's
+    parameters. dpo compares with a reference: the model as the run starts (the base with fresh LoRA, or
+    model.adapter), its log-probabilities computed once before the first step; orpo and simpo need none."""
 
     requires = (
         Needs("train.offload_activations", "train.gradient_checkpointing", (True,),
               "what it offloads is the checkpointed layer input"),
     )
+
+
+@dataclass
+class PrefConfig:
+    beta: float | None = None
+    """dpo and simpo: how sharply the loss separates chosen from rejected (the reward's scale). Unset: 0.1 for
+    dpo, 2.0 for simpo (the papers' and TRL's usual values)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """dpo's loss of the reward margin: sigmoid (DPO), ipo (IPO: squared distance to 1/(2 beta), on per-token
+    average log-probabilities), hinge (SLiC)."""
+    label_smoothing: float = 0.0
+    """dpo (sigmoid) and simpo: the share of pairs assumed mislabelled (conservative DPO); 0 = none."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin gamma (the loss pushes beta x margin past it)."""
+    orpo_lambda: float = 0.1
+    """orpo: weight of the odds-ratio term beside the chosen answers' next-token loss."""
 
 
 @dataclass
@@ -333,6 +358,7 @@ class Config:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
     output_dir: str = "runs/default"
     """Where checkpoints, the adapter, logs and metrics go."""
 
@@ -396,6 +422,14 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     need(cfg.eval.control_max_new_tokens >= 1, "eval.control_max_new_tokens", "must be >= 1")
     need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = off)")
+    pf = cfg.pref
+    need(pf.beta is None or pf.beta > 0, "pref.beta", "must be > 0 (or unset for the objective's default)")
+    need(0.0 <= pf.label_smoothing < 0.5, "pref.label_smoothing", "must be in [0, 0.5)")
+    need(pf.label_smoothing == 0 or pf.loss_type == "sigmoid" or t.objective != "dpo", "pref.label_smoothing",
+         f"applies to pref.loss_type=sigmoid only (not {pf.loss_type})")
+    need(pf.orpo_lambda > 0, "pref.orpo_lambda", "must be > 0")
+    need(t.objective == "sft" or not cfg.data.replay.prompts, "data.replay.prompts",
+         f"replay adds supervised samples, which train.objective={t.objective} does not train on; leave it empty")
     rp = cfg.data.replay
     need(rp.ratio > 0, "data.replay.ratio", "must be > 0 (leave data.replay.prompts empty for no replay)")
     need(rp.max_new_tokens >= 1, "data.replay.max_new_tokens", "must be >= 1")

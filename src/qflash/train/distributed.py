@@ -224,6 +224,17 @@ class Parallel:
         self.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
         return token_loss.detach()
 
+    def pref_loss_and_backward(self, pb, objective, reference, w_pair: float, w_token: float,
+                               poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preference tuning's micro-step (train/preference.py preference_loss): its weighted share of the step's
+        loss (detached) and its summed statistics, after backward of that share. Eager (no CUDA graphs)."""
+        part, stats = self.module(**batch_fields(pb.batch), pref=(pb.owner, pb.pairs, objective, reference, w_pair,
+                                                                  w_token))
+        if poison:
+            part = part * float("nan")
+        self.backward(self.scaler.scale(part) if self.scaler is not None else part)
+        return part.detach(), stats
+
     def backward(self, loss: torch.Tensor) -> None:
         if self.strategy == "deepspeed":
             self.module.backward(loss)  # the engine's backward: ZeRO reduces the gradients into partitions
@@ -365,13 +376,23 @@ class LossModule(torch.nn.Module):
 
         return None if embeddings_tied(self.model) else self.model.get_input_embeddings()
 
-    def forward(self, **batch_fields) -> torch.Tensor:
+    def forward(self, pref=None, **batch_fields):
+        """The batch's summed token loss; with `pref` (preference tuning: owner, pairs, objective, reference,
+        w_pair, w_token), the pairs' weighted loss and statistics (train/preference.py preference_loss)."""
         from qflash.train.loss import loss_sum
+        from qflash.train.preference import PairBatch, preference_loss
+
+        def run():
+            if pref is None:
+                return loss_sum(self.model, Batch(**batch_fields), fused_ce=self.fused_ce)
+            owner, pairs, objective, reference, w_pair, w_token = pref
+            return preference_loss(self.model, PairBatch(Batch(**batch_fields), owner, pairs), objective, reference,
+                                   w_pair, w_token)
 
         if self.autocast_dtype is None:
-            return loss_sum(self.model, Batch(**batch_fields), fused_ce=self.fused_ce)
+            return run()
         with torch.autocast(device_type=batch_fields["input_ids"].device.type, dtype=self.autocast_dtype):
-            return loss_sum(self.model, Batch(**batch_fields), fused_ce=self.fused_ce)
+            return run()
 
 
 def batch_fields(batch: Batch) -> dict:

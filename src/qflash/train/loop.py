@@ -72,9 +72,22 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
     model_dir = resolve_model_dir(cfg.model.path)
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     renderer = ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
-    # Records skipped (data.on_error=skip) or dropped (data.too_long=drop) are written beside the run.
-    examples, stats = build_examples(cfg.data, renderer, split="train", seed=cfg.train.seed,
-                                     skipped_path=Path(cfg.output_dir) / "skipped-train.jsonl")
+    objective = None
+    if cfg.train.objective != "sft":
+        from qflash.data.preference import build_pairs
+        from qflash.train.preference import Objective
+
+        objective = Objective.of(cfg)
+        if cfg.train.eval_every > 0:
+            raise ConfigError(f"train.eval_every: held-out evaluation during train.objective={cfg.train.objective} is "
+                              "not built yet; set train.eval_every=0 and measure afterwards with `qflash eval RUN "
+                              "--data PAIRS`")
+        examples, stats = build_pairs(cfg.data, renderer, split="train", seed=cfg.train.seed,
+                                      skipped_path=Path(cfg.output_dir) / "skipped-train.jsonl")
+    else:
+        # Records skipped (data.on_error=skip) or dropped (data.too_long=drop) are written beside the run.
+        examples, stats = build_examples(cfg.data, renderer, split="train", seed=cfg.train.seed,
+                                         skipped_path=Path(cfg.output_dir) / "skipped-train.jsonl")
     eval_examples: list[Example] = []
     if cfg.train.eval_every > 0:
         eval_examples, _ = build_examples(cfg.data, renderer, split="eval", seed=cfg.train.seed,
@@ -102,9 +115,42 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
     levers = levers_mod.resolve(cfg, device, dtype, model, sharded=fsdp_requested(),
                                 planned_steps=total_steps(cfg, len(examples)))
     model, levers = levers_mod.apply(model, levers, cfg, seed=cfg.train.seed)
+    if cfg.model.adapter:
+        start_from_adapter(model, cfg, model_dir)
     timings["lora"] = time.perf_counter() - t0
     return Setup(cfg, device, dtype, model_dir, tok, renderer, examples, stats, fp, model, levers, eval_examples,
-                 replay, timings)
+                 replay, objective=objective, timings=timings)
+
+
+LORA_KEYS = ("r", "alpha", "target_modules", "rslora", "dora")
+
+
+def start_from_adapter(model, cfg: Config, model_dir: Path) -> None:
+    """model.adapter: the LoRA weights of a trained adapter as this run's starting point (same LoRA shape, same
+    base model)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir, saved = rundir.find_adapter(cfg.model.adapter, cfg.model.trust_remote_code)
+    if saved is not None:
+        diffs = [f"lora.{k}: {getattr(saved.lora, k)!r} there, {getattr(cfg.lora, k)!r} here" for k in LORA_KEYS
+                 if getattr(saved.lora, k) != getattr(cfg.lora, k)]
+        if diffs:
+            raise ConfigError(f"model.adapter: {adapter_dir} was trained with other LoRA settings ({'; '.join(diffs)}); "
+                              "set this run's lora section to match")
+    base_file = adapter_dir / rundir.BASE_MODEL_FILE
+    if base_file.is_file():
+        base = Path(base_file.read_text(encoding="utf-8").strip())
+        if base.resolve() != model_dir.resolve():
+            raise ConfigError(f"model.adapter: {adapter_dir} was trained on {base}, this run's model.path is "
+                              f"{model_dir}; use the same base model")
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"model.adapter: {adapter_dir} does not fit this model's LoRA layers ({len(missing)} "
+                          f"missing, e.g. {missing[:2]}; {len(result.unexpected_keys)} unexpected, e.g. "
+                          f"{list(result.unexpected_keys)[:2]})")
 
 
 def _base_model_replay(cfg: Config, model, tok, renderer: ChatRenderer, model_dir: Path, device, dtype, *,
@@ -174,7 +220,7 @@ def save_adapter(setup: Setup, out: Path, weights: dict[str, torch.Tensor] | Non
     return rundir.save_adapter(setup.model, out, setup.cfg, setup.fingerprint, setup.model_dir, weights)
 
 
-RUN_FILES = (ADAPTER_DIR, CKPT_DIR, "metrics.jsonl", SAMPLES_LOG, "tensorboard")
+RUN_FILES = (ADAPTER_DIR, CKPT_DIR, "metrics.jsonl", SAMPLES_LOG, "tensorboard", "preference_reference.pt")
 
 
 def prepare_output_dir(out: Path) -> None:
@@ -286,6 +332,8 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
     named = _trainable(setup.model)
     identity = run_identity(setup.cfg.to_dict(), setup.fingerprint, {n: list(p.shape) for n, p in named.items()})
     ckpt, ckpt_path = _checkpoint_to_resume(setup, out, ranks, identity, force=force, quiet=quiet)
+    if setup.objective is not None and setup.objective.needs_reference:
+        setup.reference = _reference(setup, out, ranks, identity, quiet)  # from the starting weights
     if ckpt is not None:
         _restore_weights(ckpt, named)  # before the strategy wraps or shards the parameters
     run = _new_run(setup, out, accelerator, ranks, named, identity, faults, on_step=on_step, quiet=quiet)
@@ -308,6 +356,37 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
         run.result.adapter_dir = save_adapter(setup, out, weights)
     ranks.barrier()
     return run.result
+
+
+def _reference(setup: Setup, out: Path, ranks: Ranks, identity: dict, quiet: bool) -> torch.Tensor:
+    """dpo: the starting model's log-probabilities of every pair's answers, computed before any weight changes
+    (the weights are still the start's: a checkpoint's are restored after this), saved beside the run and read
+    back by a resumed run of the same identity."""
+    import hashlib
+
+    from qflash.train.preference import REFERENCE_FILE, load_reference, reference_logps, save_reference
+
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    path = out / REFERENCE_FILE
+    saved = load_reference(path, key, len(setup.examples))
+    if saved is not None:
+        return saved
+    cfg, t0 = setup.cfg, time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if not quiet and (done == total or done % (20 * cfg.train.micro_batch_size) == 0):
+            console.print(f"reference: the starting model scores the pairs: {done}/{total} "
+                          f"({time.perf_counter() - t0:.0f}s)")
+
+    values = reference_logps(setup.model, setup.examples, micro=cfg.train.micro_batch_size,
+                             capacity=cfg.data.max_len, varlen=setup.levers.attention.varlen,
+                             pad_id=setup.tokenizer.pad_token_id, device=setup.device,
+                             autocast_dtype=setup.dtype if setup.dtype != torch.float32 else None, progress=progress)
+    setup.timings["reference"] = time.perf_counter() - t0
+    if ranks.main:
+        save_reference(path, values, key)
+    ranks.barrier()
+    return values
 
 
 def _checkpoint_to_resume(setup: Setup, out: Path, ranks: Ranks, identity: dict, *, force: bool,
@@ -399,9 +478,10 @@ def _already_complete(run: Run) -> TrainResult:
 def print_banner(run: Run) -> None:
     """What is about to be trained, on what, how; what the data pipeline left out; every switch."""
     setup, cfg, par, ranks = run.setup, run.setup.cfg, run.par, run.ranks
+    what = "samples" if setup.objective is None else "pairs"
     console.print(
-        f"[bold]qflash train[/]: {len(setup.examples)} samples ({setup.stats.tokens:,} tokens, "
-        f"{setup.stats.trained_tokens:,} trained), {run.steps} steps of {run.per_step} samples, "
+        f"[bold]qflash train[/]: {len(setup.examples)} {what} ({setup.stats.tokens:,} tokens, "
+        f"{setup.stats.trained_tokens:,} trained), {run.steps} steps of {run.per_step} {what}, "
         f"device {setup.device.type}, compute {str(setup.dtype).replace('torch.', '')}, "
         f"quant {cfg.quant.mode}, LoRA r={cfg.lora.r}"
         + (f", CUDA graphs {par.graphs_note}" if setup.device.type == "cuda" else "")
@@ -410,7 +490,9 @@ def print_banner(run: Run) -> None:
            if ranks.distributed else "")
     )
     st = setup.stats
-    if st.skipped or st.dropped_too_long or st.truncated or st.held_out or st.split:
+    if setup.objective is not None:
+        console.print(f"  objective: {setup.objective.describe()}; {st.summary()}")
+    elif st.skipped or st.dropped_too_long or st.truncated or st.held_out or st.split:
         console.print(
             f"  data: {st.skipped} records skipped {dict(st.problems)}, {st.dropped_too_long} dropped and "
             f"{st.truncated} truncated for data.max_len"

@@ -106,6 +106,11 @@ class Setup:
     """The held-out split, for train.eval_every (empty when that is off)."""
     replay: ReplayStats | None = None
     """What data.replay added to `examples` (None without replay)."""
+    objective: object = None
+    """Preference tuning (train/preference.py Objective; `examples` then holds PairExamples); None for sft."""
+    reference: torch.Tensor | None = None
+    """dpo: (pairs, 2) summed log-probabilities of each pair's answers under the starting model (set by the loop
+    before the first step)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent before training: load (reading + NF4 quantization, which bitsandbytes does while loading),
     replay (the base model's answers), lora (adapter, kernels, compile wrappers; compiling itself happens in the
@@ -174,6 +179,8 @@ class StepRecord:
     trained_tokens: int
     tokens: int
     seconds: float
+    extra: dict = field(default_factory=dict)
+    """Objective-specific metrics (preference tuning: rewards, accuracy, log-probabilities)."""
 
 
 def run_steps(run: Run) -> None:
@@ -182,8 +189,9 @@ def run_steps(run: Run) -> None:
     run.open_logs()
     try:
         with StopRequests() as stop:
+            one_step = train_step if run.setup.objective is None else pref_train_step
             for step in range(run.start, run.steps):
-                after_step(run, train_step(run, step), stop)
+                after_step(run, one_step(run, step), stop)
     finally:
         run.close_logs()
     assert run.last_saved == run.steps
@@ -220,6 +228,53 @@ def train_step(run: Run, step: int) -> StepRecord:
         _skipped(run, step + 1, loss, grad_norm, scale)
     real = int(ranks.sum(sum(b.real_tokens for b in micro)))
     return StepRecord(step + 1, ids, loss, lr, grad_norm, finite, scale, n_trained, real, time.perf_counter() - t0)
+
+
+def pref_train_step(run: Run, step: int) -> StepRecord:
+    """One optimizer step of preference tuning over this process's share of the step's pairs (preference.py):
+    micro-batches of micro_batch_size pairs, each pair's loss weighted 1 / (the step's pairs, every process)."""
+    from qflash.train.preference import mean_stats, pair_batch
+
+    setup, ranks, par, cfg = run.setup, run.ranks, run.par, run.setup.cfg
+    t0 = time.perf_counter()
+    ids = run.stream.ids(step)
+    mine = ranks.shard(ids)
+    mb = cfg.train.micro_batch_size
+    groups = [mine[k:k + mb] for k in range(0, len(mine), mb)]
+    make = lambda g: pair_batch(setup.examples, g, capacity=cfg.data.max_len,  # noqa: E731
+                                varlen=setup.levers.attention.varlen, pad_id=setup.tokenizer.pad_token_id)
+    micro = [make(g) for g in groups]
+    rounds = int(ranks.max(len(micro)))
+    filler = micro[0] if micro else (make(ids[:1]) if rounds else None)
+    chosen_tokens = int(ranks.sum(sum(int((pb.owner % 2 == 0).sum()) for pb in micro)))
+    w_pair, w_token = ranks.world / len(ids), ranks.world / max(chosen_tokens, 1)
+    local = torch.zeros((), dtype=torch.float64, device=setup.device)
+    stats = torch.zeros(8, dtype=torch.float64, device=setup.device)
+    for i in range(rounds):
+        real = i < len(micro)
+        group = groups[i] if real else ids[:1]
+        pb = (micro[i] if real else filler).to(setup.device)
+        reference = (setup.reference[group].float().to(setup.device) if setup.reference is not None else None)
+        with par.micro_step(i == rounds - 1):
+            part, st = par.pref_loss_and_backward(pb, setup.objective, reference, w_pair if real else 0.0,
+                                                  w_token if real else 0.0, poison=run.faults.loss_is_nan(step + 1))
+        if real:
+            local += part
+            stats += st
+    loss = ranks.sum(local.item()) / ranks.world
+    totals = [ranks.sum(v) for v in stats.tolist()]
+    lr = run.scheduler.get_last_lr()[0]
+    scale = par.loss_scale()
+    grad_norm, finite = par.step(math.isfinite(loss))
+    if finite:
+        run.scheduler.step()
+        run.consecutive_bad = 0
+    else:
+        _skipped(run, step + 1, loss, grad_norm, scale)
+    real_tokens = int(ranks.sum(sum(pb.batch.real_tokens for pb in micro)))
+    trained = int(ranks.sum(sum(int(pb.owner.numel()) for pb in micro)))
+    return StepRecord(step + 1, ids, loss, lr, grad_norm, finite, scale, trained, real_tokens,
+                      time.perf_counter() - t0, extra=mean_stats(totals, len(ids)))
 
 
 def _skipped(run: Run, step: int, loss: float, grad_norm: float, scale: float | None) -> None:
@@ -291,6 +346,7 @@ def _account(run: Run, rec: StepRecord) -> dict:
         "tokens": rec.tokens,
         "tokens_per_s": rec.tokens / rec.seconds,
         "epoch": run.stream.epoch_of(rec.step),
+        **{k: (v if rec.finite else None) for k, v in rec.extra.items()},
     }
 
 
