@@ -324,12 +324,18 @@ def _filled(turns: list[_Msg], variables: dict[str, str], issues: _Issues) -> li
 
 
 def normalize_pair(record: Record, fmt: str, variables: dict[str, str]) -> _PairConv | list[Problem]:
-    """The record as a prompt with its two answers, or every problem it has."""
+    """The record as a prompt with its two answers, or every problem it has. fmt: a pair format, or auto."""
     issues = _Issues(record)
     d = record.data
     if not isinstance(d, dict):
         issues.add("", f"expected a JSON object, got {type(d).__name__}", "not an object")
         return issues.items
+    if fmt == "auto":
+        fmt = detect_pair_format(d)  # type: ignore[assignment]
+        if fmt is None:
+            issues.add("", f"not a preference pair (keys: {sorted(map(str, d))[:6]}); expected "
+                       f"{', or '.join(PAIR_KEYS.values())}", "unknown format")
+            return issues.items
     prompt, chosen, rejected = _BUILDERS[fmt](d, issues)
     if issues.items:
         return issues.items
@@ -491,18 +497,12 @@ def _read_dataset(spec: DatasetSpec, where: str, cfg: DataConfig, renderer: Chat
     out.records = sum(len(fr.records) for fr in reads) + len({(p.file, p.line) for p in out.problems})
     convs: list[_PairConv] = []
     for rec in (rec for fr in reads for rec in fr.records):
-        fmt = spec.format if spec.format != "auto" else detect_pair_format(rec.data)
-        if fmt is None:
-            keys = sorted(map(str, rec.data))[:6] if isinstance(rec.data, dict) else type(rec.data).__name__
-            out.problems.append(Problem(rec.file, rec.line, "", f"not a preference pair (keys: {keys}); expected "
-                                        f"{', or '.join(PAIR_KEYS.values())}", "unknown format", rec.data))
-            continue
-        res = normalize_pair(rec, fmt, cfg.vars)
+        res = normalize_pair(rec, spec.format, cfg.vars)
         if isinstance(res, list):
             out.problems += res
             continue
         convs.append(res)
-        out.formats[fmt] = out.formats.get(fmt, 0) + 1
+        out.formats[res.fmt] = out.formats.get(res.fmt, 0) + 1
     _encode(convs, cfg, renderer, out)
     order = {str(f): i for i, f in enumerate(files)}
     out.problems.sort(key=lambda p: (order.get(p.file, 0), p.line))
