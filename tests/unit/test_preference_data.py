@@ -111,6 +111,18 @@ def test_each_format_is_detected_and_labelled_on_the_final_answer_only(name, tra
     assert stats.trained_tokens == pair.chosen.n_trained + pair.rejected.n_trained
 
 
+def test_pairs_from_csv_and_a_single_record_json_file(tmp_path, renderer):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text('prompt,chosen,rejected\n"Say hi, please",hi,no\n2+2?,4,5\n', encoding="utf-8")
+    pairs, stats = build_pairs(data_cfg(csv), renderer)
+    assert [x.line for x in pairs] == [2, 3] and stats.formats == {"prompt": 2}
+    # The prompt is the object's one list of objects: still one record, not a container of records.
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(trl([msg("user", "2+2?")], "4", "5")), encoding="utf-8")
+    (pair,), _ = build_pairs(data_cfg(one), renderer)
+    assert pair.line == 1 and pair.chosen.n_trained == 2
+
+
 def test_pairs_reuse_the_compiled_template(renderer, monkeypatch, tmp_path):
     def no_compiling(source):
         raise AssertionError("the chat template was compiled again")
