@@ -342,11 +342,10 @@ def test_an_sft_file_given_to_pairs_names_the_keys_expected(tmp_path, renderer):
                 "(ShareGPT), or 'instruction'+'chosen'+'rejected' (Alpaca)")
     p = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": [{"from": "human", "value": "q"},
                                                                 {"from": "gpt", "value": "a"}]}])
-    for fmt in ("auto", "sharegpt"):
+    forced = load_config(None, [f"data.datasets=[{{path: '{p}', format: sharegpt}}]", "data.cache=false"]).data
+    for cfg in (data_cfg(p, "data.on_error=skip"), forced):
         with pytest.raises(DataError) as e:
-            build_pairs(data_cfg(p, f"data.on_error=skip"), renderer) if fmt == "auto" else build_pairs(
-                load_config(None, [f"data.datasets=[{{path: '{p}', format: sharegpt}}]", "data.cache=false"]).data,
-                renderer)
+            build_pairs(cfg, renderer)
         assert str(e.value) == (f"{p}: holds conversations for supervised fine-tuning (sharegpt format), not "
                                 f"preference pairs; {expected}")
     q = write_jsonl(tmp_path / "other.jsonl", [{"question": "q", "answer": "a"}])

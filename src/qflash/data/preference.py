@@ -323,7 +323,7 @@ def _filled(turns: list[_Msg], variables: dict[str, str], issues: _Issues) -> li
     return out
 
 
-def normalize_pair(record: Record, fmt: str, variables: dict[str, str]) -> _PairConv | list[Problem]:
+def _normalize_pair(record: Record, fmt: str, variables: dict[str, str]) -> _PairConv | list[Problem]:
     """The record as a prompt with its two answers, or every problem it has. fmt: a pair format, or auto."""
     issues = _Issues(record)
     d = record.data
@@ -390,7 +390,7 @@ def _trim_end(ex: Example) -> int:
     return int(np.flatnonzero(np.asarray(ex.labels) != IGNORE)[-1]) + 1
 
 
-def fit_pair(pair: PairExample, max_len: int, policy: str) -> _Fitted:
+def _fit_pair(pair: PairExample, max_len: int, policy: str) -> _Fitted:
     """The pair within max_len tokens per data.too_long (see the module docstring)."""
     lc, lr = len(pair.chosen.input_ids), len(pair.rejected.input_ids)
     if max(lc, lr) <= max_len:
@@ -434,9 +434,8 @@ def _encode(convs: Sequence[_PairConv], cfg: DataConfig, renderer: ChatRenderer,
     """Both conversations of each pair, tokenized in chunks, checked and fitted to max_len, into `out`."""
     for k in range(0, len(convs), CHUNK):
         chunk = convs[k:k + CHUNK]
-        sides = [conv for pc in chunk for conv in (pc.prompt + pc.chosen, pc.prompt + pc.rejected)]
-        encoded = renderer.encode_many([Conversation(msgs, pc.file, pc.line) for msgs, pc in
-                                        zip(sides, [pc for pc in chunk for _ in (0, 1)])])
+        encoded = renderer.encode_many([Conversation(pc.prompt + answer, pc.file, pc.line)
+                                        for pc in chunk for answer in (pc.chosen, pc.rejected)])
         for j, pc in enumerate(chunk):
             chosen, rejected = encoded[2 * j], encoded[2 * j + 1]
             bad = [(key, res) for key, res in (("chosen", chosen), ("rejected", rejected)) if isinstance(res, Problem)]
@@ -449,7 +448,7 @@ def _encode(convs: Sequence[_PairConv], cfg: DataConfig, renderer: ChatRenderer,
             if isinstance(prompt_tokens, Problem):
                 out.problems.append(prompt_tokens)
                 continue
-            fitted = fit_pair(PairExample(chosen, rejected, prompt_tokens, pc.file, pc.line),  # type: ignore[arg-type]
+            fitted = _fit_pair(PairExample(chosen, rejected, prompt_tokens, pc.file, pc.line),  # type: ignore[arg-type]
                               cfg.max_len, cfg.too_long)
             if fitted.pair is not None:
                 out.pairs.append(fitted.pair)
@@ -497,7 +496,7 @@ def _read_dataset(spec: DatasetSpec, where: str, cfg: DataConfig, renderer: Chat
     out.records = sum(len(fr.records) for fr in reads) + len({(p.file, p.line) for p in out.problems})
     convs: list[_PairConv] = []
     for rec in (rec for fr in reads for rec in fr.records):
-        res = normalize_pair(rec, spec.format, cfg.vars)
+        res = _normalize_pair(rec, spec.format, cfg.vars)
         if isinstance(res, list):
             out.problems += res
             continue
