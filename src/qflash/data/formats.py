@@ -9,6 +9,11 @@ Formats (DatasetSpec.format; `auto` decides per record from its keys, in this or
             ("[{department}] {title}\\n{ask}"); it wins over a `user` column
   text      {"text": ...} (or the column mapped as `text`): every token trained, EOS appended
 
+A preference pair (chosen/rejected answers, see data/preference.py) is not a conversation: a record that
+detect_pair_format() recognizes and that SFT could not read anyway is one `preference pair` problem saying
+so, and a file of nothing else is refused whole (pipeline.py). Records SFT can read (a `messages` list
+beside chosen/rejected, a columns mapping onto them) are read as before.
+
 normalize() never raises for a bad record: it returns all the problems of that record (a record
 with three empty turns gives three problems), each as `file:line: field: reason`.
 """
@@ -146,6 +151,50 @@ def detect_format(data: Any, spec: DatasetSpec | None = None) -> str | None:
     if "text" in data:
         return "text"
     return None
+
+
+PAIR_FORMATS = ("prompt", "sharegpt", "alpaca")
+PAIR_KEYS = {"prompt": "'prompt'+'chosen'+'rejected' (TRL)", "sharegpt": "'conversations'+'chosen'+'rejected' (ShareGPT)",
+             "alpaca": "'instruction'+'chosen'+'rejected' (Alpaca)"}
+"""What a record of each preference-pair format holds, for messages."""
+
+
+def detect_pair_format(data: Any) -> str | None:
+    """The preference-pair format of a record, from its keys: prompt (TRL), sharegpt (LLaMA-Factory) or alpaca;
+    None when it has neither chosen nor rejected, or no key that says where the prompt is. One of chosen and
+    rejected is enough to tell: the other one missing is then a problem of the record, not an unknown format."""
+    if not isinstance(data, dict) or not ("chosen" in data or "rejected" in data):
+        return None
+    if "prompt" in data:
+        return "prompt"
+    if "conversations" in data:
+        return "sharegpt"
+    if "instruction" in data:
+        return "alpaca"
+    return None
+
+
+def _pair_not_conversation(d: dict, fmt: str | None, spec: DatasetSpec) -> bool:
+    """A preference pair that SFT could not read as a conversation anyway: its answers are under chosen/rejected."""
+    if detect_pair_format(d) is None:
+        return False
+    if fmt is None:
+        return True
+    if fmt == "alpaca":
+        return "output" not in d
+    if fmt == "sharegpt":  # LLaMA-Factory's pairs: the conversation ends with the question
+        turns = d.get("conversations")
+        last = turns[-1] if isinstance(turns, list) and turns else None
+        return not (isinstance(last, dict) and SHAREGPT_ROLES.get(last.get("from")) == "assistant")
+    if fmt == "messages":
+        return "messages" not in d
+    if fmt == "text":
+        return spec.columns.get("text", "text") not in d
+    return False  # columns: mapped onto the pair's keys on purpose (SFT on the chosen answers)
+
+
+PAIR_REASON = ("a preference pair (chosen/rejected), not a conversation to fine-tune on; train on pairs with "
+               "train.objective: dpo (or orpo, simpo)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +380,9 @@ def normalize(record: Record, spec: DatasetSpec, variables: dict[str, str]) -> C
         issues.add("", f"expected a JSON object, got {type(d).__name__}", "not an object")
         return issues.items
     fmt = spec.format if spec.format != "auto" else detect_format(d, spec)
+    if _pair_not_conversation(d, fmt, spec):
+        issues.add("", PAIR_REASON, "preference pair")
+        return issues.items
     if fmt is None:
         issues.add("", f"cannot tell the format from keys {sorted(map(str, d))[:6]}; expected 'messages', "
                    "'conversations', 'instruction'+'output' or 'text' (or set the dataset's format and columns)",

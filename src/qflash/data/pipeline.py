@@ -143,6 +143,8 @@ class EncodedChunk:
     """Samples longer than max_len split into pieces (data.too_long=split) ..."""
     pieces: int = 0
     """... and the pieces they became."""
+    pair_records: dict[str, int] = field(default_factory=dict)
+    """file -> records that are preference pairs (chosen/rejected), not conversations."""
 
 
 def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfig,
@@ -152,6 +154,7 @@ def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfi
     raws: list[object] = []
     problems: list[Problem] = []
     unknown: dict[str, int] = {}
+    pairs: dict[str, int] = {}
     formats: dict[str, int] = {}
     for rec in records:
         res = normalize(rec, spec, cfg.vars)
@@ -159,6 +162,8 @@ def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfi
             problems += res
             if res[0].kind == "unknown format":
                 unknown[rec.file] = unknown.get(rec.file, 0) + 1
+            elif res[0].kind == "preference pair":
+                pairs[rec.file] = pairs.get(rec.file, 0) + 1
         else:
             convs.append(res)
             raws.append(rec.data)
@@ -185,7 +190,7 @@ def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfi
             (dropped if cfg.too_long == "drop" else problems).append(
                 Problem(conv.file, conv.line, "", fitted.reason, "too long", raw))
     return EncodedChunk(ExampleTable.from_examples(kept), problems, dropped, truncated, unknown, formats,
-                        split=split, pieces=pieces)
+                        split=split, pieces=pieces, pair_records=pairs)
 
 
 def examples_of(chunks: Sequence[EncodedChunk]) -> ExampleTable:
@@ -261,6 +266,16 @@ def _check_format_known(reads: Sequence[FileRead], unknown: dict[str, int]) -> N
             )
 
 
+def _check_not_pairs(reads: Sequence[FileRead], pairs: dict[str, int]) -> None:
+    """A file of preference pairs given to supervised fine-tuning: one error that says what it is and what to set."""
+    for fr in reads:
+        if fr.records and pairs.get(fr.path, 0) == len(fr.records):
+            raise DataError(
+                f"{fr.path}: holds preference pairs (chosen/rejected answers to a prompt), not conversations to "
+                "fine-tune on; to train on them set train.objective: dpo (or orpo, simpo)"
+            )
+
+
 def iter_conversations(spec: DatasetSpec, variables: dict[str, str], encoding: str = "auto"):
     """(raw record, Conversation or its problems) for every record of a dataset, file by file."""
     check_columns_spec(spec)
@@ -304,9 +319,13 @@ def encode_dataset(
     records = [rec for fr in reads for rec in fr.records]
     chunks = process_all(records, spec, cfg, renderer.get(), progress) if records else []
     unknown: dict[str, int] = {}
+    pairs: dict[str, int] = {}
     for c in chunks:
         for f, n in c.unknown_format.items():
             unknown[f] = unknown.get(f, 0) + n
+        for f, n in c.pair_records.items():
+            pairs[f] = pairs.get(f, 0) + n
+    _check_not_pairs(reads, pairs)
     _check_format_known(reads, unknown)
     problems = [p for fr in reads for p in fr.problems] + [p for c in chunks for p in c.problems]
     file_order = {str(f): i for i, f in enumerate(files)}

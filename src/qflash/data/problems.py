@@ -32,6 +32,9 @@ ProblemKind = Literal[
     "missing placeholder value",
     "template mismatch",
     "too long",
+    "preference pair",
+    "identical answers",
+    "prompt mismatch",
 ]
 
 LISTED = 20  # problems spelled out in an error message; the rest are counted

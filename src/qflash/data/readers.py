@@ -37,8 +37,9 @@ KINDS_BY_SUFFIX = {
     ".parquet": "parquet",
 }
 SUFFIXES = tuple(KINDS_BY_SUFFIX)
-# Keys that mark a JSON object as one record rather than a container of records.
-RECORD_KEYS = frozenset({"messages", "conversations", "instruction", "output", "text"})
+# Keys that mark a JSON object as one record rather than a container of records (chosen/rejected: a preference
+# pair, whose TRL prompt may be the one list of objects in it).
+RECORD_KEYS = frozenset({"messages", "conversations", "instruction", "output", "text", "chosen", "rejected"})
 
 
 

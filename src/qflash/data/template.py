@@ -162,6 +162,17 @@ class ChatRenderer:
         self.__dict__.update(state)
         self._setup()
 
+    def with_train_on(self, train_on: str) -> "ChatRenderer":
+        """This renderer labelling per another data.train_on. It shares the compiled template and the rendered
+        skeletons (they do not depend on train_on), so nothing is compiled or probed again; copy.copy would be
+        no cheaper: it goes through __setstate__, which compiles."""
+        if train_on == self.train_on:
+            return self
+        twin = object.__new__(ChatRenderer)
+        twin.__dict__.update(self.__dict__)
+        twin.train_on = train_on
+        return twin
+
     def _setup(self) -> None:
         self._kwargs = dict(self.tok.special_tokens_map)
         self._compiled = self._checked_compile()
