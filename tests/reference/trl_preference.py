@@ -275,20 +275,4 @@ def trl_run(
     }
 
 
-def completion_logps(model, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per pair: (sum of chosen completion log-probs, sum of rejected, chosen completion length, rejected length),
-    one unpadded sequence at a time, no grad. The first completion token is scored from the last prompt token."""
-    out = {"chosen": ([], []), "rejected": ([], [])}
-    with torch.no_grad():
-        for prompt, chosen, rejected in pairs:
-            for side, completion in (("chosen", chosen), ("rejected", rejected)):
-                ids = torch.tensor([list(prompt) + list(completion)])
-                logits = model(input_ids=ids).logits[0, :-1].float()
-                logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
-                out[side][0].append(logp[len(prompt) - 1:].sum())
-                out[side][1].append(len(completion))
-    return (torch.stack(out["chosen"][0]), torch.stack(out["rejected"][0]),
-            torch.tensor(out["chosen"][1], dtype=torch.float32), torch.tensor(out["rejected"][1], dtype=torch.float32))
-
-
-__all__ = ["OBJECTIVES", "completion_logps", "trl_available", "trl_run"]
+__all__ = ["OBJECTIVES", "trl_available", "trl_run"]
