@@ -228,8 +228,8 @@ class Parallel:
                                poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Preference tuning's micro-step (train/preference.py preference_loss): its weighted share of the step's
         loss (detached) and its summed statistics, after backward of that share. Eager (no CUDA graphs)."""
-        part, stats = self.module(**batch_fields(pb.batch), pref=(pb.owner, pb.pairs, objective, reference, w_pair,
-                                                                  w_token))
+        part, stats = self.module(**batch_fields(pb.batch), pref=(pb.owner, pb.answer, pb.pairs, objective, reference,
+                                                                  w_pair, w_token))
         if poison:
             part = part * float("nan")
         self.backward(self.scaler.scale(part) if self.scaler is not None else part)
@@ -385,9 +385,9 @@ class LossModule(torch.nn.Module):
         def run():
             if pref is None:
                 return loss_sum(self.model, Batch(**batch_fields), fused_ce=self.fused_ce)
-            owner, pairs, objective, reference, w_pair, w_token = pref
-            return preference_loss(self.model, PairBatch(Batch(**batch_fields), owner, pairs), objective, reference,
-                                   w_pair, w_token)
+            owner, answer, pairs, objective, reference, w_pair, w_token = pref
+            return preference_loss(self.model, PairBatch(Batch(**batch_fields), owner, answer, pairs), objective,
+                                   reference, w_pair, w_token)
 
         if self.autocast_dtype is None:
             return run()

@@ -9,7 +9,12 @@ no labels). Per pair, with pi = the policy's log-probability of an answer and re
   dpo hinge     relu(1 - beta z)
   dpo ipo       (z - 1/(2 beta))^2, on per-token average log-probabilities
   simpo         -(1-ls) log sigmoid(beta z) - ls log sigmoid(-beta z),   z = avg_c - avg_r - gamma/beta
-  orpo          NLL of the chosen answers (per token) - lambda log sigmoid(log odds(avg_c) - log odds(avg_r))
+  orpo          NLL of the chosen sequences (per token, prompt included) - lambda log sigmoid(log odds(avg_c) -
+                log odds(avg_r))
+
+avg: the per-token average over the answer. orpo's NLL covers the chosen sequence's prompt and answer (every token
+but the first), as the ORPO authors' code and TRL do. Rewards (metrics): beta (pi - ref) with summed log-probs for
+dpo (IPO too), beta avg for simpo, lambda avg for orpo; accuracy counts strict wins (TRL's definitions).
 
 The step's loss is the mean over the step's pairs (orpo's NLL: over the step's chosen-answer tokens), however
 the pairs are split into micro-batches and processes. The reference is the model as the run starts (the base
@@ -25,6 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -77,27 +83,22 @@ class Objective:
 
 
 def pair_losses(obj: Objective, pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor | None,
-                ref_r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per pair: (loss, chosen reward, rejected reward); log-probabilities already averaged where obj.averaged.
-    Rewards are detached."""
+                ref_r: torch.Tensor | None) -> torch.Tensor:
+    """Per pair loss; log-probabilities already averaged where obj.averaged."""
     ls = obj.label_smoothing
     if obj.name == "dpo":
         z = (pol_c - pol_r) - (ref_c - ref_r)
         if obj.loss_type == "sigmoid":
-            loss = -(1 - ls) * F.logsigmoid(obj.beta * z) - ls * F.logsigmoid(-obj.beta * z)
-        elif obj.loss_type == "hinge":
-            loss = torch.relu(1 - obj.beta * z)
-        else:  # ipo
-            loss = (z - 1 / (2 * obj.beta)) ** 2
-        return loss, (obj.beta * (pol_c - ref_c)).detach(), (obj.beta * (pol_r - ref_r)).detach()
+            return -(1 - ls) * F.logsigmoid(obj.beta * z) - ls * F.logsigmoid(-obj.beta * z)
+        if obj.loss_type == "hinge":
+            return torch.relu(1 - obj.beta * z)
+        return (z - 1 / (2 * obj.beta)) ** 2  # ipo
     if obj.name == "simpo":
         z = pol_c - pol_r - obj.gamma / obj.beta
-        loss = -(1 - ls) * F.logsigmoid(obj.beta * z) - ls * F.logsigmoid(-obj.beta * z)
-        return loss, (obj.beta * pol_c).detach(), (obj.beta * pol_r).detach()
+        return -(1 - ls) * F.logsigmoid(obj.beta * z) - ls * F.logsigmoid(-obj.beta * z)
     # orpo: the log odds of an answer, log(p / (1 - p)) with p its per-token average probability
     log_odds = (pol_c - pol_r) - (torch.log1p(-torch.exp(pol_c)) - torch.log1p(-torch.exp(pol_r)))
-    loss = -obj.lam * F.logsigmoid(log_odds)
-    return loss, (obj.lam * pol_c).detach(), (obj.lam * pol_r).detach()
+    return -obj.lam * F.logsigmoid(log_odds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,38 +107,55 @@ def pair_losses(obj: Objective, pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c:
 
 @dataclass
 class PairBatch:
-    """One micro-batch of pairs: `batch` holds sequences 2k (chosen) and 2k+1 (rejected) of pair k; `owner`:
-    for each labelled position (Batch.label_index order), the sequence it belongs to."""
+    """One micro-batch of pairs: `batch` holds sequences 2k (chosen) and 2k+1 (rejected) of pair k. For each
+    labelled position (Batch.label_index order): `owner`, the sequence it belongs to, and `answer`, whether it is
+    an answer token (False: a chosen prompt token, labelled for orpo's NLL only)."""
 
     batch: Batch
     owner: torch.Tensor
+    answer: torch.Tensor
     pairs: int
 
     def to(self, device: torch.device) -> "PairBatch":
-        return PairBatch(self.batch.to(device), self.owner.to(device, non_blocking=True), self.pairs)
+        return PairBatch(self.batch.to(device), self.owner.to(device, non_blocking=True),
+                         self.answer.to(device, non_blocking=True), self.pairs)
 
 
-def pair_batch(pairs: list, ids: list[int], *, capacity: int, varlen: bool, pad_id: int) -> PairBatch:
+def _through_answer(ex: Example) -> Example:
+    """`ex` labelled on every token up to the end of its answer (what the template adds after it stays out)."""
+    labels = np.asarray(ex.labels)
+    last = int(np.flatnonzero(labels != IGNORE)[-1])
+    ids = np.asarray(ex.input_ids)
+    return Example(ids, np.where(np.arange(len(ids)) <= last, ids, IGNORE))
+
+
+def pair_batch(pairs: list, ids: list[int], *, capacity: int, varlen: bool, pad_id: int,
+               chosen_prompt: bool = False) -> PairBatch:
     """Pairs `ids` of `pairs` (PairExample) as one micro-batch: one packed row (varlen), or the sequences packed
-    into bins of `capacity` tokens stacked as rows."""
+    into bins of `capacity` tokens stacked as rows. `chosen_prompt` (orpo): the chosen sequences' prompt tokens
+    are labelled too."""
     from qflash.data.stats import best_fit_decreasing
 
     flat: list[Example] = [ex for i in ids for ex in (pairs[i].chosen, pairs[i].rejected)]
+    seqs = [_through_answer(e) if chosen_prompt and k % 2 == 0 else e for k, e in enumerate(flat)]
     rows = [list(range(len(flat)))] if varlen else [sorted(b) for b in best_fit_decreasing(
         [len(e.input_ids) for e in flat], capacity)]
     if varlen:
-        batch = pack_rows(flat, rows[0], varlen=True)
+        batch = pack_rows(seqs, rows[0], varlen=True)
     else:
-        batch = stack_rows([pack_rows(flat, r, varlen=False) for r in rows], pad_id)
+        batch = stack_rows([pack_rows(seqs, r, varlen=False) for r in rows], pad_id)
     owner = torch.full(batch.labels.shape, -1, dtype=torch.long)
+    answer = torch.zeros(batch.labels.shape, dtype=torch.bool)
     for k, members in enumerate(rows):
         at = 0
         for m in members:
             n = len(flat[m].input_ids)
             owner[k, at:at + n] = m
+            answer[k, at:at + n] = torch.as_tensor(flat[m].labels) != IGNORE
             at += n
     keep = labelled_positions(batch.labels)
-    return PairBatch(batch, owner[:, 1:].reshape(-1).index_select(0, keep), len(ids))
+    flat_of = lambda t: t[:, 1:].reshape(-1).index_select(0, keep)  # noqa: E731
+    return PairBatch(batch, flat_of(owner), flat_of(answer), len(ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,9 +166,11 @@ def _token_ce(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor)
     return F.cross_entropy(head(hidden).float(), labels, reduction="none")
 
 
-def sequence_logps(model: torch.nn.Module, pb: PairBatch, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each sequence's labelled tokens (fp32, with gradients), labelled tokens per
-    sequence), sequences in PairBatch order. lm_head runs on the labelled positions only, in checkpointed chunks."""
+def sequence_logps(model: torch.nn.Module, pb: PairBatch, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sequence (PairBatch order): the summed log-probability of its answer tokens (fp32, with gradients),
+    its answer tokens, and its summed log-probability over every labelled token (differs from the first only
+    where the chosen prompts are labelled: orpo). lm_head runs on the labelled positions only, in checkpointed
+    chunks."""
     from qflash.train.loss import _causal_lm, _plain_head, device_inputs
 
     lm, batch = _causal_lm(model), pb.batch
@@ -172,35 +192,43 @@ def sequence_logps(model: torch.nn.Module, pb: PairBatch, chunk_tokens: int = 10
             parts.append(checkpoint(_token_ce, head, h, t, use_reentrant=False) if torch.is_grad_enabled()
                          else _token_ce(head, h, t))
         ce = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    logps = torch.zeros(n, dtype=torch.float32, device=ce.device).index_add(0, pb.owner, -ce)
-    counts = torch.zeros(n, dtype=torch.float32, device=ce.device).index_add(0, pb.owner, torch.ones_like(ce))
-    return logps, counts
+    zeros = torch.zeros(n, dtype=torch.float32, device=ce.device)
+    answer = pb.answer.to(ce.dtype)
+    return (zeros.index_add(0, pb.owner, -ce * answer), zeros.index_add(0, pb.owner, answer),
+            zeros.index_add(0, pb.owner, -ce))
 
 
 def preference_loss(model: torch.nn.Module, pb: PairBatch, obj: Objective, reference: torch.Tensor | None,
                     w_pair: float, w_token: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """This micro-batch's share of the step's loss (pair losses x w_pair, orpo's chosen NLL x w_token), and its
-    STATS summed over its pairs (detached; divide by the step's pairs). `reference`: (pairs, 2) summed
-    log-probabilities of chosen and rejected under the reference (dpo), on the device."""
-    logps, counts = sequence_logps(model, pb)
+    """This micro-batch's share of the step's loss (pair losses x w_pair, orpo's NLL x w_token), and its STATS
+    summed over its pairs plus the chosen sequences' NLL and tokens (detached; mean_stats makes them means).
+    `reference`: (pairs, 2) summed log-probabilities of chosen and rejected under the reference (dpo)."""
+    logps, counts, all_logps = sequence_logps(model, pb)
     pol_c, pol_r = logps[0::2], logps[1::2]
     n_c, n_r = counts[0::2].clamp_min(1), counts[1::2].clamp_min(1)
     avg_c, avg_r = pol_c / n_c, pol_r / n_r
-    ref_c = ref_r = None
     if obj.needs_reference:
         ref_c, ref_r = reference[:, 0], reference[:, 1]
-        if obj.averaged:
-            ref_c, ref_r = ref_c / n_c, ref_r / n_r
-    if obj.averaged:
-        losses, r_c, r_r = pair_losses(obj, avg_c, avg_r, ref_c, ref_r)
+        if obj.averaged:  # ipo
+            losses = pair_losses(obj, avg_c, avg_r, ref_c / n_c, ref_r / n_r)
+        else:
+            losses = pair_losses(obj, pol_c, pol_r, ref_c, ref_r)
+        r_c, r_r = obj.beta * (pol_c - ref_c), obj.beta * (pol_r - ref_r)
+        shown_c, shown_r = pol_c, pol_r
     else:
-        losses, r_c, r_r = pair_losses(obj, pol_c, pol_r, ref_c, ref_r)
+        losses = pair_losses(obj, avg_c, avg_r, None, None)
+        scale = obj.lam if obj.name == "orpo" else obj.beta
+        r_c, r_r = scale * avg_c, scale * avg_r
+        shown_c, shown_r = avg_c, avg_r
     total = losses.sum() * w_pair
-    nll = -pol_c.sum()
+    # the chosen sequences' NLL over their labelled tokens (orpo labels their prompts too)
+    chosen = pb.owner % 2 == 0
+    nll, nll_tokens = -all_logps[0::2].sum(), chosen.sum()
     if obj.name == "orpo":
         total = total + nll * w_token
-    stats = torch.stack([r_c.sum(), r_r.sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum(), avg_c.detach().sum(),
-                         avg_r.detach().sum(), nll.detach(), counts[0::2].sum()])
+    r_c, r_r = r_c.detach(), r_r.detach()
+    stats = torch.stack([r_c.sum(), r_r.sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum(), shown_c.detach().sum(),
+                         shown_r.detach().sum(), nll.detach(), nll_tokens.to(nll.dtype)])
     return total, stats
 
 
@@ -217,7 +245,7 @@ def reference_logps(model: torch.nn.Module, pairs: list, *, micro: int, capacity
             for s in range(0, len(pairs), micro):
                 ids = list(range(s, min(s + micro, len(pairs))))
                 pb = pair_batch(pairs, ids, capacity=capacity, varlen=varlen, pad_id=pad_id).to(device)
-                logps, _ = sequence_logps(model, pb)
+                logps, _, _ = sequence_logps(model, pb)
                 out[s:s + len(ids)] = logps.double().cpu().view(-1, 2)
                 if progress is not None:
                     progress(s + len(ids), len(pairs))

@@ -242,11 +242,12 @@ def pref_train_step(run: Run, step: int) -> StepRecord:
     mb = cfg.train.micro_batch_size
     groups = [mine[k:k + mb] for k in range(0, len(mine), mb)]
     make = lambda g: pair_batch(setup.examples, g, capacity=cfg.data.max_len,  # noqa: E731
-                                varlen=setup.levers.attention.varlen, pad_id=setup.tokenizer.pad_token_id)
+                                varlen=setup.levers.attention.varlen, pad_id=setup.tokenizer.pad_token_id,
+                                chosen_prompt=setup.objective.name == "orpo")
     micro = [make(g) for g in groups]
     rounds = int(ranks.max(len(micro)))
     filler = micro[0] if micro else (make(ids[:1]) if rounds else None)
-    chosen_tokens = int(ranks.sum(sum(int((pb.owner % 2 == 0).sum()) for pb in micro)))
+    chosen_tokens = int(ranks.sum(sum(int((pb.owner % 2 == 0).sum()) for pb in micro)))  # orpo's NLL tokens
     w_pair, w_token = ranks.world / len(ids), ranks.world / max(chosen_tokens, 1)
     local = torch.zeros((), dtype=torch.float64, device=setup.device)
     stats = torch.zeros(8, dtype=torch.float64, device=setup.device)
@@ -272,7 +273,7 @@ def pref_train_step(run: Run, step: int) -> StepRecord:
     else:
         _skipped(run, step + 1, loss, grad_norm, scale)
     real_tokens = int(ranks.sum(sum(pb.batch.real_tokens for pb in micro)))
-    trained = int(ranks.sum(sum(int(pb.owner.numel()) for pb in micro)))
+    trained = int(ranks.sum(sum(int(pb.answer.sum()) for pb in micro)))
     return StepRecord(step + 1, ids, loss, lr, grad_norm, finite, scale, trained, real_tokens,
                       time.perf_counter() - t0, extra=mean_stats(totals, len(ids)))
 
