@@ -14,7 +14,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import tiny_config
 from reference.trl_preference import trl_available, trl_run

@@ -7,6 +7,7 @@ results go to stdout.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import typing
@@ -223,6 +224,8 @@ def run_check(source: str, overrides, *, fmt: str | None = None, columns: str | 
     specs = cfg.data.datasets + cfg.data.eval_datasets
     if not specs:
         raise DataError(f"{source}: the config names no datasets (data.datasets)")
+    if _preference_data(cfg):
+        return _check_pairs(out, source, cfg, model_dir, skipped, t0)
     with ProgressReport(err) as progress:
         results = encode_datasets(cfg.data, specs, _renderer_factory(cfg, model_dir), tok_identity=identity,
                                   cache_dir=default_cache_dir() if cfg.data.cache else None, progress=progress)
@@ -238,6 +241,36 @@ def run_check(source: str, overrides, *, fmt: str | None = None, columns: str | 
     dropped = [p for r in results for p in r.dropped]
     _print_problems(out, problems, dropped)
     return _verdict(out, cfg, problems, dropped, skipped, time.perf_counter() - t0, sum(len(r.examples) for r in results))
+
+
+def _preference_data(cfg: Config) -> bool:
+    """Preference pairs: the config's objective says so, or (a bare data file) its first record is a pair."""
+    from qflash.data.preference import holds_pairs
+
+    if cfg.train.objective != "sft":
+        return True
+    return holds_pairs([s.path for s in cfg.data.datasets + cfg.data.eval_datasets])
+
+
+def _check_pairs(out: Console, source: str, cfg: Config, model_dir: Path, skipped: str | None, t0: float) -> int:
+    """`qflash data check` of preference pairs (data/preference.py build_pairs): the train and held-out pairs."""
+    from qflash.data.preference import build_pairs
+
+    renderer = _renderer_factory(cfg, model_dir)()
+    out.print(f"[bold]qflash data check[/] {source}  [dim](preference pairs; tokenizer {model_dir.name}, on_error "
+              f"{cfg.data.on_error}, too_long {cfg.data.too_long}, max_len {cfg.data.max_len})[/]")
+    total = 0
+    for split in ("train", "eval") if cfg.data.eval_datasets or cfg.data.eval_ratio else ("train",):
+        try:
+            pairs, stats = build_pairs(cfg.data, renderer, split=split, seed=cfg.train.seed,
+                                       skipped_path=Path(skipped) if skipped else None)
+        except DataError as e:
+            out.print(f"[bold red]not usable[/] ({split}): {escape(str(e))}")
+            return 2
+        out.print(f"  {split:5}  " + escape(stats.summary()))
+        total += len(pairs)
+    out.print(f"[bold green]ok[/]: {total:,} pairs ready ({time.perf_counter() - t0:.1f}s)")
+    return 0
 
 
 def _verdict(out: Console, cfg: Config, problems: list[Problem], dropped: list[Problem], skipped: str | None,
@@ -294,6 +327,8 @@ def run_preview(source: str, overrides, *, fmt: str | None = None, columns: str 
     cfg = command_config(source, overrides or [], fmt=fmt, columns=columns, prompt_template=prompt_template)
     model_dir = _model_dir(cfg, model)
     renderer = _renderer_factory(cfg, model_dir)()
+    if _preference_data(cfg):
+        return _preview_pairs(out, source, cfg, model_dir, renderer, n)
     out.print(f"[bold]qflash data preview[/] {source}  [dim](tokenizer {model_dir.name}, train_on "
               f"{cfg.data.train_on})[/]  legend: [bold green]trained[/] [dim]masked (no loss)[/]")
     shown, records = 0, 0
@@ -325,3 +360,21 @@ def run_preview(source: str, overrides, *, fmt: str | None = None, columns: str 
     out.print(summary)
     return 0 if shown else 2
 
+
+def _preview_pairs(out: Console, source: str, cfg: Config, model_dir: Path, renderer: ChatRenderer, n: int) -> int:
+    """The first n preference pairs as the model sees them: the shared prompt dimmed, each answer highlighted."""
+    from qflash.data.preference import build_pairs
+
+    data = copy.deepcopy(cfg.data)
+    data.on_error = "skip"  # a preview shows what it can; `qflash data check` lists the problems
+    pairs, stats = build_pairs(data, renderer, split="train", seed=cfg.train.seed)
+    out.print(f"[bold]qflash data preview[/] {source}  [dim](preference pairs; tokenizer {model_dir.name})[/]  "
+              "legend: [bold green]trained[/] [dim]masked (no loss)[/]")
+    for k, pair in enumerate(pairs[:n], 1):
+        for side, ex in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            out.rule(f"pair {k} · {escape(f'{pair.file}:{pair.line}')} · {side}: {len(ex.input_ids)} tokens, "
+                     f"{ex.n_trained} trained, the first {pair.prompt_tokens} the shared prompt")
+            out.print(sample_text(renderer.tok, ex))
+    out.rule()
+    out.print(f"shown {min(n, len(pairs))} of {len(pairs):,} pairs; " + escape(stats.summary()))
+    return 0 if pairs else 2

@@ -581,3 +581,13 @@ def build_pairs(
         raise DataError(f"data.datasets: no preference pairs to train on in {', '.join(files[:5])}"
                         f"{f' and {len(files) - 5} more' if len(files) > 5 else ''}: {stats.summary()}")
     return pairs, stats
+
+
+def holds_pairs(paths: Sequence[str | Path]) -> bool:
+    """True when the first record of the first of `paths` that has one is a preference pair (chosen/rejected)."""
+    from qflash.data.readers import read_file
+
+    for path in paths:
+        for record in read_file(Path(path)):
+            return detect_pair_format(record.data) is not None
+    return False

@@ -25,6 +25,8 @@ from qflash.data.pipeline import build_examples, load_conversations
 from qflash.data.replay import GENERATION_BATCH, Answer, Messages, Prompt, cached_answers, key_for, load_prompts, replay_examples
 from qflash.errors import ConfigError
 from qflash.train.held_out import held_out_loss
+from qflash.data.preference import holds_pairs
+from qflash.eval.preference import preference_numbers
 from qflash.eval.metrics import Closeness, closeness_sums, combine, names_identity, share, spill_rate
 
 Say = Callable[[str], None]
@@ -53,6 +55,9 @@ class Side:
     spill: float | None = None
     control_kl: float | None = None
     control_agreement: float | None = None
+    likelihood_accuracy: float | None = None
+    preference_accuracy: float | None = None
+    preference_margin: float | None = None
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -86,6 +91,9 @@ class EvalResult:
     settings: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    preference_pairs: int = 0
+    preference_start: str = ""
+    """What preference_accuracy compares the tuned model with (eval/preference.py)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +247,6 @@ def evaluate_run(
     trust_remote_code: bool = False,
 ) -> EvalResult:
     from qflash.infer.generate import load_for_inference
-    from qflash.model.attention import choice_of
 
     t0 = time.perf_counter()
     loaded = load_for_inference(adapter=str(run), trust_remote_code=trust_remote_code)
@@ -248,8 +255,45 @@ def evaluate_run(
     cfg, specs = _eval_specs(loaded.cfg, data)
     name = cfg.data.vars.get("name") or None
     result = EvalResult(str(run), name, Side(), Side())
+    if cfg.train.objective != "sft" or (data and holds_pairs(list(data))):
+        budget = _preference_part(result, loaded, cfg, say)
+    else:
+        budget = _supervised_part(result, loaded, cfg, specs, limit, max_new_tokens, say)
 
-    # ---- held-out loss, token-weighted, fine-tuned and base ----
+    # ---- control prompts: spill and closeness ----
+    control_path = control or cfg.eval.control_prompts
+    control_budget = cfg.eval.control_max_new_tokens
+    if control_path:
+        if not Path(control_path).is_file():
+            key = "--control" if control else "eval.control_prompts"
+            raise ConfigError(f"{key}: {control_path}: file not found")
+        prompts = load_prompts(control_path, cfg.data.vars)
+        c = control_metrics(loaded, prompts, control_budget, say)
+        result.control = c
+        result.tuned.spill, result.base.spill = c.tuned_spill, c.base_spill
+        if c.closeness is not None:
+            result.tuned.control_kl, result.tuned.control_agreement = c.closeness.kl, c.closeness.agreement
+        if c.base_closeness is not None:
+            result.base.control_kl, result.base.control_agreement = c.base_closeness.kl, c.base_closeness.agreement
+    else:
+        result.notes.append("no control prompts (eval.control_prompts or --control): no spill, no closeness")
+
+    result.settings = {
+        "held_out": [s.path for s in specs] + ([f"{cfg.data.eval_ratio:g} of data.datasets"] if cfg.data.eval_ratio else []),
+        "max_new_tokens": budget,
+        "control_prompts": control_path or None,
+        "control_max_new_tokens": control_budget if control_path else None,
+        "base_answers_cached": {"held_out": result.settings.pop("held_out_cached", None),
+                                "control": result.control.base_from_cache if result.control else None},
+    }
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _supervised_part(result: EvalResult, loaded, cfg: Config, specs, limit, max_new_tokens, say: Say) -> int:
+    """Held-out loss, identity accuracy and stop rate of both models; returns the answer length used."""
+    from qflash.model.attention import choice_of
+
     say("held-out loss ...")
     examples, _ = build_examples(cfg.data, loaded.renderer, split="eval", seed=cfg.train.seed)
     if examples:
@@ -276,44 +320,42 @@ def evaluate_run(
         result.tuned_answers, result.base_answers = tuned, base
         result.tuned.stop_rate = share([s for _, s in tuned])
         result.base.stop_rate = share([s for _, s in base])
-        if name:
-            ident = [k for k, q in enumerate(questions) if names_identity(q.reference, name)]
+        if result.name:
+            ident = [k for k, q in enumerate(questions) if names_identity(q.reference, result.name)]
             result.identity_questions = len(ident)
-            result.tuned.identity_accuracy = share([names_identity(tuned[k][0], name) for k in ident])
-            result.base.identity_accuracy = share([names_identity(base[k][0], name) for k in ident])
+            result.tuned.identity_accuracy = share([names_identity(tuned[k][0], result.name) for k in ident])
+            result.base.identity_accuracy = share([names_identity(base[k][0], result.name) for k in ident])
         else:
             result.notes.append("data.vars.name is not set: no identity accuracy")
     else:
         result.notes.append("no held-out questions (conversations with an assistant reply): no stop rate")
 
-    # ---- control prompts: spill and closeness ----
-    control_path = control or cfg.eval.control_prompts
-    control_budget = cfg.eval.control_max_new_tokens
-    if control_path:
-        if not Path(control_path).is_file():
-            key = "--control" if control else "eval.control_prompts"
-            raise ConfigError(f"{key}: {control_path}: file not found")
-        prompts = load_prompts(control_path, cfg.data.vars)
-        c = control_metrics(loaded, prompts, control_budget, say)
-        result.control = c
-        result.tuned.spill, result.base.spill = c.tuned_spill, c.base_spill
-        if c.closeness is not None:
-            result.tuned.control_kl, result.tuned.control_agreement = c.closeness.kl, c.closeness.agreement
-        if c.base_closeness is not None:
-            result.base.control_kl, result.base.control_agreement = c.base_closeness.kl, c.base_closeness.agreement
-    else:
-        result.notes.append("no control prompts (eval.control_prompts or --control): no spill, no closeness")
+    result.settings["held_out_cached"] = hit
+    return budget
 
-    result.settings = {
-        "held_out": [s.path for s in specs] + ([f"{cfg.data.eval_ratio:g} of data.datasets"] if cfg.data.eval_ratio else []),
-        "max_new_tokens": budget,
-        "control_prompts": control_path or None,
-        "control_max_new_tokens": control_budget if control_path else None,
-        "base_answers_cached": {"held_out": hit,
-                                "control": result.control.base_from_cache if result.control else None},
-    }
-    result.seconds = time.perf_counter() - t0
-    return result
+
+def _preference_part(result: EvalResult, loaded, cfg: Config, say: Say) -> int:
+    """Held-out preference pairs (eval/preference.py): preference accuracy and margin of the tuned model against
+    its starting point, likelihood accuracy of both; returns the control prompts' default answer length."""
+    from qflash.data.preference import build_pairs
+
+    pairs, stats = build_pairs(cfg.data, loaded.renderer, split="eval", seed=cfg.train.seed)
+    if not pairs:
+        result.notes.append("the held-out split has no preference pairs: no preference accuracy")
+        return cfg.eval.max_new_tokens
+
+    def progress(which: str):
+        return lambda done, total: say(f"preference pairs, {which}: {done}/{total}")
+
+    p = preference_numbers(loaded, pairs, micro=cfg.train.micro_batch_size, max_len=cfg.data.max_len,
+                           start_adapter=cfg.model.adapter, progress=progress)
+    result.tuned.preference_accuracy, result.tuned.preference_margin = p.accuracy, p.margin
+    result.tuned.likelihood_accuracy, result.base.likelihood_accuracy = (p.tuned_likelihood_accuracy,
+                                                                         p.start_likelihood_accuracy)
+    result.preference_pairs, result.preference_start = p.pairs, p.start
+    if stats.skipped or stats.dropped_too_long:
+        result.notes.append(f"preference pairs: {stats.summary()}")
+    return cfg.eval.max_new_tokens
 
 
 def is_number(x) -> bool:

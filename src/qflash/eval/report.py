@@ -29,8 +29,22 @@ DEFINITIONS = {
                   "prompts' base-model greedy answers (teacher-forced); 0 = same distributions",
     "control_agreement": "share of those answer tokens where the model's most likely next token is the base "
                          "model's",
+    "likelihood_accuracy": "share of held-out preference pairs whose chosen answer has the higher per-token "
+                           "log-probability under the model",
+    "preference_accuracy": "share of held-out preference pairs whose chosen answer gained more log-probability "
+                           "than the rejected one, from the starting point (base model or model.adapter) to the "
+                           "fine-tuned model (DPO's reward accuracy; ties count as misses)",
+    "preference_margin": "mean over held-out preference pairs of that gain, chosen minus rejected (nats)",
 }
 KEYS = list(DEFINITIONS)
+PREFERENCE_KEYS = ("likelihood_accuracy", "preference_accuracy", "preference_margin")
+
+
+def shown_keys(r: EvalResult) -> list[str]:
+    """The rows of the table: a preference evaluation's and the control prompts', or the supervised ones."""
+    if r.preference_pairs:
+        return [k for k in KEYS if k in PREFERENCE_KEYS or k.startswith(("spill", "control"))]
+    return [k for k in KEYS if k not in PREFERENCE_KEYS]
 
 
 def report_dict(r: EvalResult) -> dict:
@@ -43,7 +57,10 @@ def report_dict(r: EvalResult) -> dict:
         "identity_questions": r.identity_questions,
         "control_prompts": len(r.control.prompts) if r.control else 0,
         "control_answer_tokens": r.control.closeness.tokens if r.control and r.control.closeness else 0,
+        "preference_pairs": r.preference_pairs,
     }
+    if r.preference_pairs:
+        out["preference_start"] = r.preference_start
     out["settings"] = r.settings
     out["definitions"] = DEFINITIONS
     out["notes"] = r.notes
@@ -66,7 +83,8 @@ def _answers_rows(r: EvalResult) -> list[dict]:
 def fmt(x, key: str = "") -> str:
     if not is_number(x):
         return "—"
-    if key in ("identity_accuracy", "stop_rate", "spill", "control_agreement"):
+    if key in ("identity_accuracy", "stop_rate", "spill", "control_agreement", "likelihood_accuracy",
+               "preference_accuracy"):
         return f"{100 * x:.0f}%"
     return f"{x:.4f}" if abs(x) < 1000 else f"{x:,.0f}"
 
@@ -77,14 +95,17 @@ def markdown(r: EvalResult, plot: bool) -> str:
     if r.name:
         lines += [f"Identity taught: **{r.name}**.", ""]
     lines += ["| metric | base model | fine-tuned |", "|---|---|---|"]
-    for k in KEYS:
+    for k in shown_keys(r):
         lines.append(f"| {k} | {fmt(d['base'][k], k)} | {fmt(d[k], k)} |")
     c = d["counts"]
+    held_out = (f"Held-out: {c['preference_pairs']} preference pairs, the fine-tuned model against "
+                f"{r.preference_start}. " if r.preference_pairs else
+                f"Held-out: {c['eval_tokens']:,} trained tokens, {c['held_out_questions']} questions "
+                f"({c['identity_questions']} identity questions), greedy answers of up to "
+                f"{r.settings.get('max_new_tokens')} tokens. ")
     lines += [
         "",
-        f"Held-out: {c['eval_tokens']:,} trained tokens, {c['held_out_questions']} questions "
-        f"({c['identity_questions']} identity questions), greedy answers of up to {r.settings.get('max_new_tokens')} tokens. "
-        f"Control prompts: {c['control_prompts']} from `{r.settings.get('control_prompts')}`, "
+        held_out + f"Control prompts: {c['control_prompts']} from `{r.settings.get('control_prompts')}`, "
         f"{c['control_answer_tokens']} answer tokens compared.",
         "",
         "## Definitions",
@@ -132,7 +153,8 @@ def plot_training(rows: list[dict], out: Path) -> bool:
 
     if not series("loss")[0]:
         return False
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    preference = bool(series("rewards/margin")[0])
+    fig, axes = plt.subplots(4 if preference else 3, 1, figsize=(7, 10.5 if preference else 8), sharex=True)
     axes[0].plot(*series("loss"), label="train loss", lw=1)
     steps, values = series("eval_loss")
     if steps:
@@ -143,7 +165,16 @@ def plot_training(rows: list[dict], out: Path) -> bool:
     axes[1].set_ylabel("learning rate")
     axes[2].plot(*series("tokens_per_s"), color="tab:gray", lw=1)
     axes[2].set_ylabel("tokens/s")
-    axes[2].set_xlabel("optimizer step")
+    if preference:  # preference tuning: the rewards of chosen and rejected, their margin, the accuracy
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margin"):
+            axes[3].plot(*series(key), label=key.split("/")[1], lw=1)
+        axes[3].set_ylabel("reward")
+        twin = axes[3].twinx()
+        twin.plot(*series("rewards/accuracy"), color="black", ls=":", lw=1, label="accuracy")
+        twin.set_ylabel("accuracy")
+        twin.set_ylim(-0.05, 1.05)
+        axes[3].legend(loc="upper left")
+    axes[-1].set_xlabel("optimizer step")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -176,14 +207,14 @@ def print_table(r: EvalResult, where: Path) -> None:
     table.add_column("metric")
     table.add_column("base model", justify="right")
     table.add_column("fine-tuned", justify="right")
-    for k in KEYS:
+    for k in shown_keys(r):
         table.add_row(k, fmt(d["base"][k], k), fmt(d[k], k))
     console.print(table)
     c = d["counts"]
-    console.print(
-        f"{c['held_out_questions']} held-out questions ({c['identity_questions']} about the identity), "
-        f"{c['control_prompts']} control prompts, {c['eval_tokens']:,} held-out tokens; {r.seconds:.0f}s"
-    )
+    held_out = (f"{c['preference_pairs']} held-out preference pairs (against {r.preference_start})"
+                if r.preference_pairs else f"{c['held_out_questions']} held-out questions ({c['identity_questions']} "
+                f"about the identity), {c['eval_tokens']:,} held-out tokens")
+    console.print(f"{held_out}, {c['control_prompts']} control prompts; {r.seconds:.0f}s")
     for n in r.notes:
         console.print(f"[yellow]note[/]: {n}")
     plot = f", {where / PLOT}" if (where / PLOT).is_file() else ""
