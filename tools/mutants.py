@@ -118,6 +118,10 @@ MUTANTS = [
            "        batch = stack_rows([pack_rows(seqs, r, varlen=False) for r in rows], pad_id)\n"
            "        batch.position_ids = torch.arange(batch.input_ids.shape[1]).repeat(batch.input_ids.shape[0], 1)",
            "tests/integration/test_preference_parity.py::test_losses_and_lora_gradients_match_trl[hinge]"),
+    Mutant("pref: eval compares the tuned model with itself", "src/qflash/eval/preference.py",
+           '        with model.disable_adapter():\n            yield "the base model"',
+           '        yield "the base model"',
+           "tests/integration/test_preference_eval.py"),
     # GPU (run on the device: `python tools/mutants.py -k gpu`)
     Mutant("gpu: compiled layers drop the LoRA term of the input gradient", "src/qflash/model/fused_lora.py",
            "return (_grad_input_op if torch.compiler.is_compiling() else _grad_input)(g, w, gb, a, scaling)",

@@ -124,9 +124,12 @@ def resolve(cfg: Config, device: torch.device, dtype: torch.dtype, model: torch.
                                  (not offload.on, "needs train.offload_activations")),
         traced_dequant=_need(k.traced_dequant, "kernels.traced_dequant=false", (not fused.on, "needs lora.fused"),
                              (not compile_layers.on, "needs compiled layers")),
-        fused_ce=_need(k.fused_ce, "kernels.fused_ce=false"),
+        fused_ce=_need(k.fused_ce, "kernels.fused_ce=false",
+                       (t.objective != "sft", f"train.objective={t.objective} scores each sequence's tokens (the "
+                                              "fused loss sums them); lm_head runs in checkpointed chunks")),
         compile_layers=compile_layers,
-        cuda_graphs=t.cuda_graphs if cuda else False,
+        # preference steps run eagerly (steps.py pref_train_step)
+        cuda_graphs=t.cuda_graphs if cuda and t.objective == "sft" else False,
     )
 
 

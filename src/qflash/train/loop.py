@@ -378,10 +378,18 @@ def _reference(setup: Setup, out: Path, ranks: Ranks, identity: dict, quiet: boo
             console.print(f"reference: the starting model scores the pairs: {done}/{total} "
                           f"({time.perf_counter() - t0:.0f}s)")
 
-    values = reference_logps(setup.model, setup.examples, micro=cfg.train.micro_batch_size,
+    # only the pairs the run will draw (a run shorter than an epoch scores fewer); the others stay NaN
+    from qflash.data.batching import SampleStream
+
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    stream = SampleStream(len(setup.examples), cfg.train.seed, per_step)
+    needed = sorted({i for s in range(total_steps(cfg, len(setup.examples))) for i in stream.ids(s)})
+    scored = reference_logps(setup.model, [setup.examples[i] for i in needed], micro=cfg.train.micro_batch_size,
                              capacity=cfg.data.max_len, varlen=setup.levers.attention.varlen,
                              pad_id=setup.tokenizer.pad_token_id, device=setup.device,
                              autocast_dtype=setup.dtype if setup.dtype != torch.float32 else None, progress=progress)
+    values = torch.full((len(setup.examples), 2), float("nan"), dtype=torch.float64)
+    values[needed] = scored
     setup.timings["reference"] = time.perf_counter() - t0
     if ranks.main:
         save_reference(path, values, key)
@@ -544,8 +552,9 @@ def time_to_first_step(timings: dict[str, float], steps: list[float]) -> str:
 
 def print_summary(r: TrainResult, setup: Setup) -> None:
     first = r.losses[0] if r.losses else float("nan")
+    what = "samples" if setup.objective is None else "pairs"
     console.print(
-        f"[bold green]done[/]: {r.steps} steps, {r.samples} samples "
+        f"[bold green]done[/]: {r.steps} steps, {r.samples} {what} "
         f"({r.samples / max(len(setup.examples), 1):.2f} epochs), {r.tokens:,} tokens "
         f"({r.trained_tokens:,} trained) in {r.seconds:.0f}s ({r.tokens / max(r.seconds, 1e-9):,.0f} tok/s); "
         f"loss {first:.4f} -> {r.final_loss:.4f}"
@@ -553,6 +562,9 @@ def print_summary(r: TrainResult, setup: Setup) -> None:
            if r.eval_losses else "")
         + (f"; {setup.replay.samples} of the samples were base-model replay" if setup.replay else "")
         + (f"; CUDA graphs: {r.graphs}" if r.graphs else "")
+        + (f"; last step: reward accuracy {r.last_extra.get('rewards/accuracy', float('nan')):.2f}, margin "
+           f"{r.last_extra.get('rewards/margin', float('nan')):.3f}" if setup.objective is not None and r.last_extra
+           else "")
         + "\n"
         + f"  {time_to_first_step(setup.timings, r.step_seconds)}\n"
         f"  adapter      {r.adapter_dir}\n"

@@ -58,6 +58,8 @@ class TrainResult:
     """train.cuda_graphs: what was captured and replayed (None when not in use)."""
     step_seconds: list[float] = field(default_factory=list)
     """Wall time of each step this process ran (the first ones include torch.compile's compiling)."""
+    last_extra: dict = field(default_factory=dict)
+    """The last step's objective-specific metrics (preference tuning: rewards, accuracy)."""
 
     @property
     def final_loss(self) -> float:
@@ -337,6 +339,7 @@ def _account(run: Run, rec: StepRecord) -> dict:
     r.tokens += rec.tokens
     r.trained_tokens += rec.trained_tokens
     r.losses.append(rec.loss)
+    r.last_extra = rec.extra
     return {
         "loss": rec.loss if rec.finite else None,
         "lr": rec.lr,
