@@ -70,7 +70,7 @@ def _accumulated(model_dir, data, out, mbs, ga, *extra):
 
 def _same_steps(a, b) -> None:
     (losses_a, start_a, w_a), (losses_b, start_b, w_b) = a, b
-    assert losses_a == pytest.approx(losses_b, abs=1e-6, rel=0), (losses_a, losses_b)
+    assert losses_a == pytest.approx(losses_b, abs=2e-6, rel=0), (losses_a, losses_b)
     assert losses_a[0] == pytest.approx(math.log(2), abs=1e-6), "step 1: policy == reference (LoRA B is zero)"
     assert losses_a[-1] < losses_a[0] - 1e-3, "the steps train"
     for n in w_a:
@@ -109,14 +109,14 @@ def test_step_split_unevenly_gives_the_same_steps(tiny_models, pairs, tmp_path, 
 RESUMED = ("train.max_steps=16", "train.micro_batch_size=2", "train.save_every=4", "train.keep=2", "lora.dropout=0.1")
 
 
-def _start(config: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "QFLASH_FAULTS": "", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "qflash.cli", "train", str(config), f"output_dir={out}"],
+def _start(config: Path, out: Path, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    # one thread each: the runs of a test go two at a time on the CPU, every one computes alike
+    env = {**os.environ, "QFLASH_FAULTS": "", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", *launcher, "qflash.cli", "train", str(config), f"output_dir={out}"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(config: Path, out: Path) -> str:
-    p = _start(config, out)
+def _finish(p: subprocess.Popen) -> str:
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log[-3000:]
     return log
@@ -148,10 +148,10 @@ def test_sigkill_resumes_bitwise_with_the_saved_or_recomputed_reference(tiny_mod
     config = tmp_path / "dpo.yaml"
     config.write_text(yaml.safe_dump(tree), encoding="utf-8")
 
-    whole = tmp_path / "whole"
-    assert SCORED in _finish(config, whole)
-    killed = tmp_path / "killed"
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    uninterrupted = _start(config, whole)
     _kill_after(config, killed, 6)  # the step-4 checkpoint is complete before step 5 starts
+    assert SCORED in _finish(uninterrupted)
     ref_file = killed / REFERENCE_FILE
     saved = torch.load(ref_file, weights_only=True)
     assert torch.equal(saved["logps"], torch.load(whole / REFERENCE_FILE, weights_only=True)["logps"])
@@ -162,12 +162,12 @@ def test_sigkill_resumes_bitwise_with_the_saved_or_recomputed_reference(tiny_mod
     (recomputed / REFERENCE_FILE).unlink()
     before = ref_file.stat()
 
-    log = _finish(config, killed)
+    resumed = [_start(config, killed), _start(config, recomputed)]
+    log, log_recomputed = map(_finish, resumed)
     assert "resuming from" in log and SCORED not in log, log[-3000:]
     after = ref_file.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "the saved reference is reused"
-    log = _finish(config, recomputed)
-    assert "resuming from" in log and SCORED in log, log[-3000:]
+    assert "resuming from" in log_recomputed and SCORED in log_recomputed, log_recomputed[-3000:]
     assert torch.equal(torch.load(recomputed / REFERENCE_FILE, weights_only=True)["logps"], saved["logps"])
 
     expected = [(m["step"], m["loss"], m["rewards/margin"]) for m in _metrics(whole)]
@@ -217,22 +217,13 @@ def test_non_finite_dpo_step_is_skipped_untouched(tiny_models, pairs, tmp_path, 
 # 4. two processes
 
 
-def _train_cli(cfg_path: Path, procs: int, out: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if procs > 1:
-        import socket
+def _torchrun(procs: int) -> tuple[str, ...]:
+    import socket
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-                    f"--master_port={port}", "-m"]
-    else:
-        launcher = [sys.executable, "-m"]
-    p = subprocess.run([*launcher, "qflash.cli", "train", str(cfg_path), f"output_dir={out}"], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout + p.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ("torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={port}", "-m")
 
 
 @pytest.mark.slow
@@ -244,14 +235,15 @@ def test_two_processes_match_one(tiny_models, pairs, tmp_path):
     cfg_path = tmp_path / "dpo.yaml"
     cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
     one, two = tmp_path / "one", tmp_path / "two"
-    _train_cli(cfg_path, 1, one)
-    assert "2 processes (ddp" in _train_cli(cfg_path, 2, two)
+    runs = [_start(cfg_path, one), _start(cfg_path, two, _torchrun(2))]
+    assert "2 processes (ddp" in [_finish(p) for p in runs][1]
     m1, m2 = _metrics(one), _metrics(two)
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3, 4]
     for a, b in zip(m1, m2):
         for key in ("loss", "rewards/margin", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, m1, m2)
         assert (b["tokens"], b["trained_tokens"]) == (a["tokens"], a["trained_tokens"])
+    assert m1[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), "step 1: the mean over the pairs of log 2"
     assert m1[-1]["loss"] < m1[0]["loss"] - 1e-3, "the steps train"
     assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
     assert torch.equal(torch.load(two / REFERENCE_FILE, weights_only=True)["logps"],
