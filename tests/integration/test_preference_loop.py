@@ -285,3 +285,29 @@ def test_dpo_starts_from_an_sft_adapter(tiny_models, identity_subset, pairs, tmp
     with pytest.raises(ConfigError, match=r"model.adapter: .*sft.*other LoRA settings \(lora.r: 8 there, 4 here\)"):
         build_setup(tiny_config(model, pairs, tmp_path / "dpo-r4", *DPO, "lora.r=4",
                                 f"model.adapter={tmp_path / 'sft'}"), quiet=True)
+
+
+def test_a_retrained_start_adapter_is_another_run(tiny_models, identity_subset, pairs, tmp_path):
+    """model.adapter names a path; the run there trained again is another start: a dpo run that had saved its
+    reference but no checkpoint yet (killed early) scores the pairs again under the new adapter, and one with
+    checkpoints is refused as a different run."""
+    model = tiny_models["qwen2"]
+
+    def sft(steps: int) -> None:
+        run_training(build_setup(tiny_config(model, identity_subset, tmp_path / "sft", f"train.max_steps={steps}"),
+                                 quiet=True), overwrite=True, quiet=True)
+
+    def dpo(out: Path, steps: int) -> list[float]:
+        cfg = tiny_config(model, pairs, out, *DPO, f"train.max_steps={steps}", f"model.adapter={tmp_path / 'sft'}")
+        return run_training(build_setup(cfg, quiet=True), quiet=True).losses
+
+    sft(2)
+    early, resumable = tmp_path / "early", tmp_path / "resumable"
+    dpo(early, 1)
+    dpo(resumable, 1)
+    shutil.rmtree(early / "checkpoints")  # as a run killed before its first checkpoint leaves it: the reference,
+    shutil.rmtree(early / "adapter")      # no checkpoint, no adapter
+    sft(4)
+    assert dpo(early, 1)[0] == pytest.approx(math.log(2), abs=1e-6), "the new adapter is the reference"
+    with pytest.raises(ConfigError, match=r"belongs to a different run: model.adapter's weights changed"):
+        dpo(resumable, 2)
