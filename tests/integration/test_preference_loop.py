@@ -1,9 +1,10 @@
-"""The training loop's guarantees hold for preference tuning (train.objective=dpo), as they do for SFT
-(test_train_tiny.py, test_crash_safety.py, test_distributed.py): the step's loss is the mean over its pairs however
-they are split into micro-batches; a run killed with SIGKILL resumes bitwise, reusing the saved reference
-log-probabilities (or recomputing the same ones from the starting weights); a non-finite step is skipped with
-weights and optimizer untouched; two processes train like one; model.adapter starts from a trained adapter, which
-is then also the reference. Tiny Qwen2, NF4, fp32 on the CPU."""
+"""The training loop's guarantees hold for preference tuning (train.objective=dpo; orpo too where its NLL
+weighs in), as they do for SFT (test_train_tiny.py, test_crash_safety.py, test_distributed.py): the step's loss
+is the mean over its pairs however they are split into micro-batches; a run killed with SIGKILL resumes bitwise,
+reusing the saved reference log-probabilities (or recomputing the same ones from the starting weights); a
+non-finite step is skipped with weights and optimizer untouched; two processes train like one; model.adapter
+starts from a trained adapter, which is then also the reference (and a retrained one is another run). Tiny
+Qwen2, NF4, fp32 on the CPU."""
 
 from __future__ import annotations
 
