@@ -36,7 +36,7 @@ from qflash.model.loading import (
 )
 from qflash.model.lora import layer_paths
 from qflash import rundir
-from qflash.paths import inside, write_file_durably
+from qflash.paths import inside, sha256_file, write_file_durably
 from qflash.rundir import ADAPTER_DIR, SAMPLES_LOG
 from qflash.train.checkpoint import (
     CKPT_DIR,
@@ -330,7 +330,8 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                 quiet: bool, faults: Faults) -> TrainResult:
     """A run, from its checkpoint or from the start: restore, report, train, save the adapter."""
     named = _trainable(setup.model)
-    identity = run_identity(setup.cfg.to_dict(), setup.fingerprint, {n: list(p.shape) for n, p in named.items()})
+    identity = run_identity(setup.cfg.to_dict(), setup.fingerprint, {n: list(p.shape) for n, p in named.items()},
+                            start_adapter=_adapter_digest(setup.cfg))
     ckpt, ckpt_path = _checkpoint_to_resume(setup, out, ranks, identity, force=force, quiet=quiet)
     if setup.objective is not None and setup.objective.needs_reference:
         setup.reference = _reference(setup, out, ranks, identity, quiet)  # from the starting weights
@@ -356,6 +357,15 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
         run.result.adapter_dir = save_adapter(setup, out, weights)
     ranks.barrier()
     return run.result
+
+
+def _adapter_digest(cfg: Config) -> str | None:
+    """model.adapter's weights (sha256), for the run's identity: the same path trained again is another start, so
+    neither its checkpoints nor its saved reference log-probabilities may be taken for this run's."""
+    if not cfg.model.adapter:
+        return None
+    adapter_dir, _ = rundir.find_adapter(cfg.model.adapter, cfg.model.trust_remote_code)
+    return sha256_file(adapter_dir / "adapter_model.safetensors")
 
 
 def _reference(setup: Setup, out: Path, ranks: Ranks, identity: dict, quiet: bool) -> torch.Tensor:

@@ -32,18 +32,23 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def run_identity(cfg_dict: dict, fingerprint: dict, lora_shapes: dict[str, list[int]]) -> dict:
-    """What must be equal for a checkpoint to continue this run."""
+def run_identity(cfg_dict: dict, fingerprint: dict, lora_shapes: dict[str, list[int]],
+                 start_adapter: str | None = None) -> dict:
+    """What must be equal for a checkpoint to continue this run. `start_adapter`: the sha256 of model.adapter's
+    weights (the config names only its path; the run there may have been trained again since)."""
     config = {
         k: v for k, v in flatten(cfg_dict).items()
         if k not in RUN_LENGTH_KEYS and k not in EXACT_MEMORY_KEYS and not k.startswith(RUN_LENGTH_PREFIXES)
     }
-    return {
+    identity = {
         "config": config,
         "data_fingerprint": fingerprint.get("fingerprint"),
         "tokenizer": fingerprint.get("tokenizer"),
         "lora_shapes": lora_shapes,
     }
+    if start_adapter is not None:  # absent without model.adapter: those runs' identities stay as they were
+        identity["start_adapter"] = start_adapter
+    return identity
 
 
 def _default_settings() -> dict[str, object]:
@@ -69,6 +74,8 @@ def differences(saved: dict, current: dict) -> list[str]:
         diffs.append("the tokenizer changed")
     if saved.get("lora_shapes") != current["lora_shapes"]:
         diffs.append("the LoRA tensor shapes changed")
+    if saved.get("start_adapter") != current.get("start_adapter"):
+        diffs.append("model.adapter's weights changed (the adapter there was trained again or replaced)")
     return diffs
 
 
