@@ -253,6 +253,11 @@ class PrefConfig:
     """simpo: the target reward margin gamma (the loss pushes beta x margin past it)."""
     orpo_lambda: float = 0.1
     """orpo: weight of the odds-ratio term beside the chosen answers' next-token loss."""
+    rpo_alpha: float = 0.0
+    """dpo: weight of the chosen answers' next-token loss (per token) added to the pair loss (RPO; TRL's
+    rpo_alpha, LLaMA-Factory's pref_ftx). DPO alone can push up what separates the answers (a first word) while
+    the chosen answers themselves grow less likely, and greedy answers degenerate into repeating it; a weight
+    near 1 keeps them fluent. 0 = plain DPO."""
 
 
 @dataclass
@@ -428,6 +433,9 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(pf.label_smoothing == 0 or pf.loss_type == "sigmoid" or t.objective != "dpo", "pref.label_smoothing",
          f"applies to pref.loss_type=sigmoid only (not {pf.loss_type})")
     need(pf.orpo_lambda > 0, "pref.orpo_lambda", "must be > 0")
+    need(pf.rpo_alpha >= 0, "pref.rpo_alpha", "must be >= 0 (0 = plain DPO)")
+    need(pf.rpo_alpha == 0 or t.objective in ("sft", "dpo"), "pref.rpo_alpha",
+         f"applies to train.objective=dpo (orpo has its own NLL term; simpo none), not {t.objective}")
     need(t.objective == "sft" or not cfg.data.replay.prompts, "data.replay.prompts",
          f"replay adds supervised samples, which train.objective={t.objective} does not train on; leave it empty")
     rp = cfg.data.replay

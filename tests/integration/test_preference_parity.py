@@ -1,5 +1,5 @@
 """Preference tuning against TRL (issue 25): on a tiny Qwen2 in fp32 on the CPU, `qflash train` with
-train.objective dpo (sigmoid, ipo, hinge), orpo and simpo gives the per-step losses and LoRA gradients of TRL's
+train.objective dpo (sigmoid, ipo, hinge, and sigmoid + the chosen answers' NLL: rpo), orpo and simpo gives the per-step losses and LoRA gradients of TRL's
 DPOTrainer / ORPOTrainer / CPOTrainer(simpo) with PEFT (tests/reference/trl_preference.py) within 1e-4 over 3
 steps: the same pairs as qflash tokenized them, in qflash's order, from the same initial LoRA weights.
 
@@ -76,13 +76,15 @@ def _as_trl(pair):
     return [int(t) for t in np.asarray(pair.chosen.input_ids)[:p]], answer(pair.chosen), answer(pair.rejected)
 
 
-CASES = [("dpo", "sigmoid", 0.1), ("dpo", "ipo", 0.1), ("dpo", "hinge", 0.1), ("orpo", None, 0.1),
-         ("simpo", None, 2.0)]
+CASES = [("dpo", "sigmoid", 0.1), ("dpo", "ipo", 0.1), ("dpo", "hinge", 0.1), ("dpo", "sigmoid+sft", 0.1),
+         ("orpo", None, 0.1), ("simpo", None, 2.0)]
 
 
-@pytest.mark.parametrize("objective, loss_type, beta", CASES, ids=["dpo", "ipo", "hinge", "orpo", "simpo"])
+@pytest.mark.parametrize("objective, loss_type, beta", CASES, ids=["dpo", "ipo", "hinge", "rpo", "orpo", "simpo"])
 def test_losses_and_lora_gradients_match_trl(objective, loss_type, beta, tiny_models, tmp_path, monkeypatch):
-    extra = [f"pref.loss_type={loss_type}"] if loss_type else []
+    """rpo: pref.rpo_alpha=1 against TRL's loss_type [sigmoid, sft] (weights 1, 1)."""
+    extra = [f"pref.loss_type={loss_type.split('+')[0]}"] if loss_type else []
+    extra += ["pref.rpo_alpha=1.0"] if loss_type == "sigmoid+sft" else []
     extra += [f"pref.orpo_lambda={beta}"] if objective == "orpo" else [f"pref.beta={beta}"]
     data = _pairs_file(tmp_path / "pairs.json")
     setup, init, losses, grads, order = _qflash(tiny_models["qwen2"], data, tmp_path / "run", objective, extra,

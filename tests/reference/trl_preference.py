@@ -5,7 +5,8 @@ step's loss, the LoRA gradients just before each optimizer step and TRL's logged
 dpo / orpo / simpo against them. The math these trainers compute (TRL 1.16.0) is written out, with file:line
 citations, in bench/trl-preference-math.md.
 
-    dpo    trl.DPOTrainer, loss_type sigmoid | ipo | hinge (any TRL DPO loss type passes through), beta
+    dpo    trl.DPOTrainer, loss_type sigmoid | ipo | hinge (any TRL DPO loss type passes through; "a+b": both,
+           weights 1, e.g. "sigmoid+sft" = RPO with alpha 1), beta
     orpo   trl.experimental.orpo.ORPOTrainer, beta = ORPO's lambda
     simpo  trl.experimental.cpo.CPOTrainer(loss_type="simpo", cpo_alpha=0), beta, simpo_gamma, label_smoothing
 
@@ -232,7 +233,7 @@ def trl_run(
             beta=beta,
         )
         if objective == "dpo":
-            config = Config(**common, loss_type=[loss_type], label_smoothing=label_smoothing, max_length=None,
+            config = Config(**common, loss_type=loss_type.split("+"), label_smoothing=label_smoothing, max_length=None,
                             precompute_ref_log_probs=False, pad_to_multiple_of=None)
         elif objective == "orpo":
             # max_length is read only by TRL's tokenize_row (replaced here) and generation

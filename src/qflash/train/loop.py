@@ -388,18 +388,10 @@ def _reference(setup: Setup, out: Path, ranks: Ranks, identity: dict, quiet: boo
             console.print(f"reference: the starting model scores the pairs: {done}/{total} "
                           f"({time.perf_counter() - t0:.0f}s)")
 
-    # only the pairs the run will draw (a run shorter than an epoch scores fewer); the others stay NaN
-    from qflash.data.batching import SampleStream
-
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    stream = SampleStream(len(setup.examples), cfg.train.seed, per_step)
-    needed = sorted({i for s in range(total_steps(cfg, len(setup.examples))) for i in stream.ids(s)})
-    scored = reference_logps(setup.model, [setup.examples[i] for i in needed], micro=cfg.train.micro_batch_size,
+    values = reference_logps(setup.model, setup.examples, micro=cfg.train.micro_batch_size,
                              capacity=cfg.data.max_len, varlen=setup.levers.attention.varlen,
                              pad_id=setup.tokenizer.pad_token_id, device=setup.device,
                              autocast_dtype=setup.dtype if setup.dtype != torch.float32 else None, progress=progress)
-    values = torch.full((len(setup.examples), 2), float("nan"), dtype=torch.float64)
-    values[needed] = scored
     setup.timings["reference"] = time.perf_counter() - t0
     if ranks.main:
         save_reference(path, values, key)

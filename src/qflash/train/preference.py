@@ -11,6 +11,7 @@ no labels). Per pair, with pi = the policy's log-probability of an answer and re
   simpo         -(1-ls) log sigmoid(beta z) - ls log sigmoid(-beta z),   z = avg_c - avg_r - gamma/beta
   orpo          NLL of the chosen sequences (per token, prompt included) - lambda log sigmoid(log odds(avg_c) -
                 log odds(avg_r))
+  dpo + rpo     the dpo loss + alpha x NLL of the chosen answers (per token): pref.rpo_alpha
 
 avg: the per-token average over the answer. orpo's NLL covers the chosen sequence's prompt and answer (every token
 but the first), as the ORPO authors' code and TRL do. Rewards (metrics): beta (pi - ref) with summed log-probs for
@@ -56,13 +57,14 @@ class Objective:
     label_smoothing: float = 0.0
     gamma: float = 0.5
     lam: float = 0.1
+    rpo_alpha: float = 0.0
 
     @classmethod
     def of(cls, cfg) -> "Objective":
         name, pf = cfg.train.objective, cfg.pref
         beta = pf.beta if pf.beta is not None else DEFAULT_BETA[name]
         return cls(name, beta, pf.loss_type if name == "dpo" else "sigmoid", pf.label_smoothing, pf.simpo_gamma,
-                   pf.orpo_lambda)
+                   pf.orpo_lambda, pf.rpo_alpha if name == "dpo" else 0.0)
 
     @property
     def averaged(self) -> bool:
@@ -76,7 +78,8 @@ class Objective:
     def describe(self) -> str:
         if self.name == "dpo":
             return (f"dpo ({self.loss_type}, beta {self.beta:g}"
-                    + (f", label smoothing {self.label_smoothing:g}" if self.label_smoothing else "") + ")")
+                    + (f", label smoothing {self.label_smoothing:g}" if self.label_smoothing else "")
+                    + (f", + {self.rpo_alpha:g} x the chosen answers' NLL" if self.rpo_alpha else "") + ")")
         if self.name == "simpo":
             return f"simpo (beta {self.beta:g}, gamma {self.gamma:g})"
         return f"orpo (lambda {self.lam:g})"
@@ -226,6 +229,8 @@ def preference_loss(model: torch.nn.Module, pb: PairBatch, obj: Objective, refer
     nll, nll_tokens = -all_logps[0::2].sum(), chosen.sum()
     if obj.name == "orpo":
         total = total + nll * w_token
+    elif obj.rpo_alpha:  # dpo + the chosen answers' NLL (the chosen sequences are labelled on their answers only)
+        total = total + obj.rpo_alpha * nll * w_token
     r_c, r_r = r_c.detach(), r_r.detach()
     stats = torch.stack([r_c.sum(), r_r.sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum(), shown_c.detach().sum(),
                          shown_r.detach().sum(), nll.detach(), nll_tokens.to(nll.dtype)])

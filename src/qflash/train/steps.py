@@ -249,7 +249,7 @@ def pref_train_step(run: Run, step: int) -> StepRecord:
     micro = [make(g) for g in groups]
     rounds = int(ranks.max(len(micro)))
     filler = micro[0] if micro else (make(ids[:1]) if rounds else None)
-    chosen_tokens = int(ranks.sum(sum(int((pb.owner % 2 == 0).sum()) for pb in micro)))  # orpo's NLL tokens
+    chosen_tokens = int(ranks.sum(sum(int((pb.owner % 2 == 0).sum()) for pb in micro)))  # orpo's, rpo's NLL tokens
     w_pair, w_token = ranks.world / len(ids), ranks.world / max(chosen_tokens, 1)
     local = torch.zeros((), dtype=torch.float64, device=setup.device)
     stats = torch.zeros(8, dtype=torch.float64, device=setup.device)
