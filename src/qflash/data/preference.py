@@ -584,10 +584,16 @@ def build_pairs(
 
 
 def holds_pairs(paths: Sequence[str | Path]) -> bool:
-    """True when the first record of the first of `paths` that has one is a preference pair (chosen/rejected)."""
-    from qflash.data.readers import read_file
+    """True when the first readable record of `paths` is a preference pair (chosen/rejected). Records that cannot
+    be read are not this question's business (the pipeline reports them); a path that cannot be read answers False."""
+    from qflash.data.readers import read_path
 
     for path in paths:
-        for record in read_file(Path(path)):
-            return detect_pair_format(record.data) is not None
+        try:
+            reads = read_path(Path(path))
+        except Exception:  # noqa: BLE001 - missing or unreadable: the pipeline says what is wrong
+            return False
+        for fr in reads:
+            for record in fr.records:
+                return detect_pair_format(record.data) is not None
     return False
