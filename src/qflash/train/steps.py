@@ -220,14 +220,7 @@ def train_step(run: Run, step: int) -> StepRecord:
         if real_batch:
             local_sum += token_loss
     loss = ranks.sum(local_sum.item()) / n_trained if n_trained else float("nan")
-    lr = run.scheduler.get_last_lr()[0]
-    scale = par.loss_scale()
-    grad_norm, finite = par.step(math.isfinite(loss))
-    if finite:
-        run.scheduler.step()
-        run.consecutive_bad = 0
-    else:
-        _skipped(run, step + 1, loss, grad_norm, scale)
+    lr, scale, grad_norm, finite = _optimizer_step(run, step, loss)
     real = int(ranks.sum(sum(b.real_tokens for b in micro)))
     return StepRecord(step + 1, ids, loss, lr, grad_norm, finite, scale, n_trained, real, time.perf_counter() - t0)
 
@@ -266,18 +259,25 @@ def pref_train_step(run: Run, step: int) -> StepRecord:
             stats += st
     loss = ranks.sum(local.item()) / ranks.world
     totals = [ranks.sum(v) for v in stats.tolist()]
+    lr, scale, grad_norm, finite = _optimizer_step(run, step, loss)
+    real_tokens = int(ranks.sum(sum(pb.batch.real_tokens for pb in micro)))
+    trained = int(ranks.sum(sum(int(pb.answer.sum()) for pb in micro)))
+    return StepRecord(step + 1, ids, loss, lr, grad_norm, finite, scale, trained, real_tokens,
+                      time.perf_counter() - t0, extra=mean_stats(totals, len(ids)))
+
+
+def _optimizer_step(run: Run, step: int, loss: float) -> tuple[float, float | None, float, bool]:
+    """After the step's backwards: (lr, loss scale, grad norm, applied). A finite step moves the weights and the
+    schedule; a non-finite one is skipped (`_skipped`)."""
     lr = run.scheduler.get_last_lr()[0]
-    scale = par.loss_scale()
-    grad_norm, finite = par.step(math.isfinite(loss))
+    scale = run.par.loss_scale()
+    grad_norm, finite = run.par.step(math.isfinite(loss))
     if finite:
         run.scheduler.step()
         run.consecutive_bad = 0
     else:
         _skipped(run, step + 1, loss, grad_norm, scale)
-    real_tokens = int(ranks.sum(sum(pb.batch.real_tokens for pb in micro)))
-    trained = int(ranks.sum(sum(int(pb.answer.sum()) for pb in micro)))
-    return StepRecord(step + 1, ids, loss, lr, grad_norm, finite, scale, trained, real_tokens,
-                      time.perf_counter() - t0, extra=mean_stats(totals, len(ids)))
+    return lr, scale, grad_norm, finite
 
 
 def _skipped(run: Run, step: int, loss: float, grad_norm: float, scale: float | None) -> None:
