@@ -243,6 +243,24 @@ def _sharegpt(d: dict, spec: DatasetSpec, issues: _Issues) -> list[_Turn]:
     return turns
 
 
+def _history(d: dict, issues: _Issues) -> list[tuple[str, str, str]]:
+    """An Alpaca record's `history` ([question, answer] pairs) as (role, text, field) turns; problems recorded."""
+    history = d.get("history") or []
+    if not isinstance(history, list):
+        issues.add("history", "expected a list of [question, answer] pairs", "wrong type")
+        return []
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            issues.add(f"history.{i}", "expected [question, answer]", "wrong type")
+            continue
+        for j, (role, text) in enumerate(zip(("user", "assistant"), pair)):
+            if not text.strip():
+                issues.add(f"history.{i}.{j}", "empty", "empty content")
+            turns.append((role, text, f"history.{i}.{j}"))
+    return turns
+
+
 def _alpaca(d: dict, spec: DatasetSpec, issues: _Issues) -> list[_Turn]:
     instruction = _need_text(d, "instruction", "instruction", issues)
     extra = d.get("input") or ""
@@ -255,18 +273,7 @@ def _alpaca(d: dict, spec: DatasetSpec, issues: _Issues) -> list[_Turn]:
         system = _need_text(d, "system", "system", issues)
         if system is not None:
             turns.append(_Turn("system", system, "system"))
-    history = d.get("history") or []
-    if not isinstance(history, list):
-        issues.add("history", "expected a list of [question, answer] pairs", "wrong type")
-        history = []
-    for i, pair in enumerate(history):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            issues.add(f"history.{i}", "expected [question, answer]", "wrong type")
-            continue
-        for j, (role, text) in enumerate(zip(("user", "assistant"), pair)):
-            if not text.strip():
-                issues.add(f"history.{i}.{j}", "empty", "empty content")
-            turns.append(_Turn(role, text, f"history.{i}.{j}"))
+    turns += [_Turn(role, text, where) for role, text, where in _history(d, issues)]
     if instruction is not None:
         turns.append(_Turn("user", f"{instruction}\n\n{extra}" if extra.strip() else instruction, "instruction"))
     if output is not None:

@@ -43,6 +43,7 @@ from qflash.data.formats import (
     ROLES,
     SHAREGPT_ROLES,
     _fill,
+    _history,
     _Issues,
     _missing_placeholders,
     _need_text,
@@ -246,18 +247,7 @@ def _alpaca_format(d: dict, issues: _Issues) -> tuple[list[_Msg], list[_Msg], li
         system = _need_text(d, "system", "system", issues)
         if system is not None:
             prompt.append(_Msg("system", system, "system", "system"))
-    history = d.get("history") or []
-    if not isinstance(history, list):
-        issues.add("history", "expected a list of [question, answer] pairs", "wrong type")
-        history = []
-    for i, pair in enumerate(history):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            issues.add(f"history.{i}", "expected [question, answer]", "wrong type")
-            continue
-        for j, (role, text) in enumerate(zip(("user", "assistant"), pair)):
-            if not text.strip():
-                issues.add(f"history.{i}.{j}", "empty", "empty content")
-            prompt.append(_Msg(role, text, f"history.{i}.{j}", f"history.{i}.{j}"))
+    prompt += [_Msg(role, text, where, where) for role, text, where in _history(d, issues)]
     instruction = _need_text(d, "instruction", "instruction", issues)
     extra = d.get("input") or ""
     if not isinstance(extra, str):
