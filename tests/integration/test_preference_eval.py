@@ -5,6 +5,7 @@ unpacked forward per sequence), and report.json carries them."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -75,3 +76,37 @@ def test_eval_of_a_dpo_run_matches_plain_peft(tiny_models, tmp_path):
     assert report["preference_accuracy"] == result.tuned.preference_accuracy
     assert report["preference_margin"] == result.tuned.preference_margin
     assert report["counts"]["preference_pairs"] == 4
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_held_out_pairs_during_training(objective, tiny_models, tmp_path):
+    """train.eval_every under a preference objective: the held-out pairs' loss and reward metrics land in
+    metrics.jsonl at the due steps; they change nothing training computes (same losses as without); and for dpo the
+    last step's held-out reward accuracy and margin are `qflash eval`'s preference_accuracy and beta x
+    preference_margin (a separate code path: the saved adapter loaded again, the base as the start)."""
+    from qflash.eval.evaluate import evaluate_run
+    from qflash.train.loop import build_setup, run_training
+    from qflash.train.preference import EVAL_REFERENCE_FILE
+
+    train = _pairs(tmp_path / "train.json", QUESTIONS[:8])
+    held = _pairs(tmp_path / "held.json", QUESTIONS[8:])
+    common = ("quant.mode=none", f"train.objective={objective}", "train.max_steps=4", "train.lr=2e-2",
+              "train.micro_batch_size=3", f"data.eval_datasets=[{{path: '{held}'}}]")
+    runs = {}
+    for name, extra in (("plain", ()), ("evaluated", ("train.eval_every=2",))):
+        setup = build_setup(tiny_config(tiny_models["qwen2"], train, tmp_path / name, *common, *extra), quiet=True)
+        runs[name] = run_training(setup, quiet=True)
+    assert runs["evaluated"].losses == runs["plain"].losses  # evaluating moved nothing (RNG, weights, mode)
+    assert [s for s, _ in runs["evaluated"].eval_losses] == [2, 4]
+    lines = [json.loads(x) for x in (tmp_path / "evaluated" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval_loss" in x]
+    assert [x["step"] for x in evals] == [2, 4]
+    assert all(math.isfinite(x["eval_loss"]) and 0.0 <= x["eval_rewards/accuracy"] <= 1.0 for x in evals)
+    assert evals[-1]["eval_rewards/margin"] > evals[0]["eval_rewards/margin"]  # the held-out pairs pull apart too
+    if objective == "simpo":
+        assert not (tmp_path / "evaluated" / EVAL_REFERENCE_FILE).exists()  # no reference: none scored
+        return
+    assert (tmp_path / "evaluated" / EVAL_REFERENCE_FILE).is_file()
+    result = evaluate_run(tmp_path / "evaluated", data=[str(held)])
+    assert evals[-1]["eval_rewards/accuracy"] == pytest.approx(result.tuned.preference_accuracy, abs=1e-9)
+    assert evals[-1]["eval_rewards/margin"] == pytest.approx(0.1 * result.tuned.preference_margin, rel=1e-4, abs=1e-6)

@@ -32,7 +32,7 @@ class HeldOutLoss:
 
 
 @contextlib.contextmanager
-def _rng_untouched():
+def rng_untouched():
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -74,7 +74,7 @@ def held_out_loss(
     total, tokens = 0.0, 0
     model.eval()
     try:
-        with _rng_untouched(), torch.no_grad(), (autocast or contextlib.nullcontext()):
+        with rng_untouched(), torch.no_grad(), (autocast or contextlib.nullcontext()):
             for b in batches:
                 n = trained_tokens(b)
                 if n == 0:

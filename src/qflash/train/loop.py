@@ -78,20 +78,16 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
         from qflash.train.preference import Objective
 
         objective = Objective.of(cfg)
-        if cfg.train.eval_every > 0:
-            raise ConfigError(f"train.eval_every: held-out evaluation during train.objective={cfg.train.objective} is "
-                              "not built yet; set train.eval_every=0 and measure afterwards with `qflash eval RUN "
-                              "--data PAIRS`")
-        examples, stats = build_pairs(cfg.data, renderer, split="train", seed=cfg.train.seed,
-                                      skipped_path=Path(cfg.output_dir) / "skipped-train.jsonl")
+        build = build_pairs
     else:
-        # Records skipped (data.on_error=skip) or dropped (data.too_long=drop) are written beside the run.
-        examples, stats = build_examples(cfg.data, renderer, split="train", seed=cfg.train.seed,
-                                         skipped_path=Path(cfg.output_dir) / "skipped-train.jsonl")
-    eval_examples: list[Example] = []
+        build = build_examples
+    # Records skipped (data.on_error=skip) or dropped (data.too_long=drop) are written beside the run.
+    examples, stats = build(cfg.data, renderer, split="train", seed=cfg.train.seed,
+                            skipped_path=Path(cfg.output_dir) / "skipped-train.jsonl")
+    eval_examples: list = []  # Examples, or PairExamples under a preference objective
     if cfg.train.eval_every > 0:
-        eval_examples, _ = build_examples(cfg.data, renderer, split="eval", seed=cfg.train.seed,
-                                          skipped_path=Path(cfg.output_dir) / "skipped-eval.jsonl")
+        eval_examples, _ = build(cfg.data, renderer, split="eval", seed=cfg.train.seed,
+                                 skipped_path=Path(cfg.output_dir) / "skipped-eval.jsonl")
         if not eval_examples:
             raise ConfigError(f"train.eval_every={cfg.train.eval_every}: the run has no held-out data; set "
                               "data.eval_datasets or data.eval_ratio, or train.eval_every=0")
@@ -220,7 +216,8 @@ def save_adapter(setup: Setup, out: Path, weights: dict[str, torch.Tensor] | Non
     return rundir.save_adapter(setup.model, out, setup.cfg, setup.fingerprint, setup.model_dir, weights)
 
 
-RUN_FILES = (ADAPTER_DIR, CKPT_DIR, "metrics.jsonl", SAMPLES_LOG, "tensorboard", "preference_reference.pt")
+RUN_FILES = (ADAPTER_DIR, CKPT_DIR, "metrics.jsonl", SAMPLES_LOG, "tensorboard", "preference_reference.pt",
+             "preference_reference_eval.pt")
 
 
 def prepare_output_dir(out: Path) -> None:
@@ -334,7 +331,13 @@ def _run_locked(setup: Setup, out: Path, accelerator, ranks: Ranks, *, force: bo
                             start_adapter=_adapter_digest(setup.cfg))
     ckpt, ckpt_path = _checkpoint_to_resume(setup, out, ranks, identity, force=force, quiet=quiet)
     if setup.objective is not None and setup.objective.needs_reference:
-        setup.reference = _reference(setup, out, ranks, identity, quiet)  # from the starting weights
+        from qflash.train.preference import EVAL_REFERENCE_FILE, REFERENCE_FILE
+
+        # from the starting weights
+        setup.reference = _reference(setup, setup.examples, out / REFERENCE_FILE, ranks, identity, quiet)
+        if setup.eval_examples:
+            setup.eval_reference = _reference(setup, setup.eval_examples, out / EVAL_REFERENCE_FILE, ranks, identity,
+                                              quiet, what="held-out pairs")
     if ckpt is not None:
         _restore_weights(ckpt, named)  # before the strategy wraps or shards the parameters
     run = _new_run(setup, out, accelerator, ranks, named, identity, faults, on_step=on_step, quiet=quiet)
@@ -368,31 +371,31 @@ def _adapter_digest(cfg: Config) -> str | None:
     return sha256_file(adapter_dir / "adapter_model.safetensors")
 
 
-def _reference(setup: Setup, out: Path, ranks: Ranks, identity: dict, quiet: bool) -> torch.Tensor:
+def _reference(setup: Setup, pairs: list, path: Path, ranks: Ranks, identity: dict, quiet: bool,
+               what: str = "pairs") -> torch.Tensor:
     """dpo: the starting model's log-probabilities of every pair's answers, computed before any weight changes
     (the weights are still the start's: a checkpoint's are restored after this), saved beside the run and read
     back by a resumed run of the same identity."""
     import hashlib
 
-    from qflash.train.preference import REFERENCE_FILE, load_reference, reference_logps, save_reference
+    from qflash.train.preference import load_reference, reference_logps, save_reference
 
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    path = out / REFERENCE_FILE
-    saved = load_reference(path, key, len(setup.examples))
+    saved = load_reference(path, key, len(pairs))
     if saved is not None:
         return saved
     cfg, t0 = setup.cfg, time.perf_counter()
 
     def progress(done: int, total: int) -> None:
         if not quiet and (done == total or done % (20 * cfg.train.micro_batch_size) == 0):
-            console.print(f"reference: the starting model scores the pairs: {done}/{total} "
+            console.print(f"reference: the starting model scores the {what}: {done}/{total} "
                           f"({time.perf_counter() - t0:.0f}s)")
 
-    values = reference_logps(setup.model, setup.examples, micro=cfg.train.micro_batch_size,
+    values = reference_logps(setup.model, pairs, micro=cfg.train.micro_batch_size,
                              capacity=cfg.data.max_len, varlen=setup.levers.attention.varlen,
                              pad_id=setup.tokenizer.pad_token_id, device=setup.device,
                              autocast_dtype=setup.dtype if setup.dtype != torch.float32 else None, progress=progress)
-    setup.timings["reference"] = time.perf_counter() - t0
+    setup.timings["reference"] = setup.timings.get("reference", 0.0) + time.perf_counter() - t0
     if ranks.main:
         save_reference(path, values, key)
     ranks.barrier()

@@ -40,6 +40,7 @@ from qflash.data.batching import Batch, labelled_positions, pack_rows, stack_row
 from qflash.data.template import IGNORE, Example
 
 REFERENCE_FILE = "preference_reference.pt"
+EVAL_REFERENCE_FILE = "preference_reference_eval.pt"  # the held-out pairs' (train.eval_every)
 DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1}
 # What each step reports (means over the step's pairs), in this order in the stats vector.
 STATS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",

@@ -27,7 +27,7 @@ from qflash.rundir import SAMPLES_LOG
 from qflash.train import levers as levers_mod
 from qflash.train.checkpoint import CKPT_DIR, newest_complete, save_checkpoint
 from qflash.train.held_out import held_out_loss
-from qflash.train.distributed import Parallel, Ranks
+from qflash.train.distributed import Parallel, Ranks, batch_fields
 from qflash.train.faults import Faults
 from qflash.train.metrics import MetricsWriter, StepProgress
 from qflash.train.signals import StopRequests, TrainingInterrupted
@@ -104,8 +104,9 @@ class Setup:
     model: torch.nn.Module
     levers: levers_mod.Levers
     """Every speed and memory switch as it applies to this run (train/levers.py)."""
-    eval_examples: list[Example] = field(default_factory=list)
-    """The held-out split, for train.eval_every (empty when that is off)."""
+    eval_examples: list = field(default_factory=list)
+    """The held-out split, for train.eval_every (empty when that is off): Examples, or PairExamples under a
+    preference objective."""
     replay: ReplayStats | None = None
     """What data.replay added to `examples` (None without replay)."""
     objective: object = None
@@ -113,6 +114,8 @@ class Setup:
     reference: torch.Tensor | None = None
     """dpo: (pairs, 2) summed log-probabilities of each pair's answers under the starting model (set by the loop
     before the first step)."""
+    eval_reference: torch.Tensor | None = None
+    """dpo with train.eval_every: the held-out pairs' `reference`."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent before training: load (reading + NF4 quantization, which bitsandbytes does while loading),
     replay (the base model's answers), lora (adapter, kernels, compile wrappers; compiling itself happens in the
@@ -225,6 +228,42 @@ def train_step(run: Run, step: int) -> StepRecord:
     return StepRecord(step + 1, ids, loss, lr, grad_norm, finite, scale, n_trained, real, time.perf_counter() - t0)
 
 
+def evaluate_pairs(run: Run) -> dict[str, float]:
+    """Preference tuning's held-out numbers at a train.eval_every step: the objective's loss over the held-out
+    pairs (`eval_loss`) and the training metrics on them (`eval_rewards/accuracy`, `eval_rewards/margin`, ...),
+    against the same reference as training (dpo: the starting model's log-probabilities of the held-out pairs,
+    scored once). Eval mode (no dropout), no gradients, the RNG state untouched; every process the same pairs."""
+    from qflash.train.held_out import rng_untouched
+    from qflash.train.preference import mean_stats, pair_batch
+
+    setup, cfg = run.setup, run.setup.cfg
+    pairs, obj = setup.eval_examples, setup.objective
+    mb = cfg.train.micro_batch_size
+    groups = [list(range(k, min(k + mb, len(pairs)))) for k in range(0, len(pairs), mb)]
+    make = lambda g: pair_batch(pairs, g, capacity=cfg.data.max_len, varlen=setup.levers.attention.varlen,  # noqa: E731
+                                pad_id=setup.tokenizer.pad_token_id, chosen_prompt=obj.name == "orpo").to(setup.device)
+    micro = [make(g) for g in groups]
+    chosen_tokens = sum(int((pb.owner % 2 == 0).sum()) for pb in micro)
+    w_pair, w_token = 1.0 / len(pairs), 1.0 / max(chosen_tokens, 1)
+    total = torch.zeros((), dtype=torch.float64, device=setup.device)
+    stats = torch.zeros(8, dtype=torch.float64, device=setup.device)
+    model = setup.model
+    was_training = model.training
+    model.eval()
+    try:
+        with rng_untouched(), torch.no_grad():
+            for g, pb in zip(groups, micro):
+                ref = setup.eval_reference[g].float().to(setup.device) if setup.eval_reference is not None else None
+                part, st = run.par.module(**batch_fields(pb.batch), pref=(pb.owner, pb.answer, pb.pairs, obj, ref,
+                                                                          w_pair, w_token))
+                total += part
+                stats += st
+    finally:
+        model.train(was_training)
+    means = mean_stats(stats.tolist(), len(pairs))
+    return {"eval_loss": float(total), **{f"eval_{k}": v for k, v in means.items()}}
+
+
 def pref_train_step(run: Run, step: int) -> StepRecord:
     """One optimizer step of preference tuning over this process's share of the step's pairs (preference.py):
     micro-batches of micro_batch_size pairs, each pair's loss weighted 1 / (the step's pairs, every process)."""
@@ -305,7 +344,10 @@ def after_step(run: Run, rec: StepRecord, stop: StopRequests) -> None:
     evaluate = cfg.train.eval_every > 0 and (rec.step % cfg.train.eval_every == 0 or rec.step == run.steps)
     if evaluate:
         # every process, the same batches (through the strategy's wrapper), so the same number
-        values["eval_loss"] = evaluate_held_out(run.setup, run.setup.model, loss_fn=run.par.loss)
+        if run.setup.objective is None:
+            values["eval_loss"] = evaluate_held_out(run.setup, run.setup.model, loss_fn=run.par.loss)
+        else:
+            values.update(evaluate_pairs(run))
         run.result.eval_losses.append((rec.step, values["eval_loss"]))
     if run.metrics is not None and (evaluate or rec.step % cfg.train.log_every == 0 or rec.step == run.steps):
         run.metrics.write(rec.step, values)
