@@ -261,6 +261,52 @@ def test_two_processes_match_one(tiny_models, pairs, tmp_path):
         torch.testing.assert_close(a2[k], a1[k], rtol=0, atol=5e-5, msg=k)
 
 
+def _fsdp2(procs: int) -> tuple[str, ...]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ("accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "fsdp2.yaml"),
+            f"--num_processes={procs}", f"--main_process_port={port}", "-m")
+
+
+@pytest.mark.slow
+def test_dpo_resumes_across_process_counts_under_fsdp2_and_ddp(tiny_models, pairs, tmp_path):
+    """Issue 28's CPU part: 3 steps under FSDP2 x2 then resumed in one process, and 3 steps in one process then
+    resumed under DDP x2: every step's loss and rewards are one process's, the reference is scored once (by the
+    first launch) and read back by the second, and the adapter ends as one process's."""
+    cfg = tiny_config(tiny_models["qwen2"], pairs, tmp_path / "unused", *DPO, "train.micro_batch_size=1",
+                      "train.grad_accum=3", "train.max_steps=6", "train.save_every=3", "quant.mode=none")
+    cfg_path = tmp_path / "dpo.yaml"
+    cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
+    one = tmp_path / "one"
+    _finish(_start(cfg_path, one))
+    m1 = _metrics(one)
+    a1 = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    for name, first, then in (("down", _fsdp2(2), ()), ("up", (), _torchrun(2))):
+        run = tmp_path / name
+        short = tmp_path / f"{name}.yaml"
+        short.write_text(cfg_path.read_text().replace("max_steps: 6", "max_steps: 3"), encoding="utf-8")
+        assert "max_steps: 3" in short.read_text()
+        log1 = _finish(_start(short, run, first))
+        assert SCORED in log1
+        if first:
+            assert "2 processes (fsdp2" in log1
+        log2 = _finish(_start(cfg_path, run, then))
+        assert "resuming from" in log2 and SCORED not in log2, "the second launch reads the saved reference"
+        if then:
+            assert "2 processes (ddp" in log2
+        m = _metrics(run)
+        assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6]
+        for a, b in zip(m1, m):
+            for key in ("loss", "rewards/margin", "rewards/accuracy", "logps/chosen"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, key, m1, m)
+        a = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+        for k in a1:
+            torch.testing.assert_close(a[k], a1[k], rtol=1e-3, atol=1e-5, msg=f"{name}: {k}")
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. model.adapter
 
