@@ -52,6 +52,14 @@ class Ranks:
     def max(self, value: float) -> float:
         return self._reduce(value, torch.distributed.ReduceOp.MAX if self.distributed else None)
 
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the processes (on this process's device for the collective; back where it was)."""
+        if not self.distributed:
+            return t
+        on = t.to(self.accelerator.device)
+        torch.distributed.all_reduce(on, op=torch.distributed.ReduceOp.SUM)
+        return on.to(t.device)
+
     def barrier(self) -> None:
         if self.distributed:
             self.accelerator.wait_for_everyone()

@@ -388,13 +388,16 @@ def _reference(setup: Setup, pairs: list, path: Path, ranks: Ranks, identity: di
 
     def progress(done: int, total: int) -> None:
         if not quiet and (done == total or done % (20 * cfg.train.micro_batch_size) == 0):
-            console.print(f"reference: the starting model scores the {what}: {done}/{total} "
+            share = f" (this process's share of {len(pairs)})" if ranks.distributed else ""
+            console.print(f"reference: the starting model scores the {what}: {done}/{total}{share} "
                           f"({time.perf_counter() - t0:.0f}s)")
 
     values = reference_logps(setup.model, pairs, micro=cfg.train.micro_batch_size,
                              capacity=cfg.data.max_len, varlen=setup.levers.attention.varlen,
                              pad_id=setup.tokenizer.pad_token_id, device=setup.device,
-                             autocast_dtype=setup.dtype if setup.dtype != torch.float32 else None, progress=progress)
+                             autocast_dtype=setup.dtype if setup.dtype != torch.float32 else None, progress=progress,
+                             share=(ranks.rank, ranks.world))
+    values = ranks.sum_tensor(values)  # each process scored its share of the micro-batches (the rest are zeros)
     setup.timings["reference"] = setup.timings.get("reference", 0.0) + time.perf_counter() - t0
     if ranks.main:
         save_reference(path, values, key)

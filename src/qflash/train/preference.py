@@ -239,22 +239,31 @@ def preference_loss(model: torch.nn.Module, pb: PairBatch, obj: Objective, refer
 
 
 def reference_logps(model: torch.nn.Module, pairs: list, *, micro: int, capacity: int, varlen: bool, pad_id: int,
-                    device: torch.device, autocast_dtype: torch.dtype | None, progress=None) -> torch.Tensor:
+                    device: torch.device, autocast_dtype: torch.dtype | None, progress=None,
+                    share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """(pairs, 2) float64: each pair's summed log-probabilities of its chosen and rejected answer under `model` as
-    it is now, in eval mode (no dropout) and without gradients, batched as training batches them."""
+    it is now, in eval mode (no dropout) and without gradients, batched as training batches them.
+    `share` (rank, world): only every world-th micro-batch from rank on is scored (the others' rows stay zero), so
+    processes can split the work and sum their results; each micro-batch holds the same pairs as with one process,
+    so the numbers are the same bits."""
+    rank, world = share
     was_training = model.training
     model.eval()
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                              enabled=autocast_dtype is not None):
-            for s in range(0, len(pairs), micro):
+            starts = list(range(0, len(pairs), micro))[rank::world]
+            mine = sum(min(micro, len(pairs) - s) for s in starts)
+            done = 0
+            for s in starts:
                 ids = list(range(s, min(s + micro, len(pairs))))
                 pb = pair_batch(pairs, ids, capacity=capacity, varlen=varlen, pad_id=pad_id).to(device)
                 logps, _, _ = sequence_logps(model, pb)
                 out[s:s + len(ids)] = logps.double().cpu().view(-1, 2)
+                done += len(ids)
                 if progress is not None:
-                    progress(s + len(ids), len(pairs))
+                    progress(done, mine)  # this process's pairs (all of them with one process)
     finally:
         model.train(was_training)
     return out
