@@ -32,15 +32,21 @@ BASE_MODEL_FILE = "base_model_dir.txt"
 SAMPLES_LOG = "samples.jsonl"
 
 
-def save_adapter(model, out: Path, cfg: Config, fingerprint: dict, model_dir: Path, weights: dict | None = None) -> Path:
+def save_adapter(model, out: Path, cfg: Config, fingerprint: dict, model_dir: Path, weights: dict | None = None,
+                 tokenizer=None) -> Path:
     """Write the PEFT adapter plus run metadata to out/adapter, atomically (temp dir, then rename).
 
     `weights`: the trainable tensors whole, by parameter name (Parallel.full_trainable), for models
-    whose own parameters are sharded (FSDP2); by default the model's.
+    whose own parameters are sharded (FSDP2); by default the model's. `tokenizer`: saved beside the adapter when
+    the run added tokens (model.add_tokens): the base's own tokenizer does not know them.
     """
     final = inside(out, ADAPTER_DIR, "adapter directory")
     with replaced_atomically(final, "adapter") as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
+        # Only the trained copies of lora.modules_to_save, not also the base's (resized) tables beside them.
+        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False,
+                              **({"state_dict": weights} if weights is not None else {}))
+        if tokenizer is not None and cfg.model.add_tokens:
+            tokenizer.save_pretrained(str(tmp))
         (tmp / RUN_CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
         (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, ensure_ascii=False), encoding="utf-8")
         (tmp / BASE_MODEL_FILE).write_text(str(model_dir.resolve()) + "\n", encoding="utf-8")
@@ -72,6 +78,13 @@ def _distrust_saved_config(cfg: Config, where: Path, trust_remote_code: bool) ->
         log_once(log, f"{where}: model.trust_remote_code: true is ignored (a run directory's saved config never "
                       f"runs a model's own code); pass --trust-remote-code if you trust {cfg.model.path}")
     cfg.model.trust_remote_code = trust_remote_code
+
+
+def tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
+    """Where a run's tokenizer is: beside its adapter when training added tokens to it, else the base model's."""
+    if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return Path(adapter_dir)
+    return Path(model_dir)
 
 
 def is_adapter_path(path: str | Path) -> bool:
