@@ -41,6 +41,8 @@ def save_adapter(model, out: Path, cfg: Config, fingerprint: dict, model_dir: Pa
     the run added tokens (model.add_tokens): the base's own tokenizer does not know them.
     """
     final = inside(out, ADAPTER_DIR, "adapter directory")
+    if weights is not None:
+        weights = _with_shared_names(model, weights)
     with replaced_atomically(final, "adapter") as tmp:
         # Only the trained copies of lora.modules_to_save, not also the base's (resized) tables beside them.
         model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False,
@@ -51,6 +53,17 @@ def save_adapter(model, out: Path, cfg: Config, fingerprint: dict, model_dir: Pa
         (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, ensure_ascii=False), encoding="utf-8")
         (tmp / BASE_MODEL_FILE).write_text(str(model_dir.resolve()) + "\n", encoding="utf-8")
     return final
+
+
+def _with_shared_names(model, weights: dict) -> dict:
+    """`weights` (by parameter name, each parameter once) with every other name a parameter is known by: a trained
+    embedding tied to lm_head (lora.modules_to_save) is one parameter with two names, and PEFT saves both."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    out = dict(weights)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in out and first.get(id(p)) in weights:
+            out[name] = weights[first[id(p)]]
+    return out
 
 
 def find_adapter(path: str | Path, trust_remote_code: bool = False) -> tuple[Path, Config | None]:

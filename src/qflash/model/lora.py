@@ -99,7 +99,7 @@ def _check_modules_to_save(peft_model, names: list[str]) -> None:
         if not any(w == name or w.endswith("." + name) for w in wrapped):
             raise ModelError(
                 f"lora.modules_to_save: '{name}' names no module of this model; its input embedding is "
-                f"'{_last(here.get(_inner(emb), '?'))}' and its output layer '{_last(here.get(_inner(head), '?'))}'")
+                f"'{_last(here.get(emb, '?'))}' and its output layer '{_last(here.get(head, '?'))}'")
 
 
 def _inner(module):
