@@ -172,3 +172,17 @@ def test_modules_to_save_that_miss_the_model_are_refused(untied_llama, tool_data
         build_setup(cfg, quiet=True)
     assert str(e.value) == ("model.add_tokens: the new tokens' rows would not be trained nor saved: add lm_head to "
                             "lora.modules_to_save (the input embedding and the output layer)")
+
+
+def test_trained_copies_are_fp32_master_weights_over_a_16bit_base(tiny_models):
+    """On a GPU the base's tables are bf16; the trained copies of lora.modules_to_save are fp32 (as LoRA's are)."""
+    from qflash.config import LoraConfig
+    from qflash.model.loading import load_base_model
+    from qflash.model.lora import add_lora
+
+    model = load_base_model(tiny_models["qwen2"], quant_mode="none", double_quant=False, dtype=torch.bfloat16,
+                            device=torch.device("cpu"), attention="sdpa", residual_dtype="compute")
+    peft_model = add_lora(model, LoraConfig(modules_to_save=["embed_tokens", "lm_head"]), seed=0)
+    trained = {n: p for n, p in peft_model.named_parameters() if p.requires_grad and "modules_to_save" in n}
+    assert trained and {p.dtype for p in trained.values()} == {torch.float32}
+    assert peft_model.get_base_model().get_input_embeddings().original_module.weight.dtype == torch.bfloat16

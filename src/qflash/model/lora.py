@@ -138,10 +138,9 @@ def adapter_embedding_rows(model: torch.nn.Module, adapter_dir: Path) -> int | N
     """Rows of the input embedding the adapter saved whole (lora.modules_to_save), None when it saved none.
     Read from the safetensors header: no tensor is loaded."""
     import json
+    import re
 
-    from qflash.export.adapter import ADAPTER_WEIGHTS, _model_name
-
-    file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    file = Path(adapter_dir) / "adapter_model.safetensors"
     if not file.is_file():
         return None
     with open(file, "rb") as f:
@@ -149,7 +148,9 @@ def adapter_embedding_rows(model: torch.nn.Module, adapter_dir: Path) -> int | N
     emb = _inner(model.get_input_embeddings())
     name = next(n for n, m in model.named_modules() if m is emb) + ".weight"
     for key, info in header.items():
-        if key != "__metadata__" and "lora_" not in key and _model_name(key) == name:
+        # PEFT's saved name: base_model.model.<module>[.modules_to_save.<adapter>].weight
+        plain = re.sub(r"\.modules_to_save(\.[^.]+)?(?=\.weight$)", "", key.removeprefix("base_model.model."))
+        if key != "__metadata__" and plain == name:
             return int(info["shape"][0])
     return None
 
