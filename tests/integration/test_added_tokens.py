@@ -186,3 +186,27 @@ def test_trained_copies_are_fp32_master_weights_over_a_16bit_base(tiny_models):
     trained = {n: p for n, p in peft_model.named_parameters() if p.requires_grad and "modules_to_save" in n}
     assert trained and {p.dtype for p in trained.values()} == {torch.float32}
     assert peft_model.get_base_model().get_input_embeddings().original_module.weight.dtype == torch.bfloat16
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tiny_models, tool_data, tmp_path):
+    """The trained tables (one parameter under two names when tied) are checkpointed and restored like LoRA's."""
+    from qflash.train.loop import build_setup, run_training
+
+    extra = ("train.max_steps=4", "train.save_every=2", f"model.add_tokens={json.dumps(NEW)}", MODULES)
+    ref = tmp_path / "ref"
+    run_training(build_setup(tiny_config(tiny_models["qwen2"], tool_data, ref, *extra), quiet=True), quiet=True)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, values):
+        if step == 3:
+            raise Stop
+
+    run = tmp_path / "run"
+    with pytest.raises(Stop):
+        run_training(build_setup(tiny_config(tiny_models["qwen2"], tool_data, run, *extra), quiet=True), quiet=True,
+                     on_step=stop_at_3)
+    run_training(build_setup(tiny_config(tiny_models["qwen2"], tool_data, run, *extra), quiet=True), quiet=True)
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        ref / "adapter" / "adapter_model.safetensors").read_bytes()
