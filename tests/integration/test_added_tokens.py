@@ -210,3 +210,23 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_models, tool_data, tmp
     run_training(build_setup(tiny_config(tiny_models["qwen2"], tool_data, run, *extra), quiet=True), quiet=True)
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == (
         ref / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_run_starting_from_the_adapter_takes_its_trained_tables(run, tool_data, tmp_path):
+    """model.adapter: the trained embedding / lm_head come along; other add_tokens than the adapter's are refused."""
+    from safetensors.torch import load_file
+
+    from qflash.train.loop import build_setup
+
+    extra = (f"model.adapter={run['dir']}", MODULES)
+    with pytest.raises(ConfigError) as e:
+        build_setup(tiny_config(run["base"], tool_data, tmp_path / "a", *extra), quiet=True)
+    assert "was trained with model.add_tokens=" in str(e.value) and "set the same tokens" in str(e.value)
+    setup = build_setup(tiny_config(run["base"], tool_data, tmp_path / "b", *extra,
+                                    f"model.add_tokens={json.dumps(NEW)}"), quiet=True)
+    saved = load_file(str(run["dir"] / "adapter" / "adapter_model.safetensors"))
+    lm = setup.model.get_base_model()
+    assert torch.equal(lm.get_input_embeddings().modules_to_save["default"].weight.detach(),
+                       saved["base_model.model.model.embed_tokens.weight"])
+    assert torch.equal(lm.get_output_embeddings().modules_to_save["default"].weight.detach(),
+                       saved["base_model.model.lm_head.weight"])

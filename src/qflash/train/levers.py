@@ -103,7 +103,7 @@ def resolve(cfg: Config, device: torch.device, dtype: torch.dtype, model: torch.
                   (quant is not None and not quant.bnb_4bit,
                    f"the base is a {quant and quant.method.upper()} checkpoint, trained through PEFT's "
                    f"{quant and quant.method.upper()} LoRA layer (the fused layer is bitsandbytes 4-bit's)"),
-                  (quant is None, f"quant.mode={cfg.quant.mode}: the fused layer is NF4's"),
+                  (quant is None, f"the base is not quantized (quant.mode={cfg.quant.mode}): the fused layer is NF4's"),
                   (FusedLoraLinear4bit is None, "bitsandbytes is not installed"))
     compiled, why_not_compiled = compile_pays(k.compile_layers, planned_steps) if cuda else (False, "on the CPU")
     compile_layers = ON if compiled else _off(why_not_compiled.split(": ", 1)[-1])

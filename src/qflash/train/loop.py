@@ -147,6 +147,9 @@ def start_from_adapter(model, cfg: Config, model_dir: Path) -> None:
         if diffs:
             raise ConfigError(f"model.adapter: {adapter_dir} was trained with other LoRA settings ({'; '.join(diffs)}); "
                               "set this run's lora section to match")
+        if saved.model.add_tokens != cfg.model.add_tokens:
+            raise ConfigError(f"model.adapter: {adapter_dir} was trained with model.add_tokens={saved.model.add_tokens}, "
+                              f"this run has {cfg.model.add_tokens}; set the same tokens (its embedding rows depend on them)")
     base_file = adapter_dir / rundir.BASE_MODEL_FILE
     if base_file.is_file():
         base = Path(base_file.read_text(encoding="utf-8").strip())
