@@ -78,6 +78,11 @@ def test_new_rows_train_and_the_tokenizer_travels_with_the_adapter(run):
     lm = setup.model.get_base_model()
     assert lm.get_input_embeddings().original_module.weight.shape[0] == rows  # grown from len(base tokenizer)
     assert not lm.get_input_embeddings().original_module.weight.requires_grad  # the base's own copy stays frozen
+    # NF4 holds the projections only: both tables (and the trained copies) are plain floating-point tensors.
+    for table in (lm.get_input_embeddings(), lm.get_output_embeddings()):
+        for w in (table.original_module.weight, table.modules_to_save["default"].weight):
+            assert w.is_floating_point() and not hasattr(w, "quant_state") and w.shape == (rows, 64)
+    assert sum(type(m).__name__ == "Linear4bit" for m in lm.modules()) == 14  # 7 projections x 2 layers
     trained = {n: p for n, p in setup.model.named_parameters() if "modules_to_save" in n}
     assert trained and all(p.requires_grad and p.dtype == torch.float32 for p in trained.values())
     # tied: one table trained, shared by lm_head (ensure_weight_tying); untied: two.
