@@ -190,3 +190,31 @@ def test_merge_of_a_run_on_a_quantized_base_needs_the_16bit_base(prequant_run, q
             base = ref(input_ids=ids).logits
     assert (got - want).abs().max().item() <= 1e-4
     assert (want - base).abs().max().item() > 1e-3, "the adapter changes the logits"
+
+
+def test_seed_002_new_tokens_on_a_quantized_base_merge_into_the_16bit_one(quantized, tiny_models, identity_subset,
+                                                                          tmp_path):
+    """The issue's case end to end: a 4-bit checkpoint as the base, new tokens with trained embedding and lm_head,
+    merged into the 16-bit model it was made from; the merged model is plain PEFT's base + adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qflash.export.merge import MergeOptions, merge
+    from qflash.train.loop import build_setup, run_training
+
+    run = tmp_path / "run"
+    cfg = tiny_config(quantized["nf4"], identity_subset, run, "train.max_steps=2", "model.add_tokens=['<|tool|>']",
+                      "lora.modules_to_save=[embed_tokens, lm_head]")
+    run_training(build_setup(cfg, quiet=True), quiet=True)
+    out = tmp_path / "merged"
+    result = merge(MergeOptions(str(run), str(out), dtype="fp32", base=str(tiny_models["qwen2"]), check_samples=1))
+    assert result.fidelity["comparisons"][0]["max_abs_diff"] <= 1e-4
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = tok("hello <|tool|> world", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert len(tok) - 1 in ids[0].tolist()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2"]), dtype=torch.float32)
+    base.resize_token_embeddings(len(tok))
+    ref = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
