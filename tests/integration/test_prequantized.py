@@ -218,3 +218,32 @@ def test_seed_002_new_tokens_on_a_quantized_base_merge_into_the_16bit_one(quanti
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
         assert (merged(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
+
+
+def test_merge_of_a_run_on_a_gptq_base(prequant_run, tiny_models, tmp_path, capsys):
+    """A run whose model.path is a GPTQ checkpoint (its adapter borrowed from the 4-bit run: same module names):
+    merge asks for --base before anything needs gptqmodel, and with it merges, saying the as-trained comparison
+    cannot run on the CPU."""
+    import shutil
+
+    import yaml
+
+    from qflash.export.merge import MergeOptions, merge
+
+    gptq = _fake_checkpoint(tmp_path / "gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128})
+    adapter = tmp_path / "run" / "adapter"
+    shutil.copytree(prequant_run / "adapter", adapter)
+    saved = yaml.safe_load((adapter / "qflash_config.yaml").read_text(encoding="utf-8"))
+    saved["model"]["path"] = str(gptq)
+    (adapter / "qflash_config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(adapter.parent), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the run trained on {gptq}, which is quantized (gptq 4-bit)" in err[0] \
+        and "pass --base with the unquantized model" in err[0], err
+    result = merge(MergeOptions(str(adapter.parent), str(out), dtype="fp32", base=str(tiny_models["qwen2"]),
+                                check_samples=1))
+    assert [c["reference"] for c in result.fidelity["comparisons"]] == ["base fp32 + adapter"]
+    assert result.fidelity["comparisons"][0]["max_abs_diff"] <= 1e-4
+    assert any(f"{gptq} is gptq 4-bit, which qflash does not run on the CPU" in n for n in result.fidelity["notes"])
