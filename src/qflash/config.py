@@ -56,6 +56,10 @@ class ModelConfig:
     """Start from this trained adapter (a run directory or an adapter directory) instead of fresh LoRA weights,
     e.g. preference tuning after supervised tuning (`model.adapter: runs/sft`). Its LoRA settings (r, alpha,
     targets, rsLoRA, DoRA) must equal this run's lora section."""
+    add_tokens: list[str] = field(default_factory=list)
+    """New special tokens added to the tokenizer before training, e.g. ['<|tool_call|>']; the embedding and lm_head
+    grow to hold them when they have no spare rows. Their rows are learned only through lora.modules_to_save,
+    which must then name the input embedding and lm_head. The tokenizer is saved with the adapter."""
 
 
 @dataclass
@@ -88,6 +92,11 @@ class LoraConfig:
     """Rank-stabilized scaling alpha/sqrt(r)."""
     dora: bool = False
     """Weight-decomposed LoRA (DoRA)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained whole (not through LoRA) and saved in the adapter, by name: PEFT's modules_to_save, e.g.
+    [embed_tokens, lm_head] (Qwen-1: [wte, lm_head]), to train the rows of model.add_tokens. They stay 16/32-bit
+    (never NF4) and are trained on fp32 copies; a table tied to lm_head stays tied. kernels.fused_ce and
+    train.embedding_on_cpu skip a trained lm_head / embedding (said in the banner)."""
     fused: bool = True
     """NF4 base + LoRA in one autograd function (the update added inside the base GEMM's epilogue);
     false = PEFT's own 4-bit LoRA layers. DoRA always uses PEFT's."""
@@ -396,6 +405,12 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module or `all-linear`")
+    added = cfg.model.add_tokens
+    need(all(t.strip() for t in added), "model.add_tokens", "must not contain an empty token")
+    need(len(set(added)) == len(added), "model.add_tokens", "names a token twice; list each once")
+    need(not added or bool(cfg.lora.modules_to_save), "model.add_tokens",
+         "needs trained rows for the new tokens: set lora.modules_to_save to the input embedding and lm_head, "
+         "e.g. [embed_tokens, lm_head]")
     need(cfg.data.max_len >= 8, "data.max_len", "must be >= 8 tokens")
     need(cfg.data.template in (None, "chatml"), "data.template", "known templates: chatml")
     need(0.0 <= cfg.data.eval_ratio < 1.0, "data.eval_ratio", "must be in [0, 1)")

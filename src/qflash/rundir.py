@@ -32,19 +32,38 @@ BASE_MODEL_FILE = "base_model_dir.txt"
 SAMPLES_LOG = "samples.jsonl"
 
 
-def save_adapter(model, out: Path, cfg: Config, fingerprint: dict, model_dir: Path, weights: dict | None = None) -> Path:
+def save_adapter(model, out: Path, cfg: Config, fingerprint: dict, model_dir: Path, weights: dict | None = None,
+                 tokenizer=None) -> Path:
     """Write the PEFT adapter plus run metadata to out/adapter, atomically (temp dir, then rename).
 
     `weights`: the trainable tensors whole, by parameter name (Parallel.full_trainable), for models
-    whose own parameters are sharded (FSDP2); by default the model's.
+    whose own parameters are sharded (FSDP2); by default the model's. `tokenizer`: saved beside the adapter when
+    the run added tokens (model.add_tokens): the base's own tokenizer does not know them.
     """
     final = inside(out, ADAPTER_DIR, "adapter directory")
+    if weights is not None:
+        weights = _with_shared_names(model, weights)
     with replaced_atomically(final, "adapter") as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
+        # Only the trained copies of lora.modules_to_save, not also the base's (resized) tables beside them.
+        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False,
+                              **({"state_dict": weights} if weights is not None else {}))
+        if tokenizer is not None and cfg.model.add_tokens:
+            tokenizer.save_pretrained(str(tmp))
         (tmp / RUN_CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
         (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, ensure_ascii=False), encoding="utf-8")
         (tmp / BASE_MODEL_FILE).write_text(str(model_dir.resolve()) + "\n", encoding="utf-8")
     return final
+
+
+def _with_shared_names(model, weights: dict) -> dict:
+    """`weights` (by parameter name, each parameter once) with every other name a parameter is known by: a trained
+    embedding tied to lm_head (lora.modules_to_save) is one parameter with two names, and PEFT saves both."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    out = dict(weights)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in out and first.get(id(p)) in weights:
+            out[name] = weights[first[id(p)]]
+    return out
 
 
 def find_adapter(path: str | Path, trust_remote_code: bool = False) -> tuple[Path, Config | None]:
@@ -72,6 +91,13 @@ def _distrust_saved_config(cfg: Config, where: Path, trust_remote_code: bool) ->
         log_once(log, f"{where}: model.trust_remote_code: true is ignored (a run directory's saved config never "
                       f"runs a model's own code); pass --trust-remote-code if you trust {cfg.model.path}")
     cfg.model.trust_remote_code = trust_remote_code
+
+
+def tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
+    """Where a run's tokenizer is: beside its adapter when training added tokens to it, else the base model's."""
+    if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return Path(adapter_dir)
+    return Path(model_dir)
 
 
 def is_adapter_path(path: str | Path) -> bool:

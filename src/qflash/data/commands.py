@@ -104,9 +104,10 @@ def _existing_model_dir(path: str) -> Path | None:
 
 def _renderer_factory(cfg: Config, model_dir: Path):
     def build() -> ChatRenderer:
-        from qflash.model.loading import load_tokenizer
+        from qflash.model.loading import add_tokens, load_tokenizer
 
         tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+        add_tokens(tok, cfg.model.add_tokens)  # the data is tokenized as training will tokenize it
         return ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
 
     return build

@@ -145,7 +145,7 @@ def check_fidelity(merged_dir: Path, model_dir: Path, adapter_dir: Path, cfg: Co
 
     from qflash.export.safetensors_io import DTYPES
     from qflash.model.loading import NO_HUB_KERNELS, load_configured_base
-    from qflash.model.lora import load_adapter
+    from qflash.model.lora import fit_embeddings_to_adapter, load_adapter
 
     report = FidelityReport()
     samples, report.sample_source = check_samples(cfg, tok, renderer, n_samples)
@@ -177,12 +177,18 @@ def check_fidelity(merged_dir: Path, model_dir: Path, adapter_dir: Path, cfg: Co
     def base_16bit_with_adapter():
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype_name], trust_remote_code=trust,
                                                     **NO_HUB_KERNELS)
+        fit_embeddings_to_adapter(base, adapter_dir)  # tokens added in training (model.add_tokens)
         return PeftModel.from_pretrained(base.float(), str(adapter_dir))
 
     references = [(f"base {dtype_name} + adapter", base_16bit_with_adapter)]
-    if cfg is not None and cfg.quant.mode == "nf4":
-        references.append(("NF4 base + adapter (as trained)", lambda: load_adapter(
-            load_configured_base(cfg, model_dir, torch.device("cpu"), torch.float32), adapter_dir)))
+    trained_on, stored = _trained_base(cfg, model_dir)
+    if stored is not None and not stored.bnb_4bit:
+        report.notes.append(f"no comparison with the base as trained: {trained_on} is {stored.describe()}, "
+                            "which qflash does not run on the CPU")
+    elif cfg is not None and (cfg.quant.mode == "nf4" or stored is not None):
+        what = "4-bit base as stored" if stored is not None else "NF4 base"
+        references.append((f"{what} + adapter (as trained)", lambda: load_adapter(
+            load_configured_base(cfg, trained_on, torch.device("cpu"), torch.float32), adapter_dir)))
     else:
         report.notes.append("no NF4 comparison: " + ("the run trained an unquantized base" if cfg is not None
                                                       else "no run config, so the training quantization is unknown"))
@@ -192,6 +198,22 @@ def check_fidelity(merged_dir: Path, model_dir: Path, adapter_dir: Path, cfg: Co
             acc.add(m, r)
         report.comparisons.append(acc.result(name))
     return report
+
+
+def _trained_base(cfg: Config | None, model_dir: Path):
+    """(the base the run trained on, its stored quantization or None): the run's model.path when that checkpoint was
+    quantized already (the merge then reads the 16-bit model given with --base), else the merge's base."""
+    from qflash.model.loading import resolve_model_dir, stored_quantization
+
+    if cfg is not None:
+        try:
+            trained_on = resolve_model_dir(cfg.model.path)
+        except QflashError:
+            trained_on = None  # moved or gone: the 16-bit base stands in for it
+        stored = stored_quantization(trained_on) if trained_on is not None else None
+        if stored is not None:
+            return trained_on, stored
+    return model_dir, None
 
 
 def print_fidelity(report: FidelityReport) -> None:

@@ -29,6 +29,7 @@ from qflash.errors import ConfigError, ModelError, StorageError
 from qflash.export.adapter import Adapter, AdapterError, LoraModule, delta_shape, merged_bias, merged_weight, read_adapter
 from qflash.export.safetensors_io import DTYPES, INDEX_FILE, SafetensorsModel, ShardLayout, parse_size, plan_shards, write_shard
 from qflash.paths import fsync_file, fsync_tree, swap_in
+from qflash.rundir import tokenizer_dir
 from qflash.ui import console
 
 MERGE_RECORD = "qflash_merge.json"
@@ -79,6 +80,8 @@ class MergePlan:
     tensors: dict[str, OutputTensor]
     untied: list[str] = field(default_factory=list)
     """Tied weights written out separately because the adapter changes one side of the pair."""
+    vocab_size: int | None = None
+    """The grown vocabulary when the adapter added tokens (its embedding and lm_head have more rows), else None."""
 
     def out_specs(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {n: (t.shape, dtype if t.dtype.is_floating_point else t.dtype) for n, t in self.tensors.items()}
@@ -135,10 +138,15 @@ def plan_merge(model: SafetensorsModel, adapter: Adapter, tied: dict[str, str]) 
             tensors[name] = OutputTensor(name, virtual[name], src.shape, src.dtype)
         return tensors[name]
 
+    grown: dict[str, tuple[int, ...]] = {}  # base shape -> adapter shape of tables the adapter grew (add_tokens)
     for name, key in adapter.replacements.items():
         t = entry(_resolve(name, known, "saved tensor", adapter, model))
-        if adapter.shapes[key] != t.shape:
-            raise AdapterError(f"{adapter.file}: '{key}' has shape {adapter.shapes[key]}, the base's {t.name} {t.shape}")
+        shape = adapter.shapes[key]
+        if shape != t.shape and _grown_rows(t.shape, shape):
+            grown[t.shape] = shape
+            t.shape = shape
+        elif shape != t.shape:
+            raise AdapterError(f"{adapter.file}: '{key}' has shape {shape}, the base's {t.name} {t.shape}")
         t.replacement = key
     for m in adapter.modules.values():
         t = entry(_resolve(m.module + ".weight", known, "LoRA module", adapter, model))
@@ -157,7 +165,30 @@ def plan_merge(model: SafetensorsModel, adapter: Adapter, tied: dict[str, str]) 
         if touched and source in model.tensors:
             entry(target)
             plan.untied.append(target)
+    plan.vocab_size = _grown_vocab(tensors, grown, adapter)
     return plan
+
+
+def _grown_rows(base: tuple[int, ...], saved: tuple[int, ...]) -> bool:
+    """The saved table is the base's with rows added (an embedding or lm_head grown for new tokens)."""
+    return len(base) == len(saved) == 2 and saved[1] == base[1] and saved[0] > base[0]
+
+
+def _grown_vocab(tensors: dict[str, OutputTensor], grown: dict[tuple[int, ...], tuple[int, ...]],
+                 adapter: Adapter) -> int | None:
+    """The vocabulary size of a merge whose adapter grew the embedding tables (model.add_tokens), else None.
+    Every base table of the old shape must have been grown alike: one left at the old size would not load."""
+    if not grown:
+        return None
+    sizes = {shape[0] for shape in grown.values()}
+    if len(sizes) > 1:
+        raise AdapterError(f"{adapter.file}: the adapter grows the embedding tables to different sizes "
+                           f"({', '.join(map(str, sorted(sizes)))} rows); it cannot be merged")
+    left = [t.name for t in tensors.values() if t.shape in grown and t.replacement is None]
+    if left:
+        raise AdapterError(f"{adapter.file}: the adapter grows the embedding to {sizes.pop()} rows but saves no "
+                           f"trained {left[0]}, which would keep the old size; train it too (lora.modules_to_save)")
+    return sizes.pop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,9 +267,14 @@ def write_shards(plan: MergePlan, layout: ShardLayout, model: SafetensorsModel, 
         (out_dir / INDEX_FILE).write_text(json.dumps(layout.index(), indent=2) + "\n", encoding="utf-8")
 
 
-def write_model_config(model_dir: Path, out_dir: Path, dtype_name: str, untie: bool) -> None:
-    """The base's config.json with the output dtype, and untied embeddings when the merge split them."""
+def write_model_config(model_dir: Path, out_dir: Path, dtype_name: str, untie: bool, vocab_size: int | None = None) -> None:
+    """The base's config.json with the output dtype, untied embeddings when the merge split them, and the grown
+    vocabulary when the adapter added tokens."""
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if vocab_size is not None:
+        cfg["vocab_size"] = vocab_size
+        if isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"]["vocab_size"] = vocab_size
     cfg["dtype"] = _CONFIG_DTYPE[dtype_name]
     if "torch_dtype" in cfg:  # the name transformers 4 wrote and reads
         cfg["torch_dtype"] = _CONFIG_DTYPE[dtype_name]
@@ -250,7 +286,7 @@ def write_model_config(model_dir: Path, out_dir: Path, dtype_name: str, untie: b
 
 
 def write_tokenizer_files(model_dir: Path, out_dir: Path, chat_template: str | None, eot_id: int | None,
-                          trust_remote_code: bool) -> list[int]:
+                          trust_remote_code: bool, tokenizer_dir: Path | None = None) -> list[int]:
     """Tokenizer (+ the chat template the run trained with) and generation config; returns the stop ids.
 
     Generation stops at the end-of-turn token the model was trained to emit: it is added to
@@ -259,7 +295,8 @@ def write_tokenizer_files(model_dir: Path, out_dir: Path, chat_template: str | N
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    # The run's tokenizer when training added tokens to it (saved beside the adapter), else the base's.
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir), trust_remote_code=trust_remote_code)
     if chat_template is not None:
         tok.chat_template = chat_template
     tok.save_pretrained(str(out_dir))
@@ -383,12 +420,19 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     swap_in(tmp, out, f".{out.name}.merge-old-{os.getpid()}")  # fsyncs the parent directory
 
 
-def _refuse_quantized(model_dir: Path) -> None:
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    q = cfg.get("quantization_config")
-    if q:
-        raise ModelError(f"{model_dir}: the checkpoint is quantized ({q.get('quant_method', q)}); merge into the "
-                         "16-bit base (pass --base with the unquantized model), never into a 4-bit one")
+def _refuse_quantized(model_dir: Path, given: bool) -> None:
+    """Merging writes 16-bit weights, so it reads 16-bit ones: a quantized base (the run may have trained on one,
+    a bitsandbytes 4-bit, GPTQ or AWQ checkpoint) is refused, saying to pass the 16-bit model with --base."""
+    from qflash.model.loading import stored_quantization
+
+    q = stored_quantization(model_dir)
+    if q is None:
+        return
+    if given:
+        raise ModelError(f"--base: {model_dir} is quantized ({q.describe()}); merge reads 16-bit weights: pass the "
+                         "unquantized model it was made from")
+    raise ModelError(f"merge: the run trained on {model_dir}, which is quantized ({q.describe()}); merge reads 16-bit "
+                     "weights: pass --base with the unquantized model it was made from")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,21 +497,22 @@ def _gather(opts: MergeOptions) -> _Sources:
     adapter_dir, cfg, base = _adapter_source(opts.source, opts.base, opts.trust_remote_code)
     model_dir = resolve_model_dir(base)
     _check_output(Path(opts.output), opts.overwrite, {"base model": model_dir, "adapter": adapter_dir})
-    _refuse_quantized(model_dir)
+    _refuse_quantized(model_dir, given=opts.base is not None)
     trust = opts.trust_remote_code
     adapter, model = read_adapter(adapter_dir), SafetensorsModel(model_dir)
-    tok = load_tokenizer(model_dir, trust)
+    tok = load_tokenizer(tokenizer_dir(model_dir, adapter_dir), trust)
     return _Sources(adapter, cfg, base, model_dir, model, tok, _renderer(tok, cfg), trust)
 
 
 def _write_all(tmp: Path, src: _Sources, plan: MergePlan, layout: ShardLayout, dtype_name: str) -> list[int]:
     """Shards, index, config, tokenizer and generation config into tmp; returns the generation stop ids."""
     write_shards(plan, layout, src.model, src.adapter, DTYPES[dtype_name], tmp)
-    write_model_config(src.model_dir, tmp, dtype_name, untie=bool(plan.untied))
+    write_model_config(src.model_dir, tmp, dtype_name, untie=bool(plan.untied), vocab_size=plan.vocab_size)
     r = src.renderer
     # The run's own template (data.template) when it trained with one instead of the tokenizer's.
     trained_template = r.template_text if r is not None and src.cfg is not None and src.cfg.data.template else None
-    return write_tokenizer_files(src.model_dir, tmp, trained_template, r.eot_id if r is not None else None, src.trust)
+    return write_tokenizer_files(src.model_dir, tmp, trained_template, r.eot_id if r is not None else None, src.trust,
+                                 tokenizer_dir(src.model_dir, src.adapter.dir))
 
 
 def merge(opts: MergeOptions) -> MergeResult:

@@ -18,10 +18,11 @@ from qflash.model.loading import (
     load_configured_base,
     load_tokenizer,
     pick_device,
+    refuse_unloadable,
     resolve_model_dir,
 )
 from qflash.model.lora import load_adapter
-from qflash.rundir import find_adapter, is_adapter_path, run_name
+from qflash.rundir import find_adapter, is_adapter_path, run_name, tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def load_for_inference(
     dev = pick_device(device)
     dtype = compute_dtype(cfg.quant.compute_dtype, dev)
     model_dir = resolve_model_dir(cfg.model.path)
-    tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    refuse_unloadable(model_dir)
+    tok = load_tokenizer(tokenizer_dir(model_dir, adapter_dir), cfg.model.trust_remote_code)
     renderer = ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
     base = load_configured_base(cfg, model_dir, dev, dtype)
     net = load_adapter(base, adapter_dir) if adapter_dir is not None else base

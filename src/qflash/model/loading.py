@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -172,6 +173,27 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     return tok
 
 
+def add_tokens(tok, tokens: list[str]) -> int:
+    """model.add_tokens: the tokens join the tokenizer as special tokens (never split, never normalized) after its
+    last id; returns how many were new to it."""
+    return tok.add_tokens(list(tokens), special_tokens=True) if tokens else 0
+
+
+def fit_embeddings_to_tokenizer(model: torch.nn.Module, tok, *, seed: int) -> bool:
+    """Grow the embedding and lm_head to the tokenizer when it has more ids than they have rows (model.add_tokens;
+    many checkpoints have spare rows, then nothing changes). The new rows start near the old ones (transformers'
+    mean resizing, drawn from `seed`). Neither table is ever quantized (bitsandbytes leaves them 16-bit)."""
+    table = model.get_input_embeddings().weight
+    rows = table.shape[0]
+    if len(tok) <= rows:
+        return False
+    with torch.random.fork_rng(devices=[table.device] if table.is_cuda else []):
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(len(tok))
+    log.info("embedding and lm_head grown from %d to %d rows for model.add_tokens", rows, len(tok))
+    return True
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -213,6 +235,111 @@ def compute_context(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+BACKENDS = {"gptq": ("gptqmodel", "optimum"), "awq": ("gptqmodel",)}
+"""Quantized checkpoint formats qflash trains LoRA on besides bitsandbytes 4-bit, and the packages transformers
+(5.x) and PEFT load them with: gptqmodel's quantized linear layers, which PEFT's GPTQ/AWQ LoRA layers wrap."""
+
+
+@dataclass(frozen=True)
+class StoredQuant:
+    """A checkpoint that is quantized already: the `quantization_config` of its config.json."""
+
+    method: str
+    """bitsandbytes, gptq, awq, ... (transformers' quant_method)."""
+    bits: int | None
+    quant_type: str | None = None
+    """bitsandbytes 4-bit: nf4 or fp4."""
+    double_quant: bool = False
+    storage: str = "uint8"
+    """bitsandbytes 4-bit: the dtype the packed bytes are stored as."""
+
+    @classmethod
+    def of(cls, q) -> "StoredQuant | None":
+        """From a quantization_config: a dict (config.json) or transformers' config object (a loaded model)."""
+        if q is None:
+            return None
+        d = q if isinstance(q, dict) else q.to_dict()
+        method = str(getattr(d.get("quant_method"), "value", d.get("quant_method")) or "unknown").lower()
+        if method == "bitsandbytes":
+            four = d.get("load_in_4bit") or d.get("_load_in_4bit")
+            eight = d.get("load_in_8bit") or d.get("_load_in_8bit")
+            return cls(method, 4 if four else 8 if eight else None, d.get("bnb_4bit_quant_type", "fp4") if four else None,
+                       bool(d.get("bnb_4bit_use_double_quant")), str(d.get("bnb_4bit_quant_storage") or "uint8"))
+        bits = d.get("bits", d.get("w_bit"))
+        return cls(method, int(bits) if isinstance(bits, (int, float)) else None)
+
+    @property
+    def bnb_4bit(self) -> bool:
+        return self.method == "bitsandbytes" and self.bits == 4
+
+    def describe(self) -> str:
+        if self.bnb_4bit:
+            return f"bitsandbytes {self.quant_type}, {'double quant' if self.double_quant else 'no double quant'}"
+        return f"{self.method} {self.bits}-bit" if self.bits else self.method
+
+
+def stored_quantization(model_dir: Path) -> StoredQuant | None:
+    """The quantization a checkpoint is stored in (None: plain 16/32-bit weights), from its config.json."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # from_pretrained says what is wrong with the directory
+    return StoredQuant.of(cfg.get("quantization_config")) if isinstance(cfg, dict) else None
+
+
+def quantization_of(model: torch.nn.Module) -> StoredQuant | None:
+    """How a loaded model's base weights are quantized (stored so, or quantized by qflash on load), or None."""
+    return StoredQuant.of(getattr(getattr(model, "config", None), "quantization_config", None))
+
+
+_BASE16 = "point model.path at the 16-bit base (qflash quantizes it to NF4 itself)"
+
+
+def refuse_unloadable(model_dir: Path) -> StoredQuant | None:
+    """A ModelError (one line, saying what to do) for a checkpoint quantized in a way qflash cannot train on, or
+    whose loader package is missing; else its stored quantization (None: not quantized). Reads config.json only,
+    so commands call it before anything else is loaded."""
+    stored = stored_quantization(model_dir)
+    if stored is None:
+        return None
+    where, base16 = f"model.path: {model_dir} is quantized already ({stored.describe()})", _BASE16
+    if stored.method == "bitsandbytes" and not stored.bnb_4bit:
+        raise ModelError(f"{where}; qflash trains on 4-bit or 16-bit bases, not 8-bit ones: {base16}")
+    if stored.method != "bitsandbytes" and stored.method not in BACKENDS:
+        raise ModelError(f"{where}; qflash trains on bitsandbytes 4-bit, GPTQ and AWQ checkpoints only: {base16}")
+    missing = [pkg for pkg in BACKENDS.get(stored.method, ()) if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise ModelError(f"{where}; loading it needs the package {' and '.join(missing)}: "
+                         f"`pip install {' '.join(missing)}`, or {base16}")
+    return stored
+
+
+def check_stored_quantization(model_dir: Path, stored: StoredQuant, *, quant_mode: str, double_quant: bool,
+                              quant_storage: torch.dtype) -> None:
+    """Refuse (one line, saying what to do) a quantized checkpoint qflash cannot train on; say once how one it can
+    train on is used: as stored, its packed weights never quantized again (there are no 16-bit weights to quantize,
+    and quantizing dequantized 4-bit values again would only add error). Settings of the quant section that differ
+    from the checkpoint's are named in that line: the checkpoint's win."""
+    refuse_unloadable(model_dir)
+    where, base16 = f"model.path: {model_dir} is quantized already ({stored.describe()})", _BASE16
+    if stored.bnb_4bit and quant_storage != torch.uint8 and stored.storage != str(quant_storage).removeprefix("torch."):
+        raise ModelError(f"{where}; its 4-bit weights are stored as {stored.storage}, and FSDP2 shards floating-point "
+                         f"tensors only: train it in one process, or {base16}")
+    differs = []
+    if quant_mode != "nf4":
+        differs.append(f"quant.mode={quant_mode}")
+    elif stored.bnb_4bit and stored.quant_type != "nf4":
+        differs.append("quant.mode=nf4")
+    if stored.bnb_4bit and quant_mode == "nf4" and stored.double_quant != double_quant:
+        differs.append(f"quant.double_quant={str(double_quant).lower()}")
+    if not stored.bnb_4bit:
+        log_once(log, f"{where}: loaded as stored; LoRA trains on PEFT's {stored.method.upper()} layers")
+    elif differs:
+        log_once(log, f"{where}: loaded as stored, not re-quantized ({', '.join(differs)} apply to 16-bit bases only)")
+    else:
+        log_once(log, f"{where}: loaded as stored, not re-quantized", logging.INFO)
+
+
 def load_base_model(
     model_dir: Path,
     *,
@@ -226,7 +353,8 @@ def load_base_model(
     residual_dtype: str = "fp32",
     quant_storage: torch.dtype = torch.uint8,
 ):
-    """Load the base model, frozen: NF4 via bitsandbytes (double quant optional) or unquantized in `dtype`.
+    """Load the base model, frozen: NF4 via bitsandbytes (double quant optional) or unquantized in `dtype`; a
+    checkpoint quantized already (bitsandbytes 4-bit, GPTQ, AWQ) as it is stored (check_stored_quantization).
 
     Attention goes through qflash's facade (model/attention.py), registered with transformers.
     """
@@ -242,7 +370,11 @@ def load_base_model(
         "attn_implementation": attn.register(choice),  # the model carries its attention: attn.choice_of(model)
         **NO_HUB_KERNELS,
     }
-    if quant_mode == "nf4":
+    stored = stored_quantization(model_dir)
+    if stored is not None:
+        check_stored_quantization(model_dir, stored, quant_mode=quant_mode, double_quant=double_quant,
+                                  quant_storage=quant_storage)
+    elif quant_mode == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -255,13 +387,25 @@ def load_base_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except ImportError as e:
+        if stored is not None:
+            raise ModelError(f"model.path: {model_dir} ({stored.describe()}): {e}") from None
         raise ModelError(f"quant.mode={quant_mode}: {e}. Install bitsandbytes>=0.48 or set quant.mode=none") from None
     model.requires_grad_(False)
-    if quant_mode == "nf4":
+    if stored is not None and stored.bnb_4bit:
+        compute_in(model, dtype)  # the checkpoint's own compute dtype is whatever it was saved with
+    if quant_mode == "nf4" or (stored is not None and stored.bnb_4bit):
         keep_standard_nf4_layout(model)
     if residual_dtype == "fp32" and dtype != torch.float32:
         upcast_residual_path(model)
     return model
+
+
+def compute_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """bitsandbytes' 4-bit layers multiply in `dtype` (a stored checkpoint carries the compute dtype it was made
+    with, e.g. fp16, which is not the run's)."""
+    for module in model.modules():
+        if hasattr(module, "compute_dtype") and hasattr(getattr(module, "weight", None), "quant_state"):
+            module.compute_dtype = dtype
 
 
 def keep_standard_nf4_layout(model: torch.nn.Module) -> None:

@@ -87,6 +87,7 @@ def resolve(cfg: Config, device: torch.device, dtype: torch.dtype, model: torch.
     `sharded`: FSDP2 will shard it; `planned_steps`: the run's optimizer steps (kernels.compile_layers=auto)."""
     from qflash.kernels.compile import compile_pays
     from qflash.model.fused_lora import FusedLoraLinear4bit, LEAN_TAIL_MODEL_TYPES
+    from qflash.model.loading import quantization_of
 
     k, t = cfg.kernels, cfg.train
     cuda = device.type == "cuda"
@@ -97,8 +98,12 @@ def resolve(cfg: Config, device: torch.device, dtype: torch.dtype, model: torch.
                     (sharded, "FSDP2 shards the model (its parameter swaps are not followed by the offload)"))
     keep = _need(k.keep_attention, "kernels.keep_attention=false", (not offload.on, "needs train.offload_activations"),
                  (choice.backend != "torch_varlen", f"attention is {choice.backend}, not torch_varlen"))
+    quant = quantization_of(model)
     fused = _need(cfg.lora.fused, "lora.fused=false", (cfg.lora.dora, "DoRA runs PEFT's own layer"),
-                  (cfg.quant.mode != "nf4", f"quant.mode={cfg.quant.mode}: the fused layer is NF4's"),
+                  (quant is not None and not quant.bnb_4bit,
+                   f"the base is a {quant and quant.method.upper()} checkpoint, trained through PEFT's "
+                   f"{quant and quant.method.upper()} LoRA layer (the fused layer is bitsandbytes 4-bit's)"),
+                  (quant is None, f"the base is not quantized (quant.mode={cfg.quant.mode}): the fused layer is NF4's"),
                   (FusedLoraLinear4bit is None, "bitsandbytes is not installed"))
     compiled, why_not_compiled = compile_pays(k.compile_layers, planned_steps) if cuda else (False, "on the CPU")
     compile_layers = ON if compiled else _off(why_not_compiled.split(": ", 1)[-1])

@@ -28,13 +28,16 @@ from qflash.data.replay import key_for as replay_key
 from qflash.data.template import ChatRenderer, Example
 from qflash.errors import ConfigError, StorageError
 from qflash.model.loading import (
+    add_tokens,
     compute_dtype,
+    fit_embeddings_to_tokenizer,
     load_configured_base,
     load_tokenizer,
     pick_device,
+    refuse_unloadable,
     resolve_model_dir,
 )
-from qflash.model.lora import layer_paths
+from qflash.model.lora import layer_paths, trained_embeddings_problem
 from qflash import rundir
 from qflash.paths import inside, sha256_file, write_file_durably
 from qflash.rundir import ADAPTER_DIR, SAMPLES_LOG
@@ -70,7 +73,9 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
     device = pick_device(cfg.train.device)
     dtype = compute_dtype(cfg.quant.compute_dtype, device)
     model_dir = resolve_model_dir(cfg.model.path)
+    refuse_unloadable(model_dir)  # before the data is tokenized
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    add_tokens(tok, cfg.model.add_tokens)
     renderer = ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
     objective = None
     if cfg.train.objective != "sft":
@@ -107,10 +112,14 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
         timings["replay"] = replay.seconds
     fp = data_fingerprint(cfg.data, tok, replay.digest if replay else None)
     model.config.use_cache = False  # a KV cache is useless in training and unsafe with packed batches
+    if cfg.model.add_tokens:
+        fit_embeddings_to_tokenizer(model, tok, seed=cfg.train.seed)
     t0 = time.perf_counter()
     levers = levers_mod.resolve(cfg, device, dtype, model, sharded=fsdp_requested(),
                                 planned_steps=total_steps(cfg, len(examples)))
     model, levers = levers_mod.apply(model, levers, cfg, seed=cfg.train.seed)
+    if cfg.model.add_tokens and (problem := trained_embeddings_problem(model)) is not None:
+        raise ConfigError(problem)
     if cfg.model.adapter:
         start_from_adapter(model, cfg, model_dir)
     timings["lora"] = time.perf_counter() - t0
@@ -118,7 +127,7 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
                  replay, objective=objective, timings=timings)
 
 
-LORA_KEYS = ("r", "alpha", "target_modules", "rslora", "dora")
+LORA_KEYS = ("r", "alpha", "target_modules", "rslora", "dora", "modules_to_save")
 
 
 def start_from_adapter(model, cfg: Config, model_dir: Path) -> None:
@@ -134,6 +143,9 @@ def start_from_adapter(model, cfg: Config, model_dir: Path) -> None:
         if diffs:
             raise ConfigError(f"model.adapter: {adapter_dir} was trained with other LoRA settings ({'; '.join(diffs)}); "
                               "set this run's lora section to match")
+        if saved.model.add_tokens != cfg.model.add_tokens:
+            raise ConfigError(f"model.adapter: {adapter_dir} was trained with model.add_tokens={saved.model.add_tokens}, "
+                              f"this run has {cfg.model.add_tokens}; set the same tokens (its embedding rows depend on them)")
     base_file = adapter_dir / rundir.BASE_MODEL_FILE
     if base_file.is_file():
         base = Path(base_file.read_text(encoding="utf-8").strip())
@@ -213,7 +225,8 @@ def total_steps(cfg: Config, n_examples: int) -> int:
 
 def save_adapter(setup: Setup, out: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """The run's adapter and metadata into out/adapter (rundir.save_adapter)."""
-    return rundir.save_adapter(setup.model, out, setup.cfg, setup.fingerprint, setup.model_dir, weights)
+    return rundir.save_adapter(setup.model, out, setup.cfg, setup.fingerprint, setup.model_dir, weights,
+                               tokenizer=setup.tokenizer)
 
 
 RUN_FILES = (ADAPTER_DIR, CKPT_DIR, "metrics.jsonl", SAMPLES_LOG, "tensorboard", "preference_reference.pt",
