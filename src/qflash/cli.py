@@ -355,7 +355,7 @@ def _add_compare(sub) -> None:
 def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="training throughput and memory on a named model shape (GPU)")
     b.add_argument("--shape", default="qwen2.5-7b", help="qwen2.5-0.5b, qwen2.5-3b, qwen2.5-7b, llama3-8b, qwen3-8b, mistral-7b")
-    b.add_argument("--workload", default="fixed,varlen", help="comma-separated: fixed, varlen, maxlen, dpo (preference pairs; --against trl, trl-per-step)")
+    b.add_argument("--workload", default="fixed,varlen", help="comma-separated: fixed, varlen, maxlen, dpo (preference pairs; --against trl, trl-per-step); \"\" with --parity N: the parity run alone")
     b.add_argument("--against", help="also run the seeds' recipe in the same process: reference (as the seeds "
                    "have it, no mixed precision), reference-amp (with bf16 autocast), or both comma-separated; for --workload "
                    "dpo: trl (TRL's DPOTrainer + PEFT + bitsandbytes, reference precomputed) and/or trl-per-step "

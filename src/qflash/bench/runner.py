@@ -420,6 +420,7 @@ def run_bench(shape: str, workloads: list[str], *, against: str | None, steps: i
     if unknown:
         raise SystemExit(f"--against: unknown recipe(s) {sorted(unknown)}; choose from "
                          f"{', '.join(REFERENCES + TRL_RECIPES)}")
+    workloads = [w for w in workloads if w]  # `--workload "" --parity N`: the parity run alone
     unknown = set(workloads) - {"fixed", "varlen", "maxlen", "dpo"}
     if unknown:
         raise SystemExit(f"--workload: unknown {sorted(unknown)}; choose from fixed, varlen, maxlen, dpo")
