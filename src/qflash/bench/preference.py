@@ -308,6 +308,10 @@ def dpo_record(model_dir: Path, vocab: int, refs: list[str], *, warmup: int, ste
                  "tokens_basis": "both sequences of a pair, its prompt in each", "steps_timed": steps,
                  "warmup_steps": warmup, "lora_dropout": 0.0}
     ours = measure_dpo("qflash", model_dir, triples, warmup=warmup, steps=steps)
+    print(f"qflash dpo: {ours.pairs_per_s or 0:.2f} pairs/s ({ours.tokens_per_s or 0:,.0f} tok/s), step "
+          f"{ours.step_s or 0:.2f}s, peak {ours.peak_mem_gb or 0:.1f} GB, reference {ours.reference_s or 0:.1f}s, "
+          f"warm-up {', '.join(f'{t:.1f}s' for t in ours.warmup_s)}, losses {[round(x, 4) for x in ours.losses]}",
+          flush=True)
     rec.update({"tokens_per_s": ours.tokens_per_s, "pairs_per_s": ours.pairs_per_s, "step_s": ours.step_s,
                 "reference_s": ours.reference_s, "epoch_pairs_per_s": ours.epoch_pairs_per_s,
                 "peak_mem_gb": ours.peak_mem_gb, "warmup_step_s": ours.warmup_s, "losses": ours.losses,
