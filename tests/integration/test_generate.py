@@ -269,9 +269,9 @@ def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
     assert run_generate(_Echo, src, out, SamplingOptions()).answered == 4
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "gemma3"])
 def test_greedy_generation_equals_argmax_without_cache(arch, tiny_models):
-    """Qwen3 and Mistral through the engine (KV cache, left-padded batch): each reply is the argmax of a plain
+    """Qwen3, Mistral and Gemma 3 (soft-capped logits, a sliding layer) through the engine (KV cache, left-padded batch): each reply is the argmax of a plain
     fp32 forward over the whole sequence so far, token by token."""
     import torch
     from transformers import AutoModelForCausalLM

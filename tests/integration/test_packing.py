@@ -17,7 +17,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 # Mistral's packed rows: test_sliding_window_applies_per_document_in_a_packed_row (with its window, the stronger case)
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "gemma3"])
 def test_packed_loss_and_grads_equal_one_by_one(arch, tiny_models, identity_subset, tmp_path):
     cfg = tiny_config(tiny_models[arch], identity_subset, tmp_path, "data.max_len=200", "lora.dropout=0.0")
     setup = build_setup(cfg)

@@ -245,6 +245,28 @@ def test_levers_resolve_for_the_device_and_say_why_off(untied_qwen2, identity_su
     assert "OffloadedCheckpoint" not in funcs
 
 
+def test_gemma3_switches_on_or_off_with_the_reason(tiny_models, identity_subset, tmp_path):
+    """Gemma 3 on a GPU: fused LoRA, the (1 + w) fused norms and the soft-capped fused loss stay on; the lean
+    recompute is off (its post-feedforward norm reads down_proj's output) and so is the host embedding (scaled and
+    tied), each with its reason in the banner's table."""
+    from qflash.model.host_embedding import why_not_on_host
+    from qflash.train.levers import resolve
+    from qflash.train.loss import fused_ce_blocker
+
+    cfg = tiny_config(tiny_models["gemma3"], identity_subset, tmp_path / "run", "train.gradient_checkpointing=true",
+                      "kernels.lean_recompute=true")
+    setup = build_setup(cfg)  # CPU
+    on_gpu = resolve(cfg, torch.device("cuda"), torch.bfloat16, setup.model, planned_steps=10)
+    assert on_gpu.fused_lora.on and on_gpu.fused_norm.on and on_gpu.fused_ce.on and on_gpu.offload_activations.on
+    assert not on_gpu.lean_recompute.on and "post-feedforward norm" in on_gpu.lean_recompute.why
+    assert re.search(r"kernels.lean_recompute +off: Gemma 3's post-feedforward norm reads mlp.down_proj's output",
+                     on_gpu.table())
+    assert fused_ce_blocker(setup.model) is None  # the cap is applied inside the fused loss
+    assert "not a plain frozen nn.Embedding" in why_not_on_host(setup.model.get_base_model())
+    norms = {type(m).__name__ for m in setup.model.modules() if "Norm" in type(m).__name__}
+    assert norms == {"FusedRMSNorm"}, norms  # the CPU run's own levers: every Gemma3RMSNorm swapped
+
+
 def test_memory_levers_do_not_block_a_resume():
     from qflash.config import load_config
     from qflash.train.resume import differences, run_identity
