@@ -86,8 +86,9 @@ def test_offloaded_checkpoint_gives_the_same_lora_gradients(case, untied_qwen2, 
         if bf16:  # the torch_varlen backend, its kernel the CPU twin of qflash::flash_varlen
             attention.use(setup.model, attention.Choice("torch_varlen"))
             monkeypatch.setitem(attention._KERNELS, "torch_varlen",
-                                lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:
-                                attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling)[0])
+                                lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0, window=None:
+                                attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling,
+                                                       attention._window_left(window))[0])
             batch = pack_rows(setup.examples, list(range(6)), varlen=True)
             assert batch.cu_seqlens is not None
         else:
@@ -357,8 +358,9 @@ def test_kept_attention_spares_the_recompute_its_attention_forward(untied_qwen2,
         attention.use(setup.model, attention.Choice("torch_varlen"))  # the setup loaded it with the CPU's (sdpa)
         # the op's CPU twin for every call (outside keeping/reusing the backend calls torch's varlen_attn, CUDA only)
         monkeypatch.setitem(attention._KERNELS, "torch_varlen",
-                            lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:
-                            attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling)[0])
+                            lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0, window=None:
+                            attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling,
+                                                   attention._window_left(window))[0])
         offload_checkpointed_layers(setup.model, keep_attention=keep)
         batch = pack_rows(setup.examples, list(range(6)), varlen=True)
         assert batch.cu_seqlens is not None and len(batch.cu_seqlens) > 2
@@ -391,8 +393,9 @@ def test_kept_attention_inside_compiled_layers(untied_qwen2, identity_subset, tm
         attention.use(setup.model, attention.Choice("torch_varlen"))
         if not kept:  # eager reference: the CPU twin for every call (varlen_attn is CUDA only)
             monkeypatch.setitem(attention._KERNELS, "torch_varlen",
-                                lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:
-                                attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling)[0])
+                                lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0, window=None:
+                                attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling,
+                                                       attention._window_left(window))[0])
         else:
             monkeypatch.setitem(attention._KERNELS, "torch_varlen", attention._torch_varlen)
             torch._dynamo.reset()
