@@ -33,6 +33,18 @@ def test_varlen_backend_matches_per_document_sdpa(backend, heads, kv_heads, wind
     if missing:
         pytest.skip(f"{backend} needs {missing}")
     choice = attention.choose(backend)
+    if window and backend == "torch_varlen" and not kept:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        if "window_size" not in inspect.signature(varlen_attn).parameters:  # an older PyTorch: refused, said how
+            q = torch.randn(1, heads, 300, 64, device="cuda", dtype=torch.bfloat16)
+            cu = torch.tensor([0, 300], dtype=torch.int32, device="cuda")
+            with pytest.raises(attention.PackingError, match="cannot limit; keep data.max_len <= 64"):
+                attention.qflash_attention(None, q, q, q, None, scaling=0.1, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                           max_length_q=300, max_length_k=300, choice=choice, sliding_window=64)
+            return
     pairs: list = []
     with attention.keeping(pairs) if kept else contextlib.nullcontext():
         torch.manual_seed(0)

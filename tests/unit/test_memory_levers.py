@@ -268,6 +268,25 @@ def test_gemma3_switches_on_or_off_with_the_reason(tiny_models, identity_subset,
     assert norms == {"FusedRMSNorm"}, norms  # the CPU run's own levers: every Gemma3RMSNorm swapped
 
 
+def test_an_unapplied_gemma3_attention_softcap_is_said(tiny_models):
+    """transformers' Gemma 3 passes no attn_logit_softcapping to its attention: a config that sets one is told so
+    (checked: the logits do not move when it is set)."""
+    from transformers import AutoModelForCausalLM
+
+    from qflash.model.loading import unapplied_attention_softcap
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["gemma3"]), dtype=torch.float32).eval()
+    assert unapplied_attention_softcap(model.config) is None
+    ids = torch.arange(5, 40)[None]
+    with torch.no_grad():
+        before = model(ids).logits
+        model.config.attn_logit_softcapping = 0.5  # would flatten every score if applied
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = 0.5
+        assert torch.equal(model(ids).logits, before)
+    assert "attn_logit_softcapping=0.5 is set, but" in unapplied_attention_softcap(model.config)
+
+
 def test_memory_levers_do_not_block_a_resume():
     from qflash.config import load_config
     from qflash.train.resume import differences, run_identity
