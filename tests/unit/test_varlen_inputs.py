@@ -33,7 +33,7 @@ def _varlen_twin(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0, window
     return out
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3"])  # Gemma 3: its causal and sliding masks both
 def test_varlen_batches_build_no_mask_and_keep_documents_apart(arch, tiny_models, identity_subset, tmp_path, monkeypatch):
     setup = _setup(tiny_models[arch], identity_subset, tmp_path, "lora.dropout=0", "train.gradient_checkpointing=false")
     ids = list(range(12))
