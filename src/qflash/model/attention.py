@@ -255,7 +255,8 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0, windo
         if "window_size" not in kwargs:
             raise PackingError(f"a {max_q}-token document reached a sliding-window attention layer (window {window}), "
                                f"which PyTorch {torch.__version__}'s varlen kernel cannot limit; keep data.max_len <= "
-                               f"{window}, or use PyTorch >= 2.11 or attention.backend=flash_attn or sdpa")
+                               f"{window}, or use attention.backend=flash_attn or sdpa (or a PyTorch whose varlen_attn "
+                               "takes window_size)")
         kwargs["window_size"] = (_window_left(window), 0)
     if q.shape[1] != k.shape[1] and "enable_gqa" not in kwargs:
         rep = q.shape[1] // k.shape[1]
