@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model's real tokenizer, tiny random Qwen2/Llama/Qwen3/Mistral models, small data."""
+"""Shared fixtures: the embedded model's real tokenizer, tiny random Qwen2/Llama/Qwen3/Mistral/Gemma 3 models, small
+data."""
 
 from __future__ import annotations
 
@@ -59,14 +60,15 @@ def smol_tokenizer(smol_dir):
     return load_tokenizer(smol_dir)
 
 
-ARCHES = ("qwen2", "llama", "qwen3", "mistral")
+ARCHES = ("qwen2", "llama", "qwen3", "mistral", "gemma3")
 """The architectures of the tiny models (tests parametrized over all of them use this)."""
 
 
 def make_tiny_model(out: Path, arch: str, tokenizer, seed: int = 0, sliding_window: int | None = None) -> Path:
     """A tiny random model of the real architecture (2 layers, hidden 64, GQA) with the real tokenizer.
     Qwen3: per-head q/k RMSNorms over head_dim 128 (wider than hidden / heads, as in the real ones), no q/k/v
-    biases. Mistral: `sliding_window` (None: full causal attention, as the general tests want)."""
+    biases. Mistral: `sliding_window` (None: full causal attention, as the general tests want). Gemma 3: see
+    _gemma3_config."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
@@ -87,13 +89,43 @@ def make_tiny_model(out: Path, arch: str, tokenizer, seed: int = 0, sliding_wind
         config = Qwen3Config(**common, head_dim=128)  # as in every Qwen3 dense model: wider than hidden / heads
     elif arch == "mistral":
         config = MistralConfig(**common, head_dim=16, sliding_window=sliding_window)
+    elif arch == "gemma3":
+        config = _gemma3_config(common, sliding_window)
     else:
         config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch == "gemma3":
+        _randomize_norms(model)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return out
+
+
+GEMMA3_SOFTCAP = 10.0
+"""The tiny Gemma 3's final_logit_softcapping: small enough that capping moves its logits (published Gemma 3
+checkpoints set none; Gemma 2's was 30)."""
+
+
+def _gemma3_config(common: dict, sliding_window: int | None):
+    """Gemma 3 text: a sliding layer then a global one (the published pattern is 5 sliding : 1 global), each with
+    its own RoPE theta; q/k norms; attention scaled by query_pre_attn_scalar (not head_dim); embeddings scaled by
+    sqrt(hidden); logits soft-capped. `sliding_window` None: 512, wider than any test document."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=24, sliding_window=sliding_window or 512,
+                            layer_types=["sliding_attention", "full_attention"],
+                            final_logit_softcapping=GEMMA3_SOFTCAP)
+
+
+def _randomize_norms(model) -> None:
+    """Gemma's norms multiply by (1 + w) and start at w = 0: random w, so a norm that forgot the 1 (or the w)
+    changes the logits."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 @pytest.fixture(scope="session")

@@ -17,11 +17,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@pytest.mark.parametrize("window", [None, 64], ids=["causal", "window64"])
 @pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn", "torch_varlen kept"])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
-def test_varlen_backend_matches_per_document_sdpa(backend, heads, kv_heads):
+def test_varlen_backend_matches_per_document_sdpa(backend, heads, kv_heads, window):
     """"torch_varlen kept": inside keeping() (kernels.keep_attention), i.e. through qflash::flash_varlen, grouped k/v
-    handed to the aten FlashAttention-2 kernels as they are."""
+    handed to the aten FlashAttention-2 kernels as they are. window64: a sliding-window layer's (Mistral, Gemma 3)
+    window, applied within each document by the kernel (the documents of 128 and 300 tokens reach past it)."""
     import contextlib
 
     from qflash.model import attention
@@ -31,6 +33,18 @@ def test_varlen_backend_matches_per_document_sdpa(backend, heads, kv_heads):
     if missing:
         pytest.skip(f"{backend} needs {missing}")
     choice = attention.choose(backend)
+    if window and backend == "torch_varlen" and not kept:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        if "window_size" not in inspect.signature(varlen_attn).parameters:  # an older PyTorch: refused, said how
+            q = torch.randn(1, heads, 300, 64, device="cuda", dtype=torch.bfloat16)
+            cu = torch.tensor([0, 300], dtype=torch.int32, device="cuda")
+            with pytest.raises(attention.PackingError, match="cannot limit; keep data.max_len <= 64"):
+                attention.qflash_attention(None, q, q, q, None, scaling=0.1, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                           max_length_q=300, max_length_k=300, choice=choice, sliding_window=64)
+            return
     pairs: list = []
     with attention.keeping(pairs) if kept else contextlib.nullcontext():
         torch.manual_seed(0)
@@ -42,7 +56,7 @@ def test_varlen_backend_matches_per_document_sdpa(backend, heads, kv_heads):
         v = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         out, _ = attention.qflash_attention(None, q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu,
                                             cu_seq_lens_k=cu, max_length_q=max(lengths),
-                                            max_length_k=max(lengths), choice=choice)
+                                            max_length_k=max(lengths), choice=choice, sliding_window=window)
         assert out.shape == (1, total, heads, dim)
         w = torch.randn_like(out)
         gq, gk, gv = torch.autograd.grad((out.float() * w.float()).sum(), (q, k, v))
@@ -51,7 +65,9 @@ def test_varlen_backend_matches_per_document_sdpa(backend, heads, kv_heads):
         qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
         outs = []
         for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-            o = F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], is_causal=True,
+            i, j = torch.arange(e - s, device="cuda")[:, None], torch.arange(e - s, device="cuda")[None, :]
+            seen = (j <= i) & ((i - j < window) if window else True)  # transformers' sliding_window
+            o = F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], attn_mask=seen,
                                                enable_gqa=heads != kv_heads)
             outs.append(o.transpose(1, 2))
         ref = torch.cat(outs, dim=1)

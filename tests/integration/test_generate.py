@@ -269,10 +269,19 @@ def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
     assert run_generate(_Echo, src, out, SamplingOptions()).answered == 4
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
-def test_greedy_generation_equals_argmax_without_cache(arch, tiny_models):
-    """Qwen3 and Mistral through the engine (KV cache, left-padded batch): each reply is the argmax of a plain
-    fp32 forward over the whole sequence so far, token by token."""
+@pytest.fixture(scope="module")
+def gemma3_window8(tmp_path_factory, smol_tokenizer):
+    """The tiny Gemma 3 with an 8-token sliding window: every prompt is longer (the cache keeps 8 keys there)."""
+    from conftest import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("g3w") / "gemma3", "gemma3", smol_tokenizer, sliding_window=8)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "gemma3", "gemma3-window8"])
+def test_greedy_generation_equals_argmax_without_cache(arch, tiny_models, request):
+    """Qwen3, Mistral and Gemma 3 (soft-capped logits, a sliding and a global layer; and with a window shorter than
+    the prompts) through the engine (KV cache, left-padded batch): each reply is the argmax of a plain fp32 forward
+    over the whole sequence so far, token by token."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -280,8 +289,9 @@ def test_greedy_generation_equals_argmax_without_cache(arch, tiny_models):
     from qflash.infer.generate import load_target
     from qflash.infer.options import SamplingOptions
 
-    engine = Engine(load_target(str(tiny_models[arch]), device="cpu", quant="none"))
-    plain = AutoModelForCausalLM.from_pretrained(str(tiny_models[arch]), dtype=torch.float32).eval()
+    model_dir = request.getfixturevalue("gemma3_window8") if arch == "gemma3-window8" else tiny_models[arch]
+    engine = Engine(load_target(str(model_dir), device="cpu", quant="none"))
+    plain = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     opts = SamplingOptions(max_new_tokens=8)
     prompts = [engine.prompt_ids([{"role": "user", "content": p["prompt"]}]) for p in PROMPTS[:2]]
     batched = engine.complete_batch(prompts, opts)

@@ -130,8 +130,8 @@ def _loss_and_grads(setup, batch, autocast=False):
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("arch, bf16", [("qwen2", False), ("llama", False), ("qwen2", True)],
-                         ids=["qwen2-fp32", "llama-fp32", "qwen2-bf16-autocast"])
+@pytest.mark.parametrize("arch, bf16", [("qwen2", False), ("llama", False), ("qwen2", True), ("gemma3", False)],
+                         ids=["qwen2-fp32", "llama-fp32", "qwen2-bf16-autocast", "gemma3-fp32"])
 def test_loss_sum_fused_equals_checkpointed_chunks(arch, bf16, tiny_models, identity_subset, tmp_path, monkeypatch):
     """Packed batch with IGNORE labels: same loss and LoRA gradients with kernels.fused_ce on and off; with it
     on, lm_head runs only inside the fused function, once per chunk (several chunks here)."""
@@ -201,7 +201,7 @@ def test_trained_lm_head_falls_back_with_correct_gradients(tiny_models, identity
     ("bias", "lm_head has a bias"),
     ("wrapped", "lm_head is a Sequential, not a plain torch.nn.Linear"),
     ("hook", "lm_head has forward hooks"),
-    ("softcap", "the model scales or soft-caps its logits"),
+    ("scale", "the model scales its logits"),
 ])
 def test_fused_ce_is_refused_where_it_would_not_be_exact(change, reason, tiny_models, identity_subset, tmp_path,
                                                         monkeypatch, caplog):
@@ -216,11 +216,11 @@ def test_fused_ce_is_refused_where_it_would_not_be_exact(change, reason, tiny_mo
     elif change == "hook":
         head.register_forward_pre_hook(lambda module, args: None)
     else:
-        lm.config.final_logit_softcapping = 30.0
+        lm.config.logit_scale = 0.5
     with caplog.at_level(logging.WARNING, logger="qflash.train.loss"):
         assert loss_mod._fused_ce_head(lm) is None
     assert reason in caplog.text
-    if change != "softcap":
+    if change != "scale":
         counter = _Counters(monkeypatch)
         loss_sum(setup.model, _packed(setup), fused_ce=True).backward()
         assert (counter.fused, counter.plain) == (0, 2)
@@ -257,6 +257,48 @@ def test_softmax_gradient_twin(dtype):
     p = torch.softmax(logits.float(), 1)
     p[torch.arange(37), y] -= 1
     torch.testing.assert_close(d, p.to(dtype), rtol=0, atol=1e-6 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcapped_gradient_twin(dtype):
+    """xent_grad_inplace with a soft-cap: the loss and dlogits of autograd through cap * tanh(logits / cap)."""
+    from qflash.train.loss import softcapped, xent_grad_inplace
+
+    torch.manual_seed(1)
+    logits = (torch.randn(23, 301) * 12).to(dtype)
+    y = torch.randint(0, 301, (23,))
+    x = logits.float().requires_grad_()
+    want = F.cross_entropy(softcapped(x, 10.0), y, reduction="sum")
+    want.backward()
+    loss, d = xent_grad_inplace(logits.clone(), y, 10.0)
+    assert d.dtype == dtype
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(d, x.grad.to(dtype), rtol=0, atol=1e-6 if dtype == torch.float32 else 4e-3)
+    plain = xent_grad_inplace(logits.clone(), y)[0]
+    assert abs(plain - loss) > 1.0  # the cap changes the loss of these logits
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "chunks"])
+def test_softcapped_loss_equals_the_models_own_logits(fused, tiny_models, identity_subset, tmp_path):
+    """Gemma 3 soft-caps its logits (the tiny one at 10): loss_sum, fused or in chunks, applies the cap before the
+    loss, so loss and LoRA gradients equal cross-entropy of transformers' full (capped) logits."""
+    setup = _setup(tiny_models["gemma3"], identity_subset, tmp_path / "run", f"kernels.fused_ce={str(fused).lower()}")
+    assert setup.levers.fused_ce.on == fused
+    assert loss_mod.logit_softcap(setup.model.get_base_model()) == 10.0
+    batch = _packed(setup)
+    got_loss, got = _loss_and_grads(setup, batch)
+    setup.model.zero_grad(set_to_none=True)
+    logits = setup.model(**batch.model_inputs()).logits[:, :-1].float()
+    assert logits.abs().max() < 10.0  # capped by transformers' forward
+    want_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1),
+                                ignore_index=IGNORE, reduction="sum")
+    (want_loss * SCALE).backward()
+    assert abs(got_loss - want_loss.item()) <= 1e-5 * abs(want_loss.item()), (got_loss, want_loss.item())
+    for n, p in setup.model.named_parameters():
+        if p.grad is not None:
+            assert p.grad.abs().max() > 0, n
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(),
+                                       msg=lambda m: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("fused", [True, False])

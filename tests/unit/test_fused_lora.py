@@ -50,6 +50,7 @@ def test_function_matches_unfused_math(bias, separate_lora_input):
 
 @pytest.mark.parametrize("arch, switch", [("qwen2", "lora.rslora=false"), ("llama", "lora.rslora=false"),
                                           ("qwen3", "lora.rslora=false"), ("mistral", "lora.rslora=false"),
+                                          ("gemma3", "lora.rslora=false"),
                                           ("qwen2", "lora.rslora=true"), ("qwen2", "lora.dora=true")])
 def test_fused_model_matches_peft_loss_and_lora_grads(arch, switch, tiny_models, identity_subset, tmp_path):
     """A whole tiny NF4 model: the fused layers give PEFT's loss and LoRA gradients, and keep its names; under

@@ -8,11 +8,13 @@ from qflash.kernels.rmsnorm import FusedRMSNorm, swap_rms_norms
 
 @pytest.mark.parametrize("cls_name, shape", [("Qwen2RMSNorm", (3, 7, 64)), ("LlamaRMSNorm", (3, 7, 64)),
                                              ("MistralRMSNorm", (3, 7, 64)), ("Qwen3RMSNorm", (3, 7, 64)),
-                                             ("Qwen3RMSNorm", (3, 7, 4, 128))], ids=str)
+                                             ("Qwen3RMSNorm", (3, 7, 4, 128)), ("Gemma3RMSNorm", (3, 7, 64)),
+                                             ("Gemma3RMSNorm", (3, 4, 7, 256))], ids=str)
 def test_fused_rms_norm_equals_transformers_norm_then_cast(cls_name, shape):
     """fp32 residual in: the output is exactly transformers' fp32 norm output rounded to the compute dtype
     (what autocast would hand to the next matmul), and the input gradient matches. (3, 7, 4, 128): Qwen3's
-    per-head q_norm / k_norm, over head_dim on (batch, seq, heads, head_dim)."""
+    per-head q_norm / k_norm, over head_dim on (batch, seq, heads, head_dim); (3, 4, 7, 256) Gemma 3's (1 + w) ones
+    on (batch, heads, seq, head_dim)."""
     import importlib
 
     module = importlib.import_module(f"transformers.models.{cls_name[:-7].lower()}.modeling_{cls_name[:-7].lower()}")
@@ -22,7 +24,9 @@ def test_fused_rms_norm_equals_transformers_norm_then_cast(cls_name, shape):
     ref = cls(width, eps=1e-6)
     with torch.no_grad():
         ref.weight.copy_(torch.randn(width) * 0.3 + 1)
-    ours = FusedRMSNorm(ref.weight, ref.variance_epsilon, compiled=False)
+    offset = 1.0 if cls_name.startswith("Gemma") else 0.0
+    ours = FusedRMSNorm(ref.weight, getattr(ref, "variance_epsilon", getattr(ref, "eps", None)), compiled=False,
+                        offset=offset)
     x = (torch.randn(shape) * 4).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     g = torch.randn(shape)
@@ -41,10 +45,10 @@ def test_fused_rms_norm_equals_transformers_norm_then_cast(cls_name, shape):
     torch.testing.assert_close(ours(x.detach()), ref(x.detach()), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "gemma3"])
 def test_swap_shares_weights_and_keeps_state_dict(arch, tiny_models):
-    """Every plain RMSNorm is swapped, Qwen3's per-head q_norm / k_norm (over head_dim) included, and the
-    model computes what it did."""
+    """Every RMSNorm is swapped, Qwen3's per-head q_norm / k_norm (over head_dim) included, Gemma 3's (1 + w) ones
+    (pre- and post-attention, pre- and post-feedforward, q and k) too, and the model computes what it did."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_models[arch]), dtype=torch.float32)
@@ -53,7 +57,8 @@ def test_swap_shares_weights_and_keeps_state_dict(arch, tiny_models):
     ids = torch.randint(0, 100, (2, 9))
     before = model(ids).logits
     n = swap_rms_norms(model, compiled=False)
-    per_layer = 4 if arch == "qwen3" else 2  # input and post-attention norms (+ q_norm and k_norm) per layer
+    # input and post-attention norms (+ q_norm and k_norm; + Gemma's pre- and post-feedforward norms) per layer
+    per_layer = {"qwen3": 4, "gemma3": 6}.get(arch, 2)
     assert n == per_layer * 2 + 1 == len(norms)  # ... and the final norm
     if arch == "qwen3":
         assert model.model.layers[0].self_attn.k_norm.weight.shape == (128,)

@@ -86,8 +86,9 @@ def test_offloaded_checkpoint_gives_the_same_lora_gradients(case, untied_qwen2, 
         if bf16:  # the torch_varlen backend, its kernel the CPU twin of qflash::flash_varlen
             attention.use(setup.model, attention.Choice("torch_varlen"))
             monkeypatch.setitem(attention._KERNELS, "torch_varlen",
-                                lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:
-                                attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling)[0])
+                                lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0, window=None:
+                                attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling,
+                                                       attention._window_left(window))[0])
             batch = pack_rows(setup.examples, list(range(6)), varlen=True)
             assert batch.cu_seqlens is not None
         else:
@@ -245,6 +246,47 @@ def test_levers_resolve_for_the_device_and_say_why_off(untied_qwen2, identity_su
     assert "OffloadedCheckpoint" not in funcs
 
 
+def test_gemma3_switches_on_or_off_with_the_reason(tiny_models, identity_subset, tmp_path):
+    """Gemma 3 on a GPU: fused LoRA, the (1 + w) fused norms and the soft-capped fused loss stay on; the lean
+    recompute is off (its post-feedforward norm reads down_proj's output) and so is the host embedding (scaled and
+    tied), each with its reason in the banner's table."""
+    from qflash.model.host_embedding import why_not_on_host
+    from qflash.train.levers import resolve
+    from qflash.train.loss import fused_ce_blocker
+
+    cfg = tiny_config(tiny_models["gemma3"], identity_subset, tmp_path / "run", "train.gradient_checkpointing=true",
+                      "kernels.lean_recompute=true")
+    setup = build_setup(cfg)  # CPU
+    on_gpu = resolve(cfg, torch.device("cuda"), torch.bfloat16, setup.model, planned_steps=10)
+    assert on_gpu.fused_lora.on and on_gpu.fused_norm.on and on_gpu.fused_ce.on and on_gpu.offload_activations.on
+    assert not on_gpu.lean_recompute.on and "post-feedforward norm" in on_gpu.lean_recompute.why
+    assert re.search(r"kernels.lean_recompute +off: Gemma 3's post-feedforward norm reads mlp.down_proj's output",
+                     on_gpu.table())
+    assert fused_ce_blocker(setup.model) is None  # the cap is applied inside the fused loss
+    assert "not a plain frozen nn.Embedding" in why_not_on_host(setup.model.get_base_model())
+    norms = {type(m).__name__ for m in setup.model.modules() if "Norm" in type(m).__name__}
+    assert norms == {"FusedRMSNorm"}, norms  # the CPU run's own levers: every Gemma3RMSNorm swapped
+
+
+def test_an_unapplied_gemma3_attention_softcap_is_said(tiny_models):
+    """transformers' Gemma 3 passes no attn_logit_softcapping to its attention: a config that sets one is told so
+    (checked: the logits do not move when it is set)."""
+    from transformers import AutoModelForCausalLM
+
+    from qflash.model.loading import unapplied_attention_softcap
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["gemma3"]), dtype=torch.float32).eval()
+    assert unapplied_attention_softcap(model.config) is None
+    ids = torch.arange(5, 40)[None]
+    with torch.no_grad():
+        before = model(ids).logits
+        model.config.attn_logit_softcapping = 0.5  # would flatten every score if applied
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = 0.5
+        assert torch.equal(model(ids).logits, before)
+    assert "attn_logit_softcapping=0.5 is set, but" in unapplied_attention_softcap(model.config)
+
+
 def test_memory_levers_do_not_block_a_resume():
     from qflash.config import load_config
     from qflash.train.resume import differences, run_identity
@@ -335,8 +377,9 @@ def test_kept_attention_spares_the_recompute_its_attention_forward(untied_qwen2,
         attention.use(setup.model, attention.Choice("torch_varlen"))  # the setup loaded it with the CPU's (sdpa)
         # the op's CPU twin for every call (outside keeping/reusing the backend calls torch's varlen_attn, CUDA only)
         monkeypatch.setitem(attention._KERNELS, "torch_varlen",
-                            lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:
-                            attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling)[0])
+                            lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0, window=None:
+                            attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling,
+                                                   attention._window_left(window))[0])
         offload_checkpointed_layers(setup.model, keep_attention=keep)
         batch = pack_rows(setup.examples, list(range(6)), varlen=True)
         assert batch.cu_seqlens is not None and len(batch.cu_seqlens) > 2
@@ -369,8 +412,9 @@ def test_kept_attention_inside_compiled_layers(untied_qwen2, identity_subset, tm
         attention.use(setup.model, attention.Choice("torch_varlen"))
         if not kept:  # eager reference: the CPU twin for every call (varlen_attn is CUDA only)
             monkeypatch.setitem(attention._KERNELS, "torch_varlen",
-                                lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0:
-                                attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling)[0])
+                                lambda q, k, v, cu_q, cu_k, mq, mk, scaling, dropout=0.0, window=None:
+                                attention.flash_varlen(q, k, v, cu_q, cu_k, mq, mk, scaling,
+                                                       attention._window_left(window))[0])
         else:
             monkeypatch.setitem(attention._KERNELS, "torch_varlen", attention._torch_varlen)
             torch._dynamo.reset()

@@ -12,8 +12,15 @@ from qflash.train.loss import loss_sum
 from test_memory_levers import _setup
 
 
-def _varlen_twin(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
-    """q (tokens, heads, dim), k/v (tokens, kv_heads, dim): causal attention within each document."""
+def _window_mask(n: int, window: int | None) -> torch.Tensor:
+    """(n, n) True where query i may see key j: causal, and i - j < window (transformers' sliding_window)."""
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    return (j <= i) & ((i - j < window) if window else True)
+
+
+def _varlen_twin(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0, window=None):
+    """q (tokens, heads, dim), k/v (tokens, kv_heads, dim): causal attention within each document (within its
+    sliding window, if given)."""
     out = torch.empty_like(q)
     rep = q.shape[1] // k.shape[1]
     bounds = cu_q.tolist()
@@ -21,11 +28,12 @@ def _varlen_twin(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
         qq = q[s:e].transpose(0, 1).float()
         kk = k[s:e].repeat_interleave(rep, dim=1).transpose(0, 1).float()
         vv = v[s:e].repeat_interleave(rep, dim=1).transpose(0, 1).float()
-        out[s:e] = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scaling).transpose(0, 1).to(q.dtype)
+        mask = _window_mask(e - s, window)
+        out[s:e] = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scaling).transpose(0, 1).to(q.dtype)
     return out
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3"])  # Gemma 3: its causal and sliding masks both
 def test_varlen_batches_build_no_mask_and_keep_documents_apart(arch, tiny_models, identity_subset, tmp_path, monkeypatch):
     setup = _setup(tiny_models[arch], identity_subset, tmp_path, "lora.dropout=0", "train.gradient_checkpointing=false")
     ids = list(range(12))
@@ -69,19 +77,37 @@ def test_the_placeholder_is_refused_where_no_varlen_kernel_reads_it(tiny_models,
         setup.model(**inputs)
 
 
-def test_documents_longer_than_a_sliding_window_are_refused(monkeypatch):
-    tv = attention.Choice("torch_varlen")
-    monkeypatch.setitem(attention._KERNELS, "torch_varlen", _varlen_twin)
-    q = torch.randn(1, 4, 10, 8)
-    kv = torch.randn(1, 2, 10, 8)
-    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+@pytest.mark.parametrize("dense", [False, True], ids=["varlen", "cudnn-auto"])
+def test_a_sliding_window_reaches_the_varlen_kernel(dense, monkeypatch):
+    """A window some document is longer than goes to the varlen kernel, which applies it per document (never the
+    dense path, whose attention is plain causal); one no document reaches changes nothing and is not passed."""
+    windows = []
+
+    def recording_twin(*a, window=None, **k):
+        windows.append(window)
+        return _varlen_twin(*a, window=window, **k)
+
+    monkeypatch.setitem(attention._KERNELS, "torch_varlen", recording_twin)
+    tv = attention.Choice("torch_varlen", attention.CUDNN_AUTO_MAX_LENGTH if dense else 0)
+    torch.manual_seed(0)
+    q, kv = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8)
+    cu = torch.tensor([0, 6, 12], dtype=torch.int32)  # two documents of 6: the dense path's shape
     kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
-    out, _ = attention.qflash_attention(torch.nn.Module(), q, kv, kv, attention.NO_MASK, scaling=0.35,
-                                        sliding_window=6, choice=tv, **kw)
-    assert out.shape == (1, 10, 4, 8)
-    with pytest.raises(attention.PackingError, match="window 5"):
-        attention.qflash_attention(torch.nn.Module(), q, kv, kv, attention.NO_MASK, scaling=0.35, sliding_window=5,
-                                   choice=tv, **kw)
+
+    def run(window):
+        return attention.qflash_attention(torch.nn.Module(), q, kv, kv, attention.NO_MASK, scaling=0.35,
+                                          sliding_window=window, choice=tv, **kw)[0]
+
+    full = run(6)
+    assert windows == ([] if dense else [None])
+    windowed = run(3)
+    assert windows[-1] == 3
+    want = _varlen_twin(q[0].transpose(0, 1), kv[0].transpose(0, 1), kv[0].transpose(0, 1), cu, cu, 6, 6, 0.35,
+                        window=3).to(torch.bfloat16).float()  # the kernel path takes q/k/v in bf16
+    torch.testing.assert_close(windowed[0].float(), want, rtol=2e-2, atol=2e-2)
+    rows = [0, 1, 2, 6, 7, 8]  # each document's first 3 tokens: the window reaches back to its start
+    torch.testing.assert_close(windowed[0, rows], full[0, rows], rtol=2e-2, atol=2e-2)  # dense: SDPA in bf16
+    assert (windowed[0, [3, 4, 5, 9, 10, 11]] - full[0, [3, 4, 5, 9, 10, 11]]).abs().amax(-1).amin() > 5e-2
 
 
 def test_equal_documents_reads_shapes_and_ints_only():
@@ -145,26 +171,31 @@ def test_attention_cudnn_true_without_cudnn_is_a_config_error():
     assert attention.cudnn_missing(False, "torch_varlen") == "off"
 
 
-def _per_document_sdpa(q, k, v, cu, scale):
+def _per_document_sdpa(q, k, v, cu, scale, window=None):
     rep = q.shape[1] // k.shape[1]
     outs = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         qq, kk, vv = (t[a:b].transpose(0, 1) for t in (q, k, v))
         kk, vv = kk.repeat_interleave(rep, 0), vv.repeat_interleave(rep, 0)
-        outs.append(F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale).transpose(0, 1))
+        outs.append(F.scaled_dot_product_attention(qq, kk, vv, attn_mask=_window_mask(b - a, window),
+                                                   scale=scale).transpose(0, 1))
     return torch.cat(outs)
 
 
-def test_flash_varlen_twin_matches_per_document_attention_and_its_gradients():
+@pytest.mark.parametrize("window", [None, 3], ids=["causal", "window3"])
+def test_flash_varlen_twin_matches_per_document_attention_and_its_gradients(window):
     """qflash::flash_varlen on the CPU (the twin of FlashAttention-2's varlen forward and backward, grouped k/v
-    read as they are): output, lse and gradients against autograd through per-document SDPA, in float64."""
+    read as they are): output, lse and gradients against autograd through per-document SDPA, in float64; with a
+    sliding window of 3 (FlashAttention's window_size (2, 0)) against SDPA with the window's mask."""
     torch.manual_seed(0)
     cu = torch.tensor([0, 5, 6, 14, 21], dtype=torch.int32)
     q = torch.randn(21, 6, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(21, 2, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(21, 2, 8, dtype=torch.float64, requires_grad=True)
-    out, lse = attention.flash_varlen(q, k, v, cu, cu, 8, 8, 0.3)
-    ref = _per_document_sdpa(q, k, v, cu, 0.3)
+    out, lse = attention.flash_varlen(q, k, v, cu, cu, 8, 8, 0.3, attention._window_left(window))
+    ref = _per_document_sdpa(q, k, v, cu, 0.3, window)
+    if window:
+        assert (out - _per_document_sdpa(q, k, v, cu, 0.3)).abs().max() > 1e-2  # the window changes the output
     g = torch.randn_like(out)
     got, want = torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)
     assert out.shape == q.shape and lse.shape == (6, 21) and lse.dtype == torch.float32

@@ -42,7 +42,19 @@ SHAPES: dict[str, dict] = {
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                        vocab_size=32768, tie_word_embeddings=False, sliding_window=None, bos_token_id=1,
                        eos_token_id=2),
+    # google/gemma-3-4b-pt's text model: 5 sliding-window (1024) layers to 1 global, RoPE theta 10k local / 1M global
+    # (global positions scaled linearly by 8), (1 + w) norms, q/k norms, embeddings scaled by sqrt(hidden), tied.
+    "gemma3-4b": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+                      hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, hidden_size=2560,
+                      intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4,
+                      head_dim=256, vocab_size=262208, sliding_window=1024, sliding_window_pattern=6,
+                      query_pre_attn_scalar=256, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                      rope_scaling={"rope_type": "linear", "factor": 8.0}, max_position_embeddings=131072,
+                      final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True,
+                      bos_token_id=2, eos_token_id=1, pad_token_id=0, attention_bias=False),
 }
+UNIT_OFFSET_NORMS = ("gemma3_text",)
+"""Model types whose norms multiply by (1 + w): their random models' norm weights are 0, not 1."""
 
 
 def model_config(shape: str):
@@ -68,7 +80,7 @@ def param_counts(shape: str) -> tuple[int, int]:
 
 
 def random_model_dir(shape: str, root: Path, seed: int = 0, shard_bytes: int = 4 << 30) -> Path:
-    """A safetensors model directory of `shape` with random bf16 weights (std 0.02, norms 1), made once."""
+    """A safetensors model directory of `shape` with random bf16 weights (std 0.02, norms scaling by 1), made once."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -100,7 +112,8 @@ def random_model_dir(shape: str, root: Path, seed: int = 0, shard_bytes: int = 4
             if name in skip:
                 continue
             if name.endswith("norm.weight") or "layernorm" in name:
-                t = torch.ones(p.shape, dtype=torch.bfloat16)
+                unit = 0.0 if config.model_type in UNIT_OFFSET_NORMS else 1.0  # each norm scales by 1
+                t = torch.full(p.shape, unit, dtype=torch.bfloat16)
             elif name.endswith(".bias"):
                 t = torch.zeros(p.shape, dtype=torch.bfloat16)
             else:

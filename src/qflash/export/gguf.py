@@ -30,6 +30,9 @@ from qflash.errors import ConfigError, ModelError
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3"}
 """What this exporter writes: transformers' class -> llama.cpp's architecture name."""
+NOT_WRITTEN = {"Gemma3ForCausalLM": "Gemma 3 ((1 + w) norms, a post-feedforward norm, sliding-window layers) is not "
+                                    "written by qflash's GGUF exporter"}
+"""Architectures qflash trains but does not export, with what they have that the writer lacks."""
 TYPES = ("f16", "bf16", "q8_0", "q4_0")
 
 
@@ -45,6 +48,10 @@ class GgufResult:
 
 
 def architecture(config: dict, where: Path) -> str:
+    known = next((NOT_WRITTEN[a] for a in config.get("architectures") or [] if a in NOT_WRITTEN), None)
+    if known is not None:
+        raise ModelError(f"{where}: {known}; merge the run (qflash merge RUN --output DIR) and convert DIR with "
+                         "llama.cpp's convert_hf_to_gguf.py")
     arch = next((ARCHITECTURES[a] for a in config.get("architectures") or [] if a in ARCHITECTURES), None)
     if arch is None:
         raise ModelError(f"{where}: architecture {config.get('architectures')} cannot be exported to GGUF; "

@@ -11,8 +11,11 @@ nothing global decides it (`choice_of(model)` reads it back). The backends:
   eager         transformers' reference implementation (same masks as sdpa)
 
 Packed batches carry `cu_seq_lens_q/k` and `max_length_q/k`, computed once per batch by the
-collator and passed through the model's **kwargs to every layer. A backend that was asked for and
-is missing is an error naming what to install; `auto` picks the fastest available and says which.
+collator and passed through the model's **kwargs to every layer. A sliding-window layer (Mistral's, Gemma 3's
+local layers) hands its window to the varlen kernels, which apply it within each document (FlashAttention's
+window_size: a token sees itself and the window - 1 tokens before it, never past its document's start). A
+backend that was asked for and is missing is an error naming what to install; `auto` picks the fastest available
+and says which.
 
 attention.cudnn: a packed batch whose documents all have one length (n documents of max_length
 tokens fill the row exactly: known from shapes and the collator's ints, no GPU sync) is one dense
@@ -200,7 +203,11 @@ NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)
 def _mask(*args, choice: Choice, **kwargs):
     from transformers.masking_utils import eager_mask, sdpa_mask
 
-    if choice.varlen and kwargs.get("attention_mask") is None:
+    # A varlen model's unpadded batches (no cu_seqlens: eval, generation) run SDPA causal without a mask, unless a
+    # sliding window (local_size) reaches back less far than the sequence: that needs the window's mask.
+    window = kwargs.get("local_size")
+    reached = window is not None and kwargs.get("kv_length", 0) > window
+    if choice.varlen and kwargs.get("attention_mask") is None and not reached:
         return None
     return (eager_mask if choice.backend == "eager" else sdpa_mask)(*args, **kwargs)
 
@@ -217,9 +224,15 @@ _warned: set[str] = set()
 _varlen_kwargs: dict | None = None
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
+def _window_left(window: int | None) -> int:
+    """FlashAttention's window_size[0] for transformers' sliding_window (q - kv < window), -1: unlimited."""
+    return window - 1 if window else -1
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0, window=None):
     """q (tokens, heads, dim), k/v (tokens, kv_heads, dim): PyTorch's FlashAttention-2 kernels; through
-    flash_varlen where a checkpointed layer keeps or reuses attention outputs (kernels.keep_attention)."""
+    flash_varlen where a checkpointed layer keeps or reuses attention outputs (kernels.keep_attention).
+    `window`: a sliding window, applied within each document."""
     global _varlen_kwargs
 
     if dropout > 0 and "dropout" not in _warned:
@@ -229,7 +242,7 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
                     dropout)
     if _MEMO.mode is not None:
         scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
-        return flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale)[0]
+        return flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, _window_left(window))[0]
     from torch.nn.attention.varlen import varlen_attn
 
     if _varlen_kwargs is None:
@@ -237,20 +250,31 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
         _varlen_kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
         if "enable_gqa" in params:
             _varlen_kwargs["enable_gqa"] = True
-    if q.shape[1] != k.shape[1] and "enable_gqa" not in _varlen_kwargs:
+    kwargs = dict(_varlen_kwargs)
+    if window:
+        if "window_size" not in kwargs:
+            raise PackingError(f"a {max_q}-token document reached a sliding-window attention layer (window {window}), "
+                               f"which PyTorch {torch.__version__}'s varlen kernel cannot limit; keep data.max_len <= "
+                               f"{window}, or use attention.backend=flash_attn or sdpa (or a PyTorch whose varlen_attn "
+                               "takes window_size)")
+        kwargs["window_size"] = (_window_left(window), 0)
+    if q.shape[1] != k.shape[1] and "enable_gqa" not in kwargs:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **_varlen_kwargs)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **kwargs)
 
 
-def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
+def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0, window=None):
+    """flash-attn's varlen function (FA3 on Hopper when installed, else FA2); `window` within each document."""
+    windowed = {"window_size": (_window_left(window), 0)} if window else {}
     if dropout > 0:  # FA3 has no dropout; FA2's varlen function has
         try:
             from flash_attn import flash_attn_varlen_func as fa2
         except ImportError:
             fa2 = None
         if fa2 is not None:
-            return fa2(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=True)
+            return fa2(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=True,
+                       **windowed)
         if "dropout" not in _warned:
             _warned.add("dropout")
             log.warning("attention.backend=flash_attn: the model asks for attention dropout %.3g, which FA3 does not "
@@ -259,7 +283,7 @@ def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0):
         from flash_attn_interface import flash_attn_varlen_func  # FA3 (Hopper)
     except ImportError:
         from flash_attn import flash_attn_varlen_func
-    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True)
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True, **windowed)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -315,31 +339,33 @@ def _documents(q, k, v, cu_q):
                v[a:b].float().repeat_interleave(rep, dim=1))
 
 
-def _causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """One document's (heads, L, L) scores, q and k with the same heads, the future at -inf."""
+def _causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float, left: int = -1) -> torch.Tensor:
+    """One document's (heads, L, L) scores, q and k with the same heads, the future at -inf; `left` >= 0: so are
+    the keys more than `left` tokens before the query (FlashAttention's window_size[0])."""
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
-    future = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
-    return s.masked_fill(future, float("-inf"))
+    ones = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device)
+    hidden = ones.triu(1) | ones.tril(-left - 1) if left >= 0 else ones.triu(1)
+    return s.masked_fill(hidden, float("-inf"))
 
 
-def _twin_forward(q, k, v, cu_q, scale):
+def _twin_forward(q, k, v, cu_q, scale, left=-1):
     """The CPU twin of FlashAttention's varlen forward: per document, in fp32; lse (heads, tokens)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     for a, b, qq, kk, vv in _documents(q, k, v, cu_q):
-        s = _causal_scores(qq, kk, scale)
+        s = _causal_scores(qq, kk, scale, left)
         lse[:, a:b] = torch.logsumexp(s, dim=-1)
         out[a:b] = torch.einsum("hqk,khd->qhd", torch.exp(s - lse[:, a:b, None]), vv).to(q.dtype)
     return out, lse
 
 
-def _twin_backward(grad, q, k, v, out, lse, cu_q, scale):
+def _twin_backward(grad, q, k, v, out, lse, cu_q, scale, left=-1):
     """FlashAttention's backward in fp32, per document, from the output and the lse (no softmax kept):
     P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K s, dK = dS^T Q s."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     kv_heads, rep = k.shape[1], q.shape[1] // k.shape[1]
     for a, b, qq, kk, vv in _documents(q, k, v, cu_q):
-        p = torch.exp(_causal_scores(qq, kk, scale) - lse[:, a:b, None])
+        p = torch.exp(_causal_scores(qq, kk, scale, left) - lse[:, a:b, None])
         g, o = grad[a:b].float(), out[a:b].float()
         ds = p * (torch.einsum("qhd,khd->hqk", g, vv) - (g * o).sum(-1).transpose(0, 1)[:, :, None])
         dq[a:b] = (torch.einsum("hqk,khd->qhd", ds, kk) * scale).to(q.dtype)
@@ -352,9 +378,10 @@ def _twin_backward(grad, q, k, v, out, lse, cu_q, scale):
 
 @torch.library.custom_op("qflash::flash_varlen", mutates_args=())
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                 max_q: int, max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_q: int, max_k: int, scale: float, left: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention within each packed document: q (tokens, heads, dim), k/v (tokens, kv_heads, dim), heads a
-    multiple of kv_heads. Returns (output (tokens, heads, dim), lse (heads, tokens) fp32)."""
+    multiple of kv_heads; `left` >= 0: a sliding window, each query sees itself and `left` keys before it.
+    Returns (output (tokens, heads, dim), lse (heads, tokens) fp32)."""
     if _MEMO.mode == "reuse":
         if _MEMO.taken >= len(_MEMO.pairs):
             raise RuntimeError("kernels.keep_attention: the recompute ran more attention calls than the forward; "
@@ -367,10 +394,10 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.
         return out, lse
     if q.is_cuda:
         out, lse, _, _, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale, window_size_left=-1,
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale, window_size_left=left,
             window_size_right=0)
     else:
-        out, lse = _twin_forward(q, k, v, cu_q, scale)
+        out, lse = _twin_forward(q, k, v, cu_q, scale, left)
     if _MEMO.mode == "keep":
         # Copies: the caller's graph may reuse the returned buffers once it is done with them (Inductor does).
         _MEMO.pairs.append((out.clone(), lse.clone()))
@@ -378,37 +405,38 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.
 
 
 @flash_varlen.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, left=-1):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("qflash::flash_varlen_backward", mutates_args=())
 def flash_varlen_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          scale: float, left: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.is_cuda:
         rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: never read
         return torch.ops.aten._flash_attention_backward(
             grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, True, rng,
-            torch.empty(0, device=q.device), scale=scale, window_size_left=-1, window_size_right=0)
-    return _twin_backward(grad, q, k, v, out, lse, cu_q, scale)
+            torch.empty(0, device=q.device), scale=scale, window_size_left=left, window_size_right=0)
+    return _twin_backward(grad, q, k, v, out, lse, cu_q, scale, left)
 
 
 @flash_varlen_backward.register_fake
-def _(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+def _(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _flash_varlen_setup(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
-    ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+    ctx.max_q, ctx.max_k, ctx.scale, ctx.left = max_q, max_k, scale, left
 
 
 def _flash_varlen_grad(ctx, grad, grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = flash_varlen_backward(grad, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = flash_varlen_backward(grad, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale,
+                                       ctx.left)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 flash_varlen.register_autograd(_flash_varlen_grad, setup_context=_flash_varlen_setup)
@@ -466,12 +494,7 @@ def qflash_attention(
         if query.shape[0] != 1:
             raise PackingError("varlen attention expects a packed batch of one row")
         window = kwargs.get("sliding_window")
-        if window is not None and kwargs["max_length_q"] > window:
-            # The varlen kernels here run plain causal attention: past the window they would let a token see more
-            # than the model was made to.
-            raise PackingError(f"a {kwargs['max_length_q']}-token document reached a sliding-window attention layer "
-                               f"(window {window}), which attention.backend={backend} does not limit; keep data.max_len "
-                               f"<= {window} or use attention.backend=sdpa")
+        window = window if window is not None and kwargs["max_length_q"] > window else None  # None: no one reaches it
         # FlashAttention kernels take fp16/bf16 only; fp32 q/k/v appear when norms or RoPE run in fp32.
         kernel_dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else (
             torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16)
@@ -480,11 +503,13 @@ def qflash_attention(
         v = value[0].transpose(0, 1).to(kernel_dtype)
         cu_k, max_q, max_k = kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
         dense = choice.equal_dense_max
-        n = equal_documents(q.shape[0], k.shape[0], cu_q, cu_k, max_q, max_k) if dense and not dropout else None
+        # the dense path runs plain causal attention: not for documents longer than a window
+        n = equal_documents(q.shape[0], k.shape[0], cu_q, cu_k, max_q, max_k) if dense and not dropout and \
+            window is None else None
         if n is not None and max_q <= dense:  # n: max_q is an int
             out = _dense_attention(q, k, v, n, scaling)
         else:
-            out = _KERNELS[backend](q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout)
+            out = _KERNELS[backend](q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout, window=window)
         return out.unsqueeze(0).to(query.dtype), None
     if attention_mask is NO_MASK:
         raise PackingError(f"a packed varlen batch (cu_seqlens) reached attention.backend={backend}, which cannot read "

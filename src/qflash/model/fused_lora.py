@@ -291,6 +291,16 @@ def mark_residual_writers(model: torch.nn.Module) -> int:
 # Decoder layers whose mlp.down_proj output goes straight into the residual add (no norm after it,
 # unlike Gemma 2/3's post-feedforward norm): the recompute may skip that projection's GEMMs.
 LEAN_TAIL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+NO_LEAN_TAIL = {"gemma3_text": "Gemma 3's post-feedforward norm reads mlp.down_proj's output in backward, so the "
+                               "recompute cannot skip it"}
+"""Model types whose down_proj output backward needs, with why (the other unlisted types: not checked)."""
+
+
+def lean_tail_blocker(model_type: str | None) -> str | None:
+    """Why kernels.lean_recompute cannot mark `model_type`'s down_proj (None: it can)."""
+    if model_type in LEAN_TAIL_MODEL_TYPES:
+        return None
+    return NO_LEAN_TAIL.get(model_type, f"model type {model_type} (only {', '.join(LEAN_TAIL_MODEL_TYPES)})")
 
 
 def mark_lean_tails(model: torch.nn.Module, in_graph: bool = False) -> int:
@@ -300,7 +310,7 @@ def mark_lean_tails(model: torch.nn.Module, in_graph: bool = False) -> int:
     backpropagates through its own recompute (the offloaded one: `recompute_is_free`); torch's checkpoint
     requires the recompute to save what the forward saved, so there the tail stays eager."""
     config = getattr(model, "config", None)
-    if FusedLoraLinear4bit is None or getattr(config, "model_type", None) not in LEAN_TAIL_MODEL_TYPES:
+    if FusedLoraLinear4bit is None or lean_tail_blocker(getattr(config, "model_type", None)) is not None:
         return 0
     n = 0
     for name, module in model.named_modules():

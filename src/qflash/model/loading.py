@@ -391,6 +391,8 @@ def load_base_model(
             raise ModelError(f"model.path: {model_dir} ({stored.describe()}): {e}") from None
         raise ModelError(f"quant.mode={quant_mode}: {e}. Install bitsandbytes>=0.48 or set quant.mode=none") from None
     model.requires_grad_(False)
+    if (note := unapplied_attention_softcap(model.config)) is not None:
+        log_once(log, note)
     if stored is not None and stored.bnb_4bit:
         compute_in(model, dtype)  # the checkpoint's own compute dtype is whatever it was saved with
     if quant_mode == "nf4" or (stored is not None and stored.bnb_4bit):
@@ -406,6 +408,17 @@ def compute_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if hasattr(module, "compute_dtype") and hasattr(getattr(module, "weight", None), "quant_state"):
             module.compute_dtype = dtype
+
+
+def unapplied_attention_softcap(config) -> str | None:
+    """What to say when a Gemma 3 config sets attn_logit_softcapping: transformers' Gemma 3 attention hands it to no
+    attention function (published checkpoints set none; Gemma 2 applied it), so training and inference run without
+    it, in qflash as in transformers."""
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if not cap or getattr(config, "model_type", None) != "gemma3_text":
+        return None
+    return (f"model: attn_logit_softcapping={cap} is set, but transformers' Gemma 3 attention does not apply it; "
+            "this model trains and answers without it (as transformers runs it)")
 
 
 def keep_standard_nf4_layout(model: torch.nn.Module) -> None:

@@ -65,7 +65,7 @@ def graph_blocker(model: torch.nn.Module, device: torch.device, setting: bool | 
     if device.type != "cuda":
         return "not on a CUDA device"
     if not loss_mod._plain_head(loss_mod._causal_lm(model)):
-        return "the model scales or soft-caps its logits (the loss takes the full logits)"
+        return "the model scales its logits (the loss takes the full logits)"
     random = random_blocker(model)
     if random is not None:
         return random

@@ -86,7 +86,7 @@ def resolve(cfg: Config, device: torch.device, dtype: torch.dtype, model: torch.
     """The switches of a run of `cfg` on `device` computing in `dtype`, for the loaded base `model` (before LoRA).
     `sharded`: FSDP2 will shard it; `planned_steps`: the run's optimizer steps (kernels.compile_layers=auto)."""
     from qflash.kernels.compile import compile_pays
-    from qflash.model.fused_lora import FusedLoraLinear4bit, LEAN_TAIL_MODEL_TYPES
+    from qflash.model.fused_lora import FusedLoraLinear4bit, lean_tail_blocker
     from qflash.model.loading import quantization_of
 
     k, t = cfg.kernels, cfg.train
@@ -108,10 +108,9 @@ def resolve(cfg: Config, device: torch.device, dtype: torch.dtype, model: torch.
     compiled, why_not_compiled = compile_pays(k.compile_layers, planned_steps) if cuda else (False, "on the CPU")
     compile_layers = ON if compiled else _off(why_not_compiled.split(": ", 1)[-1])
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    no_tail = lean_tail_blocker(model_type)
     lean = _need(k.lean_recompute, "kernels.lean_recompute=false", (not fused.on, "needs lora.fused"),
-                 (not checkpointing.on, "needs train.gradient_checkpointing"),
-                 (model_type not in LEAN_TAIL_MODEL_TYPES,
-                  f"model type {model_type} (only {', '.join(LEAN_TAIL_MODEL_TYPES)})"))
+                 (not checkpointing.on, "needs train.gradient_checkpointing"), (no_tail is not None, no_tail or ""))
     return Levers(
         attention=choice,
         residual_fp32=_need(cfg.quant.residual_dtype == "fp32", f"quant.residual_dtype={cfg.quant.residual_dtype}",

@@ -45,13 +45,26 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _plain_head(lm: torch.nn.Module) -> bool:
-    """True when logits = lm_head(final hidden) exactly (no softcapping or logit scaling)."""
+    """True when logits = lm_head(final hidden), soft-capped or not (the loss applies `logit_softcap` itself);
+    False for a model that scales its logits (the loss then takes the model's full logits)."""
     cfg = lm.config
-    return not any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return not any(getattr(cfg, a, None) for a in ("logit_scale", "logits_scaling"))
 
 
-def _ce_chunk(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()  # (chunk, vocab)
+def logit_softcap(lm: torch.nn.Module) -> float | None:
+    """final_logit_softcapping (Gemma 2, optional in Gemma 3): the model's logits are cap * tanh(raw / cap)."""
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap), as the model's forward caps its logits (None: the logits as they are)."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _ce_chunk(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, cap: float | None = None
+              ) -> torch.Tensor:
+    logits = softcapped(head(hidden).float(), cap)  # (chunk, vocab), capped in fp32
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
@@ -65,28 +78,40 @@ def fused_ce_rows(vocab: int) -> int:
     return rows - rows % 64 if rows >= 64 else rows
 
 
-def xent_grad_inplace(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def xent_grad_inplace(logits: torch.Tensor, y: torch.Tensor, cap: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of fp32(logits) and its gradient w.r.t. the logits (softmax - onehot) in the
-    logits' dtype, computed in place in the fp32 buffer (eager: the CPU path and its reference)."""
+    logits' dtype, computed in place in the fp32 buffer (eager: the CPU path and its reference). `cap`: the loss
+    of the soft-capped logits c = cap * tanh(logits / cap), its gradient through the cap: (softmax(c) - onehot)
+    * (1 - (c / cap)^2)."""
     lf = logits.float()  # (rows, vocab): upcast (in place of it if already fp32)
+    slope = None
+    if cap is not None:
+        t = torch.tanh(lf / cap)  # (rows, vocab)
+        lf = t * cap
+        slope = t.square_().neg_().add_(1.0)  # d c / d logits
     lse = torch.logsumexp(lf, dim=1)  # (rows,)
     loss = (lse - lf.gather(1, y.unsqueeze(1)).squeeze(1)).sum()
     dlogits = lf.sub_(lse.unsqueeze(1)).exp_()
     dlogits.scatter_add_(1, y.unsqueeze(1), dlogits.new_full((y.numel(), 1), -1.0))
+    if slope is not None:
+        dlogits.mul_(slope)
     return loss, dlogits.to(logits.dtype)
 
 
-def _ce_chunk_with_grad(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of logits = h W^T (fp32 scalar); d(loss)/dh written into `grad_h`.
+def _ce_chunk_with_grad(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_h: torch.Tensor,
+                        cap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy of logits = h W^T, soft-capped by `cap` if given (fp32 scalar); d(loss)/dh written
+    into `grad_h`.
 
     h: (rows, hidden) and w: (vocab, hidden) in the compute dtype; y: (rows,) labels; grad_h: (rows, hidden).
     """
     logits = F.linear(h, w)  # (rows, vocab), the compute-dtype GEMM
     if xent.available(logits):
-        loss = xent.xent_grad_(logits, y)  # one Triton kernel; dlogits written over the logits
+        loss = xent.xent_grad_(logits, y, cap)  # one Triton kernel; dlogits written over the logits
         dlogits = logits
     else:
-        loss, dlogits = xent_grad_inplace(logits, y)
+        loss, dlogits = xent_grad_inplace(logits, y, cap)
         del logits
     # The GEMM of linear's backward, in the compute dtype as under autocast.
     torch.mm(dlogits, w, out=grad_h)
@@ -96,13 +121,13 @@ def _ce_chunk_with_grad(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i W^T, labels_i) in fp32, W frozen; the gradient w.r.t. hidden is computed in forward.
 
-    Chunks of `chunk_rows` rows: per chunk the logits in `compute_dtype`, upcast to fp32, loss and
-    dlogits in fp32, grad_hidden = dlogits (cast to compute_dtype) @ W. No gradient for W. Every label
-    must be a class index (the caller drops IGNORE rows).
+    Chunks of `chunk_rows` rows: per chunk the logits in `compute_dtype`, upcast to fp32 (and soft-capped there
+    when `cap` is given), loss and dlogits in fp32, grad_hidden = dlogits (cast to compute_dtype) @ W. No
+    gradient for W. Every label must be a class index (the caller drops IGNORE rows).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, compute_dtype, chunk_rows):
+    def forward(ctx, hidden, weight, labels, compute_dtype, chunk_rows, cap=None):
         rows = hidden.size(0)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit
@@ -111,7 +136,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = torch.empty_like(h)
             for s in range(0, rows, chunk_rows):
                 e = min(s + chunk_rows, rows)
-                total += _ce_chunk_with_grad(h[s:e], w, labels[s:e], grad_hidden[s:e])
+                total += _ce_chunk_with_grad(h[s:e], w, labels[s:e], grad_hidden[s:e], cap)
         ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
         return total
@@ -120,22 +145,22 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad_hidden,) = ctx.saved_tensors
         grad = grad_hidden.float().mul_(grad_output.float()).to(ctx.hidden_dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, cap: float | None = None) -> torch.Tensor:
     """LinearCrossEntropy with the compute dtype autocast would give F.linear (else the hidden's dtype)."""
     dev = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     rows = chunk_rows or fused_ce_rows(weight.size(0))
-    return LinearCrossEntropy.apply(hidden, weight, labels, compute_dtype, rows)
+    return LinearCrossEntropy.apply(hidden, weight, labels, compute_dtype, rows, cap)
 
 
 def _fused_ce_blocker(lm: torch.nn.Module) -> str | None:
     """Why LinearCrossEntropy would not give exactly lm_head's loss and gradients (None: it would)."""
     if not _plain_head(lm):
-        return "the model scales or soft-caps its logits"
+        return "the model scales its logits"
     head = lm.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
         return f"lm_head is a {type(head).__name__}, not a plain torch.nn.Linear"
@@ -207,16 +232,17 @@ def decoder_loss_sum(model: torch.nn.Module, inputs: dict, labels: torch.Tensor,
     hidden = lm.get_decoder()(**inputs).last_hidden_state  # (rows, seq, hidden)
     hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
     hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)
+    cap = logit_softcap(lm)
     if fused_ce and torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) > 0:
         fused = _fused_ce_head(lm)
         if fused is not None:
-            return linear_cross_entropy(hidden, fused.weight, labels)
+            return linear_cross_entropy(hidden, fused.weight, labels, cap=cap)
     head = lm.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden.size(0), chunk_tokens):
         h, y = hidden[s : s + chunk_tokens], labels[s : s + chunk_tokens]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_ce_chunk, head, h, y, use_reentrant=False)
+            total = total + checkpoint(_ce_chunk, head, h, y, cap, use_reentrant=False)
         else:
-            total = total + _ce_chunk(head, h, y)
+            total = total + _ce_chunk(head, h, y, cap)
     return total

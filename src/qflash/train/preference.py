@@ -166,8 +166,11 @@ def pair_batch(pairs: list, ids: list[int], *, capacity: int, varlen: bool, pad_
 # Log-probabilities of the answers
 
 
-def _token_ce(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+def _token_ce(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, cap: float | None = None
+              ) -> torch.Tensor:
+    from qflash.train.loss import softcapped
+
+    return F.cross_entropy(softcapped(head(hidden).float(), cap), labels, reduction="none")
 
 
 def sequence_logps(model: torch.nn.Module, pb: PairBatch, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -175,7 +178,7 @@ def sequence_logps(model: torch.nn.Module, pb: PairBatch, chunk_tokens: int = 10
     its answer tokens, and its summed log-probability over every labelled token (differs from the first only
     where the chosen prompts are labelled: orpo). lm_head runs on the labelled positions only, in checkpointed
     chunks."""
-    from qflash.train.loss import _causal_lm, _plain_head, device_inputs
+    from qflash.train.loss import _causal_lm, _plain_head, device_inputs, logit_softcap
 
     lm, batch = _causal_lm(model), pb.batch
     labels = batch.labels[:, 1:].reshape(-1)
@@ -189,12 +192,12 @@ def sequence_logps(model: torch.nn.Module, pb: PairBatch, chunk_tokens: int = 10
         hidden = lm.get_decoder()(**device_inputs(model, batch)).last_hidden_state
         hidden = hidden[:, :-1].reshape(-1, hidden.size(-1)).index_select(0, keep)
         y = labels.index_select(0, keep)
-        head = lm.get_output_embeddings()
+        head, cap = lm.get_output_embeddings(), logit_softcap(lm)
         parts = []
         for s in range(0, hidden.size(0), chunk_tokens):
             h, t = hidden[s:s + chunk_tokens], y[s:s + chunk_tokens]
-            parts.append(checkpoint(_token_ce, head, h, t, use_reentrant=False) if torch.is_grad_enabled()
-                         else _token_ce(head, h, t))
+            parts.append(checkpoint(_token_ce, head, h, t, cap, use_reentrant=False) if torch.is_grad_enabled()
+                         else _token_ce(head, h, t, cap))
         ce = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     zeros = torch.zeros(n, dtype=torch.float32, device=ce.device)
     answer = pb.answer.to(ce.dtype)
