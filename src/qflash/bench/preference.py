@@ -115,7 +115,7 @@ def _reset_peak() -> None:
 def qflash_dpo(model_dir: Path, triples, *, warmup: int, steps: int, device: torch.device | None = None,
                lr: float = 2e-4) -> PrefMeasured:
     """qflash's DPO steps on `triples` (the same pairs each step); `device` None = the current GPU."""
-    from qflash.bench.runner import QFLASH_OVERRIDES, Precision, qflash_model
+    from qflash.bench.common import QFLASH_OVERRIDES, Precision, qflash_model
     from qflash.model.attention import choice_of
     from qflash.train.preference import Objective, pair_batch, preference_loss, reference_logps
 
@@ -151,7 +151,7 @@ def qflash_dpo(model_dir: Path, triples, *, warmup: int, steps: int, device: tor
         optimizer.zero_grad(set_to_none=True)
         return float(total)
 
-    from qflash.bench.runner import _timed
+    from qflash.bench.common import _timed
 
     _reset_peak()
     out.losses, times = _timed(step, warmup, steps, out.warmup_s)
@@ -194,7 +194,7 @@ def trl_dpo(model_dir: Path, triples, *, warmup: int, steps: int, recipe: str = 
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from qflash.bench.runner import TARGETS
+    from qflash.bench.common import TARGETS
 
     if recipe not in TRL_RECIPES:
         raise ValueError(f"recipe must be one of {TRL_RECIPES}, not {recipe!r}")
@@ -281,7 +281,7 @@ def trl_dpo(model_dir: Path, triples, *, warmup: int, steps: int, recipe: str = 
 
 
 def measure_dpo(recipe: str, model_dir: Path, triples, *, warmup: int, steps: int) -> PrefMeasured:
-    from qflash.bench.runner import _free
+    from qflash.bench.common import _free
 
     try:
         if recipe == "qflash":
