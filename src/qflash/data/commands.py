@@ -107,7 +107,7 @@ def _renderer_factory(cfg: Config, model_dir: Path):
         from qflash.model.loading import load_tokenizer
 
         tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-        return ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
+        return ChatRenderer(tok, cfg.data.template, cfg.data.train_on, cfg.data.train_reasoning)
 
     return build
 

@@ -71,7 +71,7 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
     dtype = compute_dtype(cfg.quant.compute_dtype, device)
     model_dir = resolve_model_dir(cfg.model.path)
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    renderer = ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
+    renderer = ChatRenderer(tok, cfg.data.template, cfg.data.train_on, cfg.data.train_reasoning)
     objective = None
     if cfg.train.objective != "sft":
         from qflash.data.preference import build_pairs
