@@ -43,11 +43,11 @@ def trained_text(tok, ex) -> str:
 _RENDERERS: dict = {}
 
 
-def renderer(tok, template=None, train_on="assistant") -> ChatRenderer:
+def renderer(tok, template=None, train_on="assistant", train_reasoning=True) -> ChatRenderer:
     """One renderer per setting for the whole module (hypothesis calls the tests many times)."""
-    key = (id(tok), template, train_on)
+    key = (id(tok), template, train_on, train_reasoning)
     if key not in _RENDERERS:
-        _RENDERERS[key] = ChatRenderer(tok, template, train_on)
+        _RENDERERS[key] = ChatRenderer(tok, template, train_on, train_reasoning)
     return _RENDERERS[key]
 
 
@@ -141,3 +141,148 @@ def test_offsets_fallback_for_tokenizers_whose_pieces_do_not_concatenate(smol_to
     assert trained_text(smol_tokenizer, r.encode(conv)) == "an answer" + EOT + "好的" + EOT
     r.train_on = "last_assistant"
     assert trained_text(smol_tokenizer, r.encode(conv)) == "好的" + EOT
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates that are not prefix-stable (Qwen3-style), reasoning and tool calls
+
+import json  # noqa: E402
+
+from qflash.data.template import template_source  # noqa: E402
+
+MARKERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>", "[INST]",
+           "[/INST]"]
+
+
+@pytest.fixture(scope="module")
+def base_tok(smol_tokenizer):
+    """The embedded tokenizer as a base model's: no chat template, and the turn markers of every built-in template."""
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    tok.chat_template = None
+    return tok
+
+
+@st.composite
+def tool_call(draw):
+    args = draw(st.dictionaries(st.sampled_from(["city", "q", "n", "单位"]),
+                                st.one_of(st.integers(-5, 99), st.sampled_from(["Paris", "北京", "a \"b\""])),
+                                max_size=2))
+    name = draw(st.sampled_from(["get_weather", "search", "计算"]))
+    return {"type": "function", "function": {"name": name, "arguments": json.dumps(args) if draw(st.booleans())
+                                             else args}}
+
+
+@st.composite
+def reply(draw, calls=False):
+    """An assistant message: reasoning as a field, inline, or none; tool calls when asked (content then maybe empty)."""
+    answer = draw(content())
+    msg = {"role": "assistant", "content": answer}
+    how = draw(st.sampled_from(["field", "inline", "none"]))
+    if how == "field":
+        msg["reasoning_content"] = draw(content())
+    elif how == "inline":
+        msg["content"] = "<think>" + draw(content()) + "</think>" + draw(st.sampled_from(["", "\n", "\n\n"])) + answer
+    if calls:
+        msg["tool_calls"] = draw(st.lists(tool_call(), min_size=1, max_size=2))
+        if how != "inline" and draw(st.booleans()):
+            msg["content"] = ""
+    return msg
+
+
+@st.composite
+def agent_conversation(draw):
+    msgs = [{"role": "system", "content": draw(content())}] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        msgs.append({"role": "user", "content": draw(content())})
+        for _ in range(draw(st.integers(0, 2))):  # rounds of tool calls and their results
+            call = draw(reply(calls=True))
+            msgs.append(call)
+            msgs += [{"role": "tool", "content": draw(content())} for _ in call["tool_calls"]]
+        msgs.append(draw(reply()))
+    return Conversation(msgs, "gen", 1)
+
+
+def qwen_reply_as_last(m: dict, train_reasoning: bool) -> str:
+    """What the qwen template writes for reply `m` when it is the last message, by hand: the trained text."""
+    content, reasoning = m["content"], m.get("reasoning_content", "")
+    if not reasoning and "</think>" in content:
+        reasoning = content.split("</think>")[0].split("<think>")[-1]
+        content = content.split("</think>")[-1].lstrip("\n")
+    calls = ""
+    for j, c in enumerate(m.get("tool_calls", [])):
+        args = c["function"]["arguments"]
+        args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        calls += ("\n" if j or content else "") + '<tool_call>\n{"name": ' + \
+            json.dumps(c["function"]["name"], ensure_ascii=False) + ', "arguments": ' + args + "}\n</tool_call>"
+    think = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" if train_reasoning else ""
+    return think + content + calls + EOT
+
+
+def decoded(tok, ids) -> str:
+    return tok.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@PROPERTY
+@given(conv=agent_conversation(), train_reasoning=st.booleans())
+def test_qwen_style_template_trains_each_reply_as_rendered_when_last(base_tok, conv, train_reasoning):
+    r = renderer(base_tok, "qwen", "assistant", train_reasoning)
+    (seqs,) = r.encode_sequences([conv])
+    turns = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant"]
+    assert len(seqs) == len(turns)
+    for i, ex in zip(turns, seqs):
+        # All tokens: the conversation up to turn i as transformers renders it; trained: only turn i's reply.
+        assert decoded(base_tok, ex.input_ids) == base_tok.apply_chat_template(
+            conv.messages[:i + 1], tokenize=False, chat_template=template_source("qwen"))
+        assert trained_text(base_tok, ex) == qwen_reply_as_last(conv.messages[i], train_reasoning)
+
+
+@PROPERTY
+@given(conv=agent_conversation())
+def test_qwen_style_template_last_assistant_is_one_sequence(base_tok, conv):
+    (seqs,) = renderer(base_tok, "qwen", "last_assistant").encode_sequences([conv])
+    assert len(seqs) == 1
+    assert trained_text(base_tok, seqs[0]) == qwen_reply_as_last(conv.messages[-1], True)
+
+
+def test_the_qwen_template_is_what_makes_the_conversation_several_sequences(base_tok):
+    """Not prefix-stable: the earlier reply's reasoning is dropped in the whole rendering. The same conversation under
+    a prefix-stable template (llama3) stays one sequence, with both replies trained in it."""
+    conv = Conversation([{"role": "user", "content": "q1"},
+                         {"role": "assistant", "content": "a1", "reasoning_content": "r1"},
+                         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}], "f.jsonl", 4)
+    whole = ChatRenderer(base_tok, "qwen").render(conv.messages)
+    assert "r1" not in whole
+    first, second = ChatRenderer(base_tok, "qwen").encode_sequences([conv])[0]
+    assert trained_text(base_tok, first) == "<think>\nr1\n</think>\n\na1" + EOT
+    assert "r1" not in decoded(base_tok, second.input_ids)
+    (one,) = ChatRenderer(base_tok, "llama3").encode_sequences([conv])[0]
+    assert trained_text(base_tok, one) == "<think>\nr1\n</think>\n\na1<|eot_id|>a2<|eot_id|>"
+    (problem,) = ChatRenderer(base_tok, "qwen").encode_many([conv])
+    assert problem.message.startswith("f.jsonl:4: the chat template renders earlier turns differently, so this "
+                                      "conversation trains as 2 sequences")
+    assert "data.train_on=last_assistant" in problem.message
+
+
+def test_prefix_stable_template_keeps_one_sequence_and_masks_inline_reasoning(smol_tokenizer):
+    conv = Conversation([{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "<think>hmm</think>\n\nyes"},
+                         {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}])
+    (kept,) = renderer(smol_tokenizer).encode_sequences([conv])[0]
+    assert trained_text(smol_tokenizer, kept) == "<think>hmm</think>\n\nyes" + EOT + "ok" + EOT
+    masked = ChatRenderer(smol_tokenizer, train_reasoning=False).encode(conv)
+    assert trained_text(smol_tokenizer, masked) == "yes" + EOT + "ok" + EOT
+    assert decoded(smol_tokenizer, masked.input_ids) == decoded(smol_tokenizer, kept.input_ids)
+
+
+def test_a_field_the_template_does_not_render_is_a_problem_not_a_silent_drop(smol_tokenizer):
+    conv = Conversation([{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "a", "reasoning_content": "why"}], "d.jsonl", 7)
+    (problem,) = renderer(smol_tokenizer, "chatml").encode_many([conv])
+    assert problem.message.startswith("d.jsonl:7: messages.1.reasoning_content: the chat template does not render it")
+    calls = Conversation([{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"type": "function", "function": {"name": "f", "arguments": {}}}]},
+                          {"role": "tool", "content": "1"}, {"role": "assistant", "content": "a"}], "d.jsonl", 8)
+    (problem,) = renderer(smol_tokenizer, "chatml").encode_many([calls])
+    assert "messages.1.tool_calls: the chat template does not render tool calls" in problem.message

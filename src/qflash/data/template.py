@@ -489,11 +489,10 @@ class ChatRenderer:
 
     def _reasoning_length(self, msgs: list[dict[str, Any]], i: int, reply: str) -> int:
         """How many characters of `reply` (assistant turn i as rendered) come before its answer: the reasoning as
-        the template writes it (`<think>...</think>` and what follows it), 0 for a turn without reasoning. Found
-        by rendering the turn once more with the answer replaced by a placeholder."""
+        the template writes it (`<think>...</think>` and what follows it; the empty think block Qwen3 writes before
+        a reply without reasoning too), 0 when the template writes the answer first. Found by rendering the turn
+        once more with the answer replaced by a placeholder."""
         m = msgs[i]
-        if not _has_reasoning(m):
-            return 0
         content = m.get("content") or ""
         head = content[:_answer_start(content)]
         probe = msgs[:i] + [dict(m, content=head + _ANSWER)]
@@ -642,17 +641,14 @@ _ANSWER = "\ue000answer\ue001"
 _PROBE = "\ue000probe\ue001"
 
 
-def _has_reasoning(message: dict[str, Any]) -> bool:
-    return bool(message.get("reasoning_content")) or "</think>" in (message.get("content") or "")
-
-
 def _answer_start(content: str) -> int:
-    """Where the answer starts in a content with inline reasoning (`<think>...</think>` and the space after it)."""
+    """Where the answer starts in a content with inline reasoning (`<think>...</think>` and the line breaks after
+    it, which Qwen3's template strips too)."""
     k = content.rfind("</think>")
     if k < 0:
         return 0
     k += len("</think>")
-    return k + (len(content[k:]) - len(content[k:].lstrip()))
+    return k + (len(content[k:]) - len(content[k:].lstrip("\n")))
 
 
 def _check_template_tokens(tok, template: str) -> None:
