@@ -37,10 +37,12 @@ def template_problem(value: str | None) -> str | None:
     if value is None or value in CHAT_TEMPLATES:
         return None
     if value.endswith(".jinja"):
-        return None if Path(value).expanduser().is_file() else f"no file {value}; give the path of a Jinja chat template"
+        return None if Path(value).expanduser().is_file() else \
+            f"is not a file ({value}); give the path of a Jinja chat template, or a built-in name"
     near = difflib.get_close_matches(value, CHAT_TEMPLATES, n=1, cutoff=0.5)
     hint = f"did you mean '{near[0]}'? " if near else ""
-    return f"unknown template {value!r}; {hint}built-in: {', '.join(CHAT_TEMPLATES)}, or the path of a .jinja file"
+    return (f"is not a built-in template ({value!r}); {hint}built-in: {', '.join(CHAT_TEMPLATES)}, "
+            "or give the path of a .jinja file")
 
 
 @dataclass(frozen=True)

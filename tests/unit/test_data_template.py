@@ -129,7 +129,7 @@ def test_renderer_pickles_for_worker_processes(smol_tokenizer):
 def test_unknown_template_name(smol_tokenizer, bad):
     from qflash.errors import DataError
 
-    with pytest.raises(DataError, match="unknown template"):
+    with pytest.raises(DataError, match="is not a built-in template"):
         ChatRenderer(smol_tokenizer, template=bad)
 
 
@@ -286,3 +286,90 @@ def test_a_field_the_template_does_not_render_is_a_problem_not_a_silent_drop(smo
                           {"role": "tool", "content": "1"}, {"role": "assistant", "content": "a"}], "d.jsonl", 8)
     (problem,) = renderer(smol_tokenizer, "chatml").encode_many([calls])
     assert "messages.1.tool_calls: the chat template does not render tool calls" in problem.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in templates and template files
+
+@pytest.mark.parametrize("name, eot", [("chatml", EOT), ("qwen", EOT), ("llama3", "<|eot_id|>"),
+                                       ("gemma", "<end_of_turn>"), ("mistral", "<|im_end|>")])
+def test_each_built_in_template_compiles_as_transformers_does_and_labels_exactly(base_tok, name, eot):
+    """mistral ends a reply with the tokenizer's EOS, which is <|im_end|> for the embedded tokenizer."""
+    r = renderer(base_tok, name)
+    assert r._compiled is not None and r.eot_text == eot
+    assert all(r.renders.values()) or name == "chatml"
+    conv = Conversation([{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
+                         {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                         {"role": "assistant", "content": "a2"}])
+    exs = r.encode_sequences([conv])[0]
+    assert [trained_text(base_tok, ex) for ex in exs] == (["<think>\n\n</think>\n\na1" + eot, "<think>\n\n</think>\n\na2" + eot]
+                                                          if name == "qwen" else ["a1" + eot + "a2" + eot])
+    assert decoded(base_tok, exs[-1].input_ids) == base_tok.apply_chat_template(
+        conv.messages, tokenize=False, chat_template=template_source(name))
+
+
+def test_a_template_file(base_tok, tmp_path):
+    path = tmp_path / "mine.jinja"
+    path.write_text(template_source("llama3").replace("<|start_header_id|>", "<|start_header_id|>#"), encoding="utf-8")
+    r = ChatRenderer(base_tok, str(path))
+    conv = Conversation([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    assert "<|start_header_id|>#user" in decoded(base_tok, r.encode(conv).input_ids)
+    assert trained_text(base_tok, r.encode(conv)) == "a<|eot_id|>"
+
+
+def test_a_missing_template_file_or_unknown_name_is_a_config_error_naming_file_and_line(tmp_path):
+    from qflash.config import load_config
+    from qflash.errors import ConfigError
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data:\n  max_len: 64\n  template: lama3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"run.yaml:3: data.template is not a built-in template \('lama3'\); "
+                                          r"did you mean 'llama3'\?"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match=r"command line 'data.template=nope/x.jinja': data.template is not a file "
+                                          r"\(nope/x.jinja\)"):
+        load_config(None, ["data.template=nope/x.jinja"])
+    assert load_config(None, ["data.template=gemma"]).data.template == "gemma"
+
+
+def test_a_base_model_given_a_template_is_warned_once_and_refused_without_its_tokens(smol_tokenizer, base_tok, caplog):
+    from qflash import once
+    from qflash.errors import DataError
+
+    once._said.clear()
+    with caplog.at_level("WARNING", logger="qflash.data.template"):
+        ChatRenderer(base_tok, "gemma")
+        ChatRenderer(base_tok, "gemma")
+    warned = [r.message for r in caplog.records if "no chat template of its own" in r.message]
+    assert len(warned) == 1 and "<start_of_turn>, <end_of_turn>" in warned[0] and "never seen" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qflash.data.template"):
+        ChatRenderer(smol_tokenizer, "chatml")  # a chat model (it has a template of its own): no warning
+    assert not caplog.records
+    bare = copy.deepcopy(smol_tokenizer)
+    bare.chat_template = None
+    with pytest.raises(DataError, match=r"data.template=llama3 writes <\|start_header_id\|>, <\|end_header_id\|>, "
+                                        r"<\|eot_id\|>, which this tokenizer does not have as tokens; use a template "
+                                        r"whose turn markers it has \(chatml, qwen\)"):
+        ChatRenderer(bare, "llama3")
+
+
+GOLDEN = {  # system, user, reply, user, reply: each template's turn format, written out by hand
+    "llama3": "<|im_start|><|start_header_id|>system<|end_header_id|>\n\ns<|eot_id|><|start_header_id|>user"
+              "<|end_header_id|>\n\nq1<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\na1<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\nq2<|eot_id|><|start_header_id|>assistant"
+              "<|end_header_id|>\n\na2<|eot_id|>",
+    "gemma": "<|im_start|><start_of_turn>user\ns\n\nq1<end_of_turn>\n<start_of_turn>model\na1<end_of_turn>\n"
+             "<start_of_turn>user\nq2<end_of_turn>\n<start_of_turn>model\na2<end_of_turn>\n",
+    "mistral": "<|im_start|>[INST] s\n\nq1[/INST]a1<|im_end|>[INST] q2[/INST]a2<|im_end|>",
+    "qwen": "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"
+            "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\na2<|im_end|>\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_built_in_templates_render_their_turn_format(base_tok, name):
+    """The embedded tokenizer's BOS is <|im_start|>, hence the first token of the BOS-writing ones."""
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    assert renderer(base_tok, name).render(msgs) == GOLDEN[name]

@@ -92,7 +92,7 @@ def template_source(name: str) -> str:
         return (resources.files("qflash.data") / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
     problem = template_problem(name)
     if problem:
-        raise DataError(f"data.template: {problem}")
+        raise DataError(f"data.template {problem}")
     return Path(name).expanduser().read_text(encoding="utf-8")
 
 _SENTINEL = "QFLASH_SENTINEL_REPLY"
