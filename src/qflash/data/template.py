@@ -209,7 +209,8 @@ class ChatRenderer:
             source = source.get("default")
         if not source:
             raise DataError(
-                "the tokenizer has no chat template; set data.template=chatml (or use a model that ships one)"
+                "the tokenizer has no chat template; set data.template=chatml (or llama3, qwen, gemma, mistral: one whose "
+                "turn markers its vocabulary has, or the path of a .jinja file; or use a model that ships one)"
             )
         self.tok = tokenizer
         self.template = template
