@@ -286,6 +286,11 @@ def test_a_field_the_template_does_not_render_is_a_problem_not_a_silent_drop(smo
                           {"role": "tool", "content": "1"}, {"role": "assistant", "content": "a"}], "d.jsonl", 8)
     (problem,) = renderer(smol_tokenizer, "chatml").encode_many([calls])
     assert "messages.1.tool_calls: the chat template does not render tool calls" in problem.message
+    (problem,) = renderer(smol_tokenizer, "qwen", "all").encode_many([calls])
+    assert problem.message.startswith("d.jsonl:8: messages.2: a tool result, which is never trained, but "
+                                      "data.train_on=all trains every token")
+    assert trained_text(smol_tokenizer, renderer(smol_tokenizer, "qwen").encode_sequences([calls])[0][0]) == \
+        '<think>\n\n</think>\n\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>' + EOT
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ Reasoning and tools. Messages may carry `reasoning_content` (or `<think>...</thi
 render at all is a problem, not a silent drop. With `train_reasoning=False`, a trained reply's reasoning (what
 the template writes before the answer, found by rendering the turn again with the answer replaced by a
 placeholder) is cut into its own piece and masked. Tool messages are never inside a reply, so never trained
-(except under train_on=all, which trains every token).
+(train_on=all, which would train every token, refuses a conversation with tool results).
 """
 
 from __future__ import annotations
@@ -517,6 +517,9 @@ class ChatRenderer:
             if m["role"] == "tool" and not self.renders["tool"]:
                 raise RenderError(f"messages.{i}: the chat template does not render tool messages; use a template "
                                   "that does (data.template=qwen, llama3, mistral)")
+            if m["role"] == "tool" and self.train_on == "all":
+                raise RenderError(f"messages.{i}: a tool result, which is never trained, but data.train_on=all trains "
+                                  "every token; set data.train_on=assistant")
 
     def _probe_fields(self) -> dict[str, bool]:
         """Which of the optional message fields the template renders at all."""
