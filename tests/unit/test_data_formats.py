@@ -127,7 +127,9 @@ def test_messages_with_reasoning_tool_calls_and_tool_results():
         {"role": "assistant", "content": None, "reasoning_content": "Ask the tool, {{name}}.", "tool_calls": [CALL]},
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
         {"role": "tool", "tool_call_id": "c1", "content": ""},
-        {"role": "assistant", "content": "<think>easy</think>\n\nSunny."}]})
+        {"role": "assistant", "content": "<think>easy</think>\n\nSunny."}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]})
+    assert c.tools == [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     assert roles(c) == ["user", "assistant", "tool", "tool", "assistant"]
     call = c.messages[1]
     assert call["content"] == "" and call["reasoning_content"] == "Ask the tool, Zyxo."
@@ -168,3 +170,11 @@ def test_bad_reasoning_and_tool_fields_name_file_line_field(messages, expected):
     data = {"messages": [{"role": "user", "content": "q"}] + messages}
     (first, *_) = problems(data)
     assert first.message.startswith(expected), first.message
+
+
+def test_bad_tool_definitions_name_file_line_field():
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    (first,) = problems({"messages": msgs, "tools": [{"type": "function", "function": {"description": "no name"}}]})
+    assert first.message.startswith('d.jsonl:4: tools.0: expected {"type": "function", "function": {"name"')
+    (first,) = problems({"messages": msgs, "tools": "get_weather"})
+    assert first.message == "d.jsonl:4: tools: expected a list of tool definitions, got str"

@@ -200,7 +200,11 @@ def agent_conversation(draw):
             msgs.append(call)
             msgs += [{"role": "tool", "content": draw(content())} for _ in call["tool_calls"]]
         msgs.append(draw(reply()))
-    return Conversation(msgs, "gen", 1)
+    return Conversation(msgs, "gen", 1, tools=draw(st.sampled_from([None, TOOLS])))
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
 def qwen_reply_as_last(m: dict, train_reasoning: bool) -> str:
@@ -233,7 +237,7 @@ def test_qwen_style_template_trains_each_reply_as_rendered_when_last(base_tok, c
     for i, ex in zip(turns, seqs):
         # All tokens: the conversation up to turn i as transformers renders it; trained: only turn i's reply.
         assert decoded(base_tok, ex.input_ids) == base_tok.apply_chat_template(
-            conv.messages[:i + 1], tokenize=False, chat_template=template_source("qwen"))
+            conv.messages[:i + 1], tokenize=False, chat_template=template_source("qwen"), tools=conv.tools)
         assert trained_text(base_tok, ex) == qwen_reply_as_last(conv.messages[i], train_reasoning)
 
 
@@ -286,6 +290,9 @@ def test_a_field_the_template_does_not_render_is_a_problem_not_a_silent_drop(smo
                           {"role": "tool", "content": "1"}, {"role": "assistant", "content": "a"}], "d.jsonl", 8)
     (problem,) = renderer(smol_tokenizer, "chatml").encode_many([calls])
     assert "messages.1.tool_calls: the chat template does not render tool calls" in problem.message
+    calls.tools = TOOLS
+    (problem,) = renderer(smol_tokenizer, "chatml").encode_many([calls])
+    assert problem.message.startswith("d.jsonl:8: tools: the chat template does not render tool definitions")
     (problem,) = renderer(smol_tokenizer, "qwen", "all").encode_many([calls])
     assert problem.message.startswith("d.jsonl:8: messages.2: a tool result, which is never trained, but "
                                       "data.train_on=all trains every token")
@@ -378,3 +385,14 @@ def test_built_in_templates_render_their_turn_format(base_tok, name):
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
     assert renderer(base_tok, name).render(msgs) == GOLDEN[name]
+
+
+def test_tool_definitions_reach_the_template(base_tok):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Paris?"},
+            {"role": "assistant", "content": "Sunny."}]
+    text = renderer(base_tok, "qwen").render(msgs, tools=TOOLS)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n") and text.count("Be brief.") == 1
+    assert "<tools>\n" + json.dumps(TOOLS[0], ensure_ascii=False) + "\n</tools>" in text
+    for name in ("llama3", "gemma", "mistral"):
+        ex = renderer(base_tok, name).encode(Conversation(msgs, tools=TOOLS))
+        assert '"get_weather"' in decoded(base_tok, ex.input_ids) and trained_text(base_tok, ex).startswith("Sunny.")

@@ -4,7 +4,8 @@ Formats (DatasetSpec.format; `auto` decides per record from its keys, in this or
   messages  {"messages": [{"role": system|user|assistant|tool, "content": ...}]}     (OpenAI)
             an assistant message may carry "reasoning_content" (or <think>...</think> inline in its content) and
             "tool_calls" ([{"type": "function", "function": {"name", "arguments": JSON text or object}}], its
-            content may then be empty); the "tool" messages that follow it hold the results
+            content may then be empty); the "tool" messages that follow it hold the results; the record's
+            "tools" (definitions) go to the template as `tools`
   sharegpt  {"conversations": [{"from": human|user|gpt|assistant|system, "value": ...}], "system"?: ...}
   alpaca    {"instruction", "output", "input"?, "system"?, "history"?: [[question, answer], ...]}
   columns   any record, when DatasetSpec.columns maps roles to columns ({user: ask, assistant: answer});
@@ -53,6 +54,8 @@ class Conversation:
     meta: dict[str, Any] = field(default_factory=dict)
     text: str | None = None
     """Set for format=text: the whole sample, trained on every token (messages is then empty)."""
+    tools: list[dict[str, Any]] | None = None
+    """Tool definitions of an OpenAI record (its `tools` list), passed to the chat template as `tools`."""
 
     @property
     def where(self) -> str:
@@ -522,6 +525,7 @@ def normalize(record: Record, spec: DatasetSpec, variables: dict[str, str]) -> C
     if issues.items:
         return issues.items
     _order_problems(turns, _ROLE_KEYS.get(fmt, ""), issues)
+    tools = _tools(d, issues) if fmt == "messages" else None
     messages = []
     for t in turns:
         content = _fill(t.content, variables, missing)
@@ -531,7 +535,23 @@ def normalize(record: Record, spec: DatasetSpec, variables: dict[str, str]) -> C
             message["reasoning_content"] = _fill(t.extra["reasoning_content"], variables, missing)
             _missing_placeholders(missing, f"{t.field}.reasoning_content", issues)
         messages.append({**t.extra, **message})
-    return issues.items or Conversation(messages, record.file, record.line, {"format": fmt})
+    return issues.items or Conversation(messages, record.file, record.line, {"format": fmt}, tools=tools)
+
+
+def _tools(d: dict, issues: _Issues) -> list[dict] | None:
+    """The tool definitions of an OpenAI record ([{"type": "function", "function": {"name", ...}}]), checked."""
+    tools = d.get("tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        issues.add("tools", f"expected a list of tool definitions, got {type(tools).__name__}", "wrong type")
+        return None
+    for j, tool in enumerate(tools):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            issues.add(f"tools.{j}", 'expected {"type": "function", "function": {"name": ..., "parameters": ...}}',
+                       "wrong type")
+    return tools
 
 
 def _missing_placeholders(missing: list[str], fieldname: str, issues: _Issues) -> None:

@@ -262,9 +262,10 @@ class ChatRenderer:
     # -----------------------------------------------------------------------------------------
     # Rendering
 
-    def _apply_chat_template(self, messages, add_generation_prompt):
+    def _apply_chat_template(self, messages, add_generation_prompt, tools=None):
         return self.tok.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template_text
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template_text,
+            tools=tools,
         )
 
     def _checked_compile(self):
@@ -295,18 +296,19 @@ class ChatRenderer:
                     return None
         return compiled
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> str:
         if self._compiled is None:
-            return self._apply_chat_template(messages, add_generation_prompt)
+            return self._apply_chat_template(messages, add_generation_prompt, tools)
         return self._compiled.render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self._kwargs
+            messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **self._kwargs
         )
 
-    def _render_or_fail(self, messages, add_generation_prompt=False) -> str:
+    def _render_or_fail(self, messages, add_generation_prompt=False, tools=None) -> str:
         import jinja2
 
         try:
-            return self.render(messages, add_generation_prompt)
+            return self.render(messages, add_generation_prompt, tools)
         except jinja2.TemplateError as e:
             raise RenderError(f"the chat template refuses this conversation: {e}") from None
 
@@ -354,12 +356,12 @@ class ChatRenderer:
     # -----------------------------------------------------------------------------------------
     # Where the replies are
 
-    def _last_reply(self, msgs: list[dict[str, Any]]) -> tuple[str, int, int]:
+    def _last_reply(self, msgs: list[dict[str, Any]], tools: list[dict] | None = None) -> tuple[str, int, int]:
         """(text, start, end) of the conversation rendered up to its last message, an assistant reply: the reply
         is what follows the generation prompt, up to and including the end-of-turn token that closes it."""
         i = len(msgs) - 1
-        prompt = self._render_or_fail(msgs[:i], add_generation_prompt=True)
-        upto = self._render_or_fail(msgs)
+        prompt = self._render_or_fail(msgs[:i], add_generation_prompt=True, tools=tools)
+        upto = self._render_or_fail(msgs, tools=tools)
         if not upto.startswith(prompt):
             raise RenderError(f"turn {i}: the chat template does not start the reply with its generation prompt, "
                               "so the reply cannot be located exactly; set data.template=chatml")
@@ -368,9 +370,10 @@ class ChatRenderer:
             raise RenderError(f"turn {i}: no {self.eot_text} after the reply in the rendered template")
         return upto, len(prompt), end + len(self.eot_text)
 
-    def _reply_bounds(self, msgs: list[dict[str, Any]], full: str, i: int) -> tuple[int, int]:
+    def _reply_bounds(self, msgs: list[dict[str, Any]], full: str, i: int,
+                      tools: list[dict] | None = None) -> tuple[int, int]:
         """(start, end) of assistant turn i in `full`, by rendering its prompt and its prefix."""
-        upto, start, end = self._last_reply(msgs[: i + 1])
+        upto, start, end = self._last_reply(msgs[: i + 1], tools)
         if not full.startswith(upto):
             raise NotPrefixStable(f"turn {i}: the chat template rewrites earlier turns when later ones are added")
         return start, end
@@ -420,9 +423,9 @@ class ChatRenderer:
         """The rendered text and the character span of every assistant reply (with its end-of-turn).
         Raises NotPrefixStable when the template renders an earlier reply differently in the whole conversation."""
         msgs = conv.messages
-        full = self._render_or_fail(msgs)
-        try:
-            sk = self._skeleton(tuple(m["role"] for m in msgs))
+        full = self._render_or_fail(msgs, tools=conv.tools)
+        try:  # skeletons are rendered without tool definitions
+            sk = self._skeleton(tuple(m["role"] for m in msgs)) if conv.tools is None else None
         except NotPrefixStable:
             raise
         except RenderError:  # placeholders the template refuses (a tool message without a call): no arithmetic
@@ -436,7 +439,8 @@ class ChatRenderer:
                 pos = [b + shift[k] for b, k in sk.boundaries]
                 return full, list(zip(pos[::2], pos[1::2]))
         # The template did not insert the contents verbatim: locate each reply by rendering prefixes.
-        return full, [self._reply_bounds(msgs, full, i) for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        return full, [self._reply_bounds(msgs, full, i, conv.tools) for i, m in enumerate(msgs)
+                      if m["role"] == "assistant"]
 
     def assistant_spans(self, conv: Conversation, full: str | None = None) -> list[tuple[int, int]]:
         """Character spans that carry loss (per data.train_on) when the template is prefix-stable."""
@@ -451,28 +455,28 @@ class ChatRenderer:
         prefix-stable (see the module docstring). Raises RenderError."""
         if conv.text is not None:
             return [Rendering(conv.text, [], [(0, len(conv.text))], plain=True)]
-        self._check_fields(conv.messages)
+        self._check_fields(conv.messages, conv.tools)
         try:
             full, spans = self.reply_spans(conv)
         except NotPrefixStable:
-            return self._per_turn(conv.messages)
+            return self._per_turn(conv.messages, conv.tools)
         turns = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant"]
         trained = turns[-1:] if self.train_on == "last_assistant" else turns
-        return [self._rendering(conv.messages, full, dict(zip(turns, spans)), trained)]
+        return [self._rendering(conv.messages, full, dict(zip(turns, spans)), trained, conv.tools)]
 
-    def _per_turn(self, msgs: list[dict[str, Any]]) -> list[Rendering]:
+    def _per_turn(self, msgs: list[dict[str, Any]], tools: list[dict] | None) -> list[Rendering]:
         """One rendering per trained turn, each ending with that turn; only its last reply carries loss."""
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if self.train_on != "assistant":  # the last turn only, or every token: the whole conversation once
             turns = turns[-1:]
         out = []
         for i in turns:
-            text, start, end = self._last_reply(msgs[: i + 1])
-            out.append(self._rendering(msgs[: i + 1], text, {i: (start, end)}, [i]))
+            text, start, end = self._last_reply(msgs[: i + 1], tools)
+            out.append(self._rendering(msgs[: i + 1], text, {i: (start, end)}, [i], tools))
         return out
 
     def _rendering(self, msgs: list[dict[str, Any]], text: str, spans: dict[int, tuple[int, int]],
-                   trained_turns: list[int]) -> Rendering:
+                   trained_turns: list[int], tools: list[dict] | None) -> Rendering:
         """`text` cut at every reply boundary (whatever train_on says, so the ids never depend on it), with the
         replies of `trained_turns` trained; their reasoning is cut off and left untrained when train_reasoning
         is off. train_on=all trains every token."""
@@ -481,14 +485,14 @@ class ChatRenderer:
         for i in trained_turns:
             start, end = spans[i]
             if not self.train_reasoning:
-                start += self._reasoning_length(msgs, i, text[start:end])
+                start += self._reasoning_length(msgs, i, text[start:end], tools)
                 cuts.append(start)
             trained.append((start, end))
         if self.train_on == "all":
             trained = [(0, len(text))]
         return Rendering(text, sorted(set(cuts)), trained)
 
-    def _reasoning_length(self, msgs: list[dict[str, Any]], i: int, reply: str) -> int:
+    def _reasoning_length(self, msgs: list[dict[str, Any]], i: int, reply: str, tools: list[dict] | None) -> int:
         """How many characters of `reply` (assistant turn i as rendered) come before its answer: the reasoning as
         the template writes it (`<think>...</think>` and what follows it; the empty think block Qwen3 writes before
         a reply without reasoning too), 0 when the template writes the answer first. Found by rendering the turn
@@ -497,15 +501,19 @@ class ChatRenderer:
         content = m.get("content") or ""
         head = content[:_answer_start(content)]
         probe = msgs[:i] + [dict(m, content=head + _ANSWER)]
-        _, start, end = self._last_reply(probe)
-        rendered = self._render_or_fail(probe)[start:end]
+        text, start, end = self._last_reply(probe, tools)
+        rendered = text[start:end]
         if rendered.count(_ANSWER) != 1 or not reply.startswith(rendered[:rendered.index(_ANSWER)]):
             raise RenderError(f"turn {i}: the reasoning cannot be told apart from the answer in the rendered reply; "
                               "set data.train_reasoning=true")
         return rendered.index(_ANSWER)
 
-    def _check_fields(self, msgs: list[dict[str, Any]]) -> None:
-        """A field the template would not render (reasoning, tool calls, tool results) is an error, not a silent drop."""
+    def _check_fields(self, msgs: list[dict[str, Any]], tools: list[dict] | None) -> None:
+        """A field the template would not render (reasoning, tool calls, tool results, tool definitions) is an error,
+        not a silent drop."""
+        if tools and not self.renders["tools"]:
+            raise RenderError("tools: the chat template does not render tool definitions; use a template that does "
+                              "(data.template=qwen, llama3, gemma, mistral)")
         for i, m in enumerate(msgs):
             if m.get("reasoning_content") and not self.renders["reasoning_content"]:
                 raise RenderError(f"messages.{i}.reasoning_content: the chat template does not render it, so the "
@@ -537,6 +545,11 @@ class ChatRenderer:
                 found[name] = _PROBE in self.render(msgs)
             except Exception:  # noqa: BLE001 - a template that refuses the field does not render it
                 found[name] = False
+        try:
+            found["tools"] = _PROBE in self.render(probes["reasoning_content"][:1], tools=[dict(call, function={
+                "name": _PROBE, "description": "d", "parameters": {"type": "object", "properties": {}}})])
+        except Exception:  # noqa: BLE001
+            found["tools"] = False
         return found
 
     # -----------------------------------------------------------------------------------------
