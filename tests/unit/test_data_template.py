@@ -396,3 +396,24 @@ def test_tool_definitions_reach_the_template(base_tok):
     for name in ("llama3", "gemma", "mistral"):
         ex = renderer(base_tok, name).encode(Conversation(msgs, tools=TOOLS))
         assert '"get_weather"' in decoded(base_tok, ex.input_ids) and trained_text(base_tok, ex).startswith("Sunny.")
+
+
+def test_a_reply_the_generation_prompt_does_not_lead_to_is_a_problem_that_says_where(base_tok):
+    """A template that turns thinking off (its generation prompt holds an empty think block), given a reply with
+    reasoning: the reply cannot be what the model generates after that prompt."""
+    tok = copy.deepcopy(base_tok)
+    gen = "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    assert gen in template_source("qwen")
+    tok.chat_template = template_source("qwen").replace(gen, gen.replace("assistant\\n", "assistant\\n<think>\\n\\n"
+                                                                          "</think>\\n\\n"))
+    r = ChatRenderer(tok)
+    plain = Conversation([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    assert trained_text(tok, r.encode(plain)) == "a" + EOT
+    (problem,) = r.encode_many([Conversation([{"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": "a", "reasoning_content": "r"}],
+                                             "f.jsonl", 3)])
+    assert problem.message == ("f.jsonl:3: turn 1: the chat template's generation prompt ends '\\n</think>\\n\\n' where "
+                               "the reply starts 'r\\n</think>\\n\\na<|im_end|>\\n', so the reply cannot be located "
+                               "exactly (a template that turns thinking off, given a reply with reasoning?); use a "
+                               "template that renders this reply as it generates it (data.template=qwen for "
+                               "reasoning data)")

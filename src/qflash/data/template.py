@@ -363,8 +363,11 @@ class ChatRenderer:
         prompt = self._render_or_fail(msgs[:i], add_generation_prompt=True, tools=tools)
         upto = self._render_or_fail(msgs, tools=tools)
         if not upto.startswith(prompt):
-            raise RenderError(f"turn {i}: the chat template does not start the reply with its generation prompt, "
-                              "so the reply cannot be located exactly; set data.template=chatml")
+            at = next(k for k, (a, b) in enumerate(zip(prompt, upto + "\0")) if a != b)
+            raise RenderError(f"turn {i}: the chat template's generation prompt ends {prompt[at:][:40]!r} where the reply "
+                              f"starts {upto[at:][:40]!r}, so the reply cannot be located exactly (a template that "
+                              "turns thinking off, given a reply with reasoning?); use a template that renders "
+                              "this reply as it generates it (data.template=qwen for reasoning data)")
         end = upto.rfind(self.eot_text)
         if end < len(prompt):
             raise RenderError(f"turn {i}: no {self.eot_text} after the reply in the rendered template")
