@@ -425,3 +425,17 @@ def test_a_reply_the_generation_prompt_does_not_lead_to_is_a_problem_that_says_w
                                "exactly (a template that turns thinking off, given a reply with reasoning?); use a "
                                "template that renders this reply as it generates it (data.template=qwen for "
                                "reasoning data)")
+
+
+def test_an_agent_turn_whose_replies_all_keep_their_reasoning_stays_one_sequence(base_tok):
+    """Under the Qwen3-style template, replies after the last user message keep their reasoning: a conversation of
+    one question, a tool round and the answer (both replies with reasoning) renders prefix-stably, so it trains as one
+    sequence, although placeholder replies (without reasoning) would not."""
+    call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+    conv = Conversation([{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "", "reasoning_content": "r1", "tool_calls": [call]},
+                         {"role": "tool", "content": "out"},
+                         {"role": "assistant", "content": "a", "reasoning_content": "r2"}])
+    (one,) = renderer(base_tok, "qwen").encode_sequences([conv])[0]
+    assert trained_text(base_tok, one) == ('<think>\nr1\n</think>\n\n<tool_call>\n{"name": "f", "arguments": {}}\n'
+                                           '</tool_call>' + EOT + "<think>\nr2\n</think>\n\na" + EOT)

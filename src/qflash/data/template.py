@@ -429,9 +429,10 @@ class ChatRenderer:
         full = self._render_or_fail(msgs, tools=conv.tools)
         try:  # skeletons are rendered without tool definitions
             sk = self._skeleton(tuple(m["role"] for m in msgs)) if conv.tools is None else None
-        except NotPrefixStable:
-            raise
-        except RenderError:  # placeholders the template refuses (a tool message without a call): no arithmetic
+        except RenderError:
+            # Placeholders the template refuses (a tool message without a call), or renders differently as turns
+            # follow (Qwen3: replies without reasoning); the real contents may still render prefix-stably (replies
+            # that keep their reasoning): no arithmetic, the slow path below tells.
             sk = None
         if sk is not None:
             contents = [msgs[i]["content"] for i in sk.order]
