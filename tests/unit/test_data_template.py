@@ -268,6 +268,10 @@ def test_the_qwen_template_is_what_makes_the_conversation_several_sequences(base
     first, second = ChatRenderer(base_tok, "qwen").encode_sequences([conv])[0]
     assert trained_text(base_tok, first) == "<think>\nr1\n</think>\n\na1" + EOT
     assert "r1" not in decoded(base_tok, second.input_ids)
+    assert trained_text(base_tok, second) == "<think>\n\n</think>\n\na2" + EOT
+    by_offsets = ChatRenderer(base_tok, "qwen", train_reasoning=False)
+    by_offsets.split_exact = False  # as for a tokenizer whose pieces do not concatenate
+    assert [trained_text(base_tok, ex) for ex in by_offsets.encode_sequences([conv])[0]] == ["a1" + EOT, "a2" + EOT]
     (one,) = ChatRenderer(base_tok, "llama3").encode_sequences([conv])[0]
     assert trained_text(base_tok, one) == "<think>\nr1\n</think>\n\na1<|eot_id|>a2<|eot_id|>"
     (problem,) = ChatRenderer(base_tok, "qwen").encode_many([conv])
