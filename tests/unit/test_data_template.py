@@ -365,17 +365,29 @@ def test_a_base_model_given_a_template_is_warned_once_and_refused_without_its_to
         ChatRenderer(base_tok, "gemma")
         ChatRenderer(base_tok, "gemma")
     warned = [r.message for r in caplog.records if "no chat template of its own" in r.message]
-    assert len(warned) == 1 and "<start_of_turn>, <end_of_turn>" in warned[0] and "never seen" in warned[0]
+    assert len(warned) == 1 and warned[0].startswith(
+        "the model has no chat template of its own (a base model); data.template=gemma marks turns with "
+        "<start_of_turn>, <end_of_turn>: <start_of_turn>, <end_of_turn> are in its vocabulary, but it has most likely "
+        "never seen them in pre-training")
     caplog.clear()
     with caplog.at_level("WARNING", logger="qflash.data.template"):
         ChatRenderer(smol_tokenizer, "chatml")  # a chat model (it has a template of its own): no warning
     assert not caplog.records
     bare = copy.deepcopy(smol_tokenizer)
     bare.chat_template = None
-    with pytest.raises(DataError, match=r"data.template=llama3 writes <\|start_header_id\|>, <\|end_header_id\|>, "
-                                        r"<\|eot_id\|>, which this tokenizer does not have as tokens; use a template "
-                                        r"whose turn markers it has \(chatml, qwen\)"):
+    with pytest.raises(DataError, match=r"data.template=llama3 ends a reply with <\|eot_id\|>, which is not a token of "
+                                        r"this tokenizer, so a fine-tuned model could not learn to stop; use a template "
+                                        r"whose end-of-turn token it has \(chatml, qwen, mistral\)"):
         ChatRenderer(bare, "llama3")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qflash.data.template"):
+        r = ChatRenderer(bare, "mistral")  # ends replies with EOS; [INST] and [/INST] become plain text
+    assert [rec.message for rec in caplog.records] == [
+        "the model has no chat template of its own (a base model); data.template=mistral marks turns with [INST], "
+        "[/INST]: [INST], [/INST] are not tokens of its vocabulary (written as plain text); expect more steps before "
+        "replies stop cleanly"]
+    conv = Conversation([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    assert trained_text(bare, r.encode(conv)) == "a" + EOT
 
 
 GOLDEN = {  # system, user, reply, user, reply: each template's turn format, written out by hand

@@ -81,6 +81,9 @@ TEMPLATE_TOKENS = {
     "mistral": ("[INST]", "[/INST]"),
 }
 """The special tokens each built-in template writes (besides the tokenizer's own BOS/EOS)."""
+END_OF_TURN = {"chatml": "<|im_end|>", "qwen": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>",
+               "mistral": None}
+"""The token each built-in template closes a reply with (None: the tokenizer's EOS)."""
 assert set(TEMPLATE_TOKENS) == set(CHAT_TEMPLATES)
 
 
@@ -217,8 +220,8 @@ class ChatRenderer:
         self.template_text: str = source
         self.train_on = train_on
         self.train_reasoning = train_reasoning
-        if template and not getattr(tokenizer, "chat_template", None):
-            _check_template_tokens(tokenizer, template)
+        if template:
+            _check_template_tokens(tokenizer, template, base=not getattr(tokenizer, "chat_template", None))
         self._setup()
 
     # The compiled template does not pickle; worker processes rebuild it.
@@ -672,22 +675,28 @@ def _answer_start(content: str) -> int:
     return k + (len(content[k:]) - len(content[k:].lstrip("\n")))
 
 
-def _check_template_tokens(tok, template: str) -> None:
-    """A base model (its tokenizer has no chat template) given a built-in template: its turn markers must be tokens
-    of the vocabulary (else the turns could not end with a token the model learns to stop at), and the model has
-    most likely never seen them used in pre-training (said once: their embeddings stay as pre-training left them,
-    LoRA does not train them)."""
+def _check_template_tokens(tok, template: str, base: bool) -> None:
+    """A built-in template's turn markers against the vocabulary: the token that ends a reply must be one (else a
+    fine-tuned model could not learn to stop); other markers that are not are written as plain text, and a base
+    model (its tokenizer has no chat template) has most likely never seen the ones that are in pre-training, and
+    LoRA does not train their embeddings: both said once."""
     markers = TEMPLATE_TOKENS.get(template)
     if markers is None:
         return
     vocab = tok.get_vocab()
+    eot = END_OF_TURN[template]
+    if eot is not None and eot not in vocab:
+        fits = ", ".join(name for name, e in END_OF_TURN.items() if e is None or e in vocab)
+        raise DataError(f"data.template={template} ends a reply with {eot}, which is not a token of this tokenizer, so "
+                        f"a fine-tuned model could not learn to stop; use a template whose end-of-turn token it has "
+                        f"({fits}) or a .jinja file")
     missing = [t for t in markers if t not in vocab]
-    if missing:
-        fits = ", ".join(name for name, ts in TEMPLATE_TOKENS.items() if all(t in vocab for t in ts))
-        raise DataError(f"data.template={template} writes {', '.join(missing)}, which this tokenizer does not have as "
-                        f"tokens; use a template whose turn markers it has "
-                        f"({fits or 'none of the built-in ones: write a .jinja file with tokens it has'})")
-    log_once(log, f"the model has no chat template of its own (a base model); data.template={template} marks turns "
-                  f"with {', '.join(markers)}, which are in its vocabulary but which it has most likely never seen in "
-                  "pre-training, and LoRA does not train their embeddings: expect more steps before replies stop "
-                  "cleanly")
+    known = [t for t in markers if t in vocab]
+    said = [f"{', '.join(missing)} are not tokens of its vocabulary (written as plain text)"] if missing else []
+    if base and known:
+        said.append(f"{', '.join(known)} are in its vocabulary, but it has most likely never seen them in "
+                    "pre-training, and LoRA does not train their embeddings")
+    if said:
+        who = "the model has no chat template of its own (a base model); " if base else ""
+        log_once(log, f"{who}data.template={template} marks turns with {', '.join(markers)}: {'; '.join(said)}; "
+                      "expect more steps before replies stop cleanly")
