@@ -28,6 +28,22 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 
+CHAT_TEMPLATES = ("chatml", "gemma", "llama3", "mistral", "qwen")
+"""The built-in chat templates (data.template); qflash/data/templates/NAME.jinja, chatml in data/template.py."""
+
+
+def template_problem(value: str | None) -> str | None:
+    """What is wrong with a data.template value (None when fine): a built-in name or an existing .jinja file."""
+    if value is None or value in CHAT_TEMPLATES:
+        return None
+    if value.endswith(".jinja"):
+        return None if Path(value).expanduser().is_file() else \
+            f"is not a file ({value}); give the path of a Jinja chat template, or a built-in name"
+    near = difflib.get_close_matches(value, CHAT_TEMPLATES, n=1, cutoff=0.5)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    return (f"is not a built-in template ({value!r}); {hint}built-in: {', '.join(CHAT_TEMPLATES)}, "
+            "or give the path of a .jinja file")
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -163,7 +179,11 @@ class DataConfig:
     cache: bool = True
     """Cache tokenized data (Arrow) under $QFLASH_HOME/data-cache, keyed by files + tokenizer + settings."""
     template: str | None = None
-    """Chat template to use when the tokenizer has none: `chatml`."""
+    """Chat template to use instead of the tokenizer's (needed when it has none, as base models): chatml, llama3,
+    qwen (Qwen3-style: reasoning kept for the last reply only), gemma, mistral, or the path of a .jinja file."""
+    train_reasoning: bool = True
+    """Train the reasoning of trained replies (reasoning_content, or <think>...</think> in content); false masks it
+    and trains only the answer (and its tool calls) after it."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     """Which tokens carry loss: every assistant turn (with its end-of-turn token), only the last one, or all."""
     packing: bool = True
@@ -412,7 +432,8 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
          "needs trained rows for the new tokens: set lora.modules_to_save to the input embedding and lm_head, "
          "e.g. [embed_tokens, lm_head]")
     need(cfg.data.max_len >= 8, "data.max_len", "must be >= 8 tokens")
-    need(cfg.data.template in (None, "chatml"), "data.template", "known templates: chatml")
+    template = template_problem(cfg.data.template)
+    need(template is None, "data.template", template or "")
     need(0.0 <= cfg.data.eval_ratio < 1.0, "data.eval_ratio", "must be in [0, 1)")
     need(cfg.data.num_proc >= 0, "data.num_proc", "must be >= 0 (0 = one per core)")
     need(_known_codec(cfg.data.encoding), "data.encoding",

@@ -113,3 +113,40 @@ def test_rslora_and_dora_switches_train(switch, tiny_models, identity_subset, tm
     result = run_training(setup, quiet=True)
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert result.losses[-1] < result.losses[0]
+
+
+def test_a_base_model_without_a_chat_template_trains_with_a_built_in_template(smol_tokenizer, identity_subset,
+                                                                              tmp_path, caplog):
+    """A base model (its tokenizer has no chat template, as Llama 3 base) is refused without data.template and trains
+    with data.template=llama3: replies end with <|eot_id|>, which carries loss; the warning that a base model has
+    likely never seen the turn markers is said."""
+    import copy
+    import math
+
+    from conftest import make_tiny_model
+    from qflash import once
+    from qflash.data.template import IGNORE
+    from qflash.errors import DataError
+    from qflash.model.loading import load_tokenizer
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.chat_template = None
+    base = make_tiny_model(tmp_path / "base", "llama", tok)
+    assert load_tokenizer(base).chat_template is None
+    with pytest.raises(DataError, match="no chat template"):
+        build_setup(tiny_config(base, identity_subset, tmp_path / "refused", "train.max_steps=2"))
+
+    cfg = tiny_config(base, identity_subset, tmp_path / "run", "train.max_steps=3", "data.template=llama3",
+                      "data.cache=false")
+    once._said.clear()  # said once per process: another test may have said it already
+    with caplog.at_level("WARNING", logger="qflash.data.template"):
+        setup = build_setup(cfg)
+    assert any("no chat template of its own (a base model); data.template=llama3" in r.message for r in caplog.records)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    ex = setup.examples[0]
+    trained = [int(i) for i, label in zip(ex.input_ids, ex.labels) if label != IGNORE]
+    assert trained[-1] == eot and tok.convert_tokens_to_ids("<|start_header_id|>") in list(ex.input_ids)
+    result = run_training(setup, quiet=True)
+    assert result.steps == 3 and all(math.isfinite(loss) for loss in result.losses)
+    assert "template: llama3" in (result.adapter_dir / "qflash_config.yaml").read_text(encoding="utf-8")

@@ -131,3 +131,13 @@ def test_check_shows_the_encoding_of_each_file(tmp_path):
     assert run_check(str(tmp_path / "d"), [], columns="user=question,assistant=answer", console=c) == 0
     assert f"{tmp_path / 'd' / 'zh.csv'}: encoding big5 (cp950)" in output(c)
     assert f"{tmp_path / 'd' / 'en.csv'}: encoding utf-8" in output(c)
+
+
+def test_preview_shows_each_turn_of_a_template_that_is_not_prefix_stable(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [
+        {"from": "human", "value": "q1"}, {"from": "gpt", "value": "first answer"},
+        {"from": "human", "value": "q2"}, {"from": "gpt", "value": "second answer"}]}])
+    c = captured()
+    assert run_preview(str(p), ["data.template=qwen"], n=5, console=c) == 0
+    text = output(c)
+    assert "turn 1 of 2" in text and "turn 2 of 2" in text and "shown 2 of the first 1 records" in text

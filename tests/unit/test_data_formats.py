@@ -113,3 +113,68 @@ def test_a_record_reports_all_its_problems():
     assert [(p.field, p.kind) for p in found] == [
         ("conversations.0.value", "empty content"), ("conversations.1.from", "unknown role"),
         ("conversations.2.value", "missing content")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reasoning and tool calls (OpenAI messages)
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+
+
+def test_messages_with_reasoning_tool_calls_and_tool_results():
+    c = conv({"messages": [
+        {"role": "user", "content": "Weather in Paris, {{name}}?"},
+        {"role": "assistant", "content": None, "reasoning_content": "Ask the tool, {{name}}.", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c1", "content": ""},
+        {"role": "assistant", "content": "<think>easy</think>\n\nSunny."}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]})
+    assert c.tools == [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assert roles(c) == ["user", "assistant", "tool", "tool", "assistant"]
+    call = c.messages[1]
+    assert call["content"] == "" and call["reasoning_content"] == "Ask the tool, Zyxo."
+    assert call["tool_calls"] == [CALL]
+    assert c.messages[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
+    assert c.messages[4]["content"] == "<think>easy</think>\n\nSunny."  # inline reasoning goes to the template as is
+
+
+@pytest.mark.parametrize(
+    "messages, expected",
+    [
+        ([{"role": "assistant", "content": "a", "reasoning_content": 3}],
+         "d.jsonl:4: messages.1.reasoning_content: expected a string, got int"),
+        ([{"role": "assistant", "content": "", "tool_calls": {"name": "f"}}],
+         "d.jsonl:4: messages.1.tool_calls: expected a list of tool calls, got dict"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]}],
+         "d.jsonl:4: messages.1.tool_calls.0.function.name: expected the tool's name"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
+         "d.jsonl:4: messages.1.tool_calls.0.function.arguments: not valid JSON"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": [1]}}]}],
+         "d.jsonl:4: messages.1.tool_calls.0.function.arguments: expected a JSON object or its text, got list"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"type": "code", "function": {"name": "f"}}]}],
+         "d.jsonl:4: messages.1.tool_calls.0.type: expected 'function'"),
+        ([{"role": "assistant", "content": ""}], "d.jsonl:4: messages.1.content: empty"),
+        ([{"role": "assistant", "content": "x", "tool_calls": [CALL]}, {"role": "user", "content": "y"},
+          {"role": "assistant", "content": "z"}],
+         "d.jsonl:4: messages.2.role: turn 2: expected a tool turn, got user (the reply before it calls tools"),
+        ([{"role": "assistant", "content": "x"}, {"role": "tool", "content": "1"}, {"role": "assistant", "content": "z"}],
+         "d.jsonl:4: messages.2.role: turn 2: expected a user turn, got tool (a tool message answers an assistant "
+         "turn with tool_calls)"),
+        ([{"role": "assistant", "content": "", "tool_calls": [CALL]}, {"role": "tool", "content": "1"}],
+         "d.jsonl:4: messages.2: the conversation ends with a tool turn that has no reply"),
+        ([{"role": "assistant", "content": "x"}, {"role": "tool", "content": 5}],
+         "d.jsonl:4: messages.2.content: expected a string, got int"),
+    ],
+)
+def test_bad_reasoning_and_tool_fields_name_file_line_field(messages, expected):
+    data = {"messages": [{"role": "user", "content": "q"}] + messages}
+    (first, *_) = problems(data)
+    assert first.message.startswith(expected), first.message
+
+
+def test_bad_tool_definitions_name_file_line_field():
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    (first,) = problems({"messages": msgs, "tools": [{"type": "function", "function": {"description": "no name"}}]})
+    assert first.message.startswith('d.jsonl:4: tools.0: expected {"type": "function", "function": {"name"')
+    (first,) = problems({"messages": msgs, "tools": "get_weather"})
+    assert first.message == "d.jsonl:4: tools: expected a list of tool definitions, got str"

@@ -379,3 +379,22 @@ def test_training_logs_the_encoding_of_every_file(tmp_path, renderer, caplog):
     said = [r.getMessage() for r in caplog.records]
     assert f"data: {tmp_path / 'd' / 'a.jsonl'}: encoding utf-8" in said
     assert f"data: {tmp_path / 'd' / 'b.jsonl'}: encoding gb18030" in said
+
+
+def test_a_template_that_is_not_prefix_stable_gives_one_sample_per_turn_and_says_so(tmp_path, smol_tokenizer, caplog):
+    """Qwen3-style (data.template=qwen): a two-turn conversation becomes two samples, each ending with its reply, and
+    the extra sample is said in the log; a tool result is never trained."""
+    call = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    rows = [{"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                          {"role": "user", "content": "q2"},
+                          {"role": "assistant", "content": "", "reasoning_content": "r2", "tool_calls": [call]},
+                          {"role": "tool", "content": "TOOL-OUT"}, {"role": "assistant", "content": "a2"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "one"}]}]
+    p = write_jsonl(tmp_path / "agent.jsonl", rows)
+    cfg = data_cfg(p, "data.template=qwen", "data.train_reasoning=false")
+    with caplog.at_level("INFO", logger="qflash.data.pipeline"):
+        examples, stats = build_examples(cfg, ChatRenderer(smol_tokenizer, "qwen", train_reasoning=False))
+    texts = sorted(trained_text(smol_tokenizer, ex) for ex in examples)
+    assert texts == sorted(["a1" + EOT, '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>' + EOT,
+                            "a2" + EOT, "one" + EOT])
+    assert "2 sequence(s) more than conversations" in caplog.text

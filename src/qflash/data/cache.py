@@ -28,9 +28,9 @@ from qflash.paths import sha256_file
 from qflash.config import DataConfig, DatasetSpec
 from qflash.data.problems import Problem
 from qflash.data.table import ExampleTable
-from qflash.data.template import TEMPLATES
+from qflash.data.template import template_source
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5  # 5: conversations of templates that are not prefix-stable train as one sequence per turn
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -77,7 +77,7 @@ def tokenizer_identity(model_dir: Path, template_text: str | None) -> str:
 
 def tokenizer_identity_for_dir(model_dir: Path, template: str | None) -> str:
     """The identity a ChatRenderer built from this directory would have (data.template = `template`)."""
-    text = TEMPLATES[template] if template else file_chat_template(model_dir)
+    text = template_source(template) if template else file_chat_template(model_dir)
     return tokenizer_identity(model_dir, text)
 
 
@@ -101,6 +101,8 @@ def dataset_key(spec: DatasetSpec, cfg: DataConfig, files: list[Path], tok_ident
         "format": [spec.format, spec.columns, spec.prompt_template],
         "data": [cfg.vars, cfg.max_len, cfg.too_long, cfg.train_on, cfg.template, cfg.encoding],
     }
+    if not cfg.train_reasoning:  # only then, so the keys of the default setting stay as they were
+        what["train_reasoning"] = False
     return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
 
 

@@ -108,7 +108,7 @@ def _renderer_factory(cfg: Config, model_dir: Path):
 
         tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
         add_tokens(tok, cfg.model.add_tokens)  # the data is tokenized as training will tokenize it
-        return ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
+        return ChatRenderer(tok, cfg.data.template, cfg.data.train_on, cfg.data.train_reasoning)
 
     return build
 
@@ -342,18 +342,21 @@ def run_preview(source: str, overrides, *, fmt: str | None = None, columns: str 
             if isinstance(result, list):
                 problems[result[0].kind] += 1
                 continue
-            (encoded,) = renderer.encode_many([result])
-            if isinstance(encoded, Problem):
-                problems[encoded.kind] += 1
+            (sequences,) = renderer.encode_sequences([result])
+            if isinstance(sequences, Problem):
+                problems[sequences.kind] += 1
                 continue
-            fitted = fit_to_max_len(encoded, cfg.data.max_len, cfg.data.too_long)
-            ex = fitted.example or encoded
-            note = " [yellow]truncated[/]" if fitted.truncated else (
-                f" [yellow]split into {len(fitted.pieces)} pieces[/]" if fitted.pieces is not None else
-                f" [red]{fitted.reason}[/]" if fitted.example is None else "")
-            shown += 1
-            out.rule(f"sample {shown} · {escape(result.where)} · {len(ex.input_ids)} tokens, {ex.n_trained} trained{note}")
-            out.print(sample_text(renderer.tok, ex))
+            for k, encoded in enumerate(sequences):  # several: one per turn, for a template that is not prefix-stable
+                fitted = fit_to_max_len(encoded, cfg.data.max_len, cfg.data.too_long)
+                ex = fitted.example or encoded
+                note = " [yellow]truncated[/]" if fitted.truncated else (
+                    f" [yellow]split into {len(fitted.pieces)} pieces[/]" if fitted.pieces is not None else
+                    f" [red]{fitted.reason}[/]" if fitted.example is None else "")
+                turn = f" · turn {k + 1} of {len(sequences)}" if len(sequences) > 1 else ""
+                shown += 1
+                out.rule(f"sample {shown} · {escape(result.where)}{turn} · {len(ex.input_ids)} tokens, "
+                         f"{ex.n_trained} trained{note}")
+                out.print(sample_text(renderer.tok, ex))
     out.rule()
     summary = f"shown {shown} of the first {records:,} records"
     if problems:

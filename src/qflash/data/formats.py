@@ -1,7 +1,11 @@
 """Record formats -> Conversation (system/user/assistant turns), with placeholders filled.
 
 Formats (DatasetSpec.format; `auto` decides per record from its keys, in this order):
-  messages  {"messages": [{"role": system|user|assistant, "content": ...}]}          (OpenAI)
+  messages  {"messages": [{"role": system|user|assistant|tool, "content": ...}]}     (OpenAI)
+            an assistant message may carry "reasoning_content" (or <think>...</think> inline in its content) and
+            "tool_calls" ([{"type": "function", "function": {"name", "arguments": JSON text or object}}], its
+            content may then be empty); the "tool" messages that follow it hold the results; the record's
+            "tools" (definitions) go to the template as `tools`
   sharegpt  {"conversations": [{"from": human|user|gpt|assistant|system, "value": ...}], "system"?: ...}
   alpaca    {"instruction", "output", "input"?, "system"?, "history"?: [[question, answer], ...]}
   columns   any record, when DatasetSpec.columns maps roles to columns ({user: ask, assistant: answer});
@@ -20,6 +24,7 @@ with three empty turns gives three problems), each as `file:line: field: reason`
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,12 +47,15 @@ _TEMPLATE_FIELD = re.compile(r"(?<!\{)\{([^{}\n]+)\}(?!\})")
 
 @dataclass
 class Conversation:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
+    """role + content, and on OpenAI records: reasoning_content, tool_calls (assistant), tool_call_id, name (tool)."""
     file: str = ""
     line: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     text: str | None = None
     """Set for format=text: the whole sample, trained on every token (messages is then empty)."""
+    tools: list[dict[str, Any]] | None = None
+    """Tool definitions of an OpenAI record (its `tools` list), passed to the chat template as `tools`."""
 
     @property
     def where(self) -> str:
@@ -60,6 +68,8 @@ class _Turn:
     content: str
     field: str
     """Where the turn came from in the record (`conversations.2.value`), for problems."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """OpenAI fields passed to the chat template as they are: reasoning_content, tool_calls, tool_call_id, name."""
 
 
 class _Issues:
@@ -228,8 +238,98 @@ def _turn_list(d: dict, key: str, role_key: str, content_key: str, role_map: dic
     return turns
 
 
+MESSAGE_ROLES = ROLES + ("tool",)
+
+
 def _messages(d: dict, spec: DatasetSpec, issues: _Issues) -> list[_Turn]:
-    return _turn_list(d, "messages", "role", "content", {r: r for r in ROLES}, issues)
+    items = d.get("messages")
+    if not isinstance(items, list) or not items:
+        kind: ProblemKind = "missing content" if items in (None, []) else "wrong type"
+        issues.add("messages", "expected a non-empty list of turns", kind)
+        return []
+    turns = []
+    for i, m in enumerate(items):
+        turn = _message(m, f"messages.{i}", issues)
+        if turn is not None:
+            turns.append(turn)
+    return turns
+
+
+def _message(m: Any, where: str, issues: _Issues) -> _Turn | None:
+    """One OpenAI message as a turn (None after recording its problems)."""
+    if not isinstance(m, dict):
+        issues.add(where, "expected an object with 'role' and 'content'", "wrong type")
+        return None
+    role = m.get("role")
+    if role not in MESSAGE_ROLES:
+        issues.add(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(sorted(MESSAGE_ROLES))}",
+                   "unknown role")
+        return None
+    before = len(issues.items)
+    extra: dict[str, Any] = {}
+    if role == "assistant":
+        extra = _assistant_extras(m, where, issues)
+    elif role == "tool":
+        extra = {k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)}
+    if (role == "system" and m.get("content") == "") or (role == "tool" and m.get("content") == ""):
+        text: str | None = ""  # an empty system prompt or tool result is data too
+    elif role == "assistant" and extra.get("tool_calls") and m.get("content") in (None, ""):
+        text = ""  # a reply that only calls tools
+    else:
+        text = _need_text(m, "content", f"{where}.content", issues)
+    if text is None or len(issues.items) > before:
+        return None
+    return _Turn(role, text, where, extra)
+
+
+def _assistant_extras(m: dict, where: str, issues: _Issues) -> dict[str, Any]:
+    """reasoning_content and tool_calls of an assistant message, checked (problems recorded)."""
+    extra: dict[str, Any] = {}
+    reasoning = m.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        issues.add(f"{where}.reasoning_content", f"expected a string, got {type(reasoning).__name__}", "wrong type")
+    elif reasoning:
+        extra["reasoning_content"] = reasoning
+    calls = m.get("tool_calls")
+    if calls is None or calls == []:
+        return extra
+    if not isinstance(calls, list):
+        issues.add(f"{where}.tool_calls", f"expected a list of tool calls, got {type(calls).__name__}", "wrong type")
+        return extra
+    checked = [_tool_call(c, f"{where}.tool_calls.{j}", issues) for j, c in enumerate(calls)]
+    if all(c is not None for c in checked):
+        extra["tool_calls"] = checked
+    return extra
+
+
+def _tool_call(call: Any, where: str, issues: _Issues) -> dict | None:
+    """One OpenAI tool call {"type": "function", "function": {"name", "arguments"}} (None after a problem)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        issues.add(where, 'expected {"type": "function", "function": {"name": ..., "arguments": ...}}', "wrong type")
+        return None
+    if call.get("type", "function") != "function":
+        issues.add(f"{where}.type", f"expected 'function', got {call.get('type')!r}", "wrong type")
+        return None
+    name, args = fn.get("name"), fn.get("arguments", {})
+    if not isinstance(name, str) or not name.strip():
+        issues.add(f"{where}.function.name", "expected the tool's name (a non-empty string)", "missing content")
+        return None
+    if isinstance(args, str):
+        try:
+            json.loads(args)
+        except ValueError as e:
+            issues.add(f"{where}.function.arguments", f"not valid JSON ({e}); write the arguments as a JSON object "
+                       "or as its JSON text", "wrong type")
+            return None
+    elif not isinstance(args, dict):
+        issues.add(f"{where}.function.arguments", f"expected a JSON object or its text, got {type(args).__name__}",
+                   "wrong type")
+        return None
+    out = {"type": "function", "function": {"name": name, "arguments": args}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
 
 
 def _sharegpt(d: dict, spec: DatasetSpec, issues: _Issues) -> list[_Turn]:
@@ -355,25 +455,42 @@ def needed_columns(spec: DatasetSpec) -> list[str]:
 # Turn order and the public entry points
 
 
+def _expected_roles(prev: _Turn | None) -> tuple[str, ...]:
+    """The roles that may follow `prev`: user and assistant alternate, user first; an assistant turn that calls
+    tools is followed by their results (tool turns), then by the assistant again."""
+    if prev is None or (prev.role == "assistant" and not prev.extra.get("tool_calls")):
+        return ("user",)
+    if prev.role == "user":
+        return ("assistant",)
+    if prev.role == "assistant":
+        return ("tool",)
+    return ("tool", "assistant")  # after a tool result: more results, or the reply that uses them
+
+
 def _order_problems(turns: list[_Turn], role_key: str, issues: _Issues) -> None:
-    """system? then user/assistant alternating, user first, at least one assistant turn, ending with one."""
+    """system? then user/assistant alternating, user first (tool results after a reply that calls tools), at least
+    one assistant turn, ending with one."""
     body = turns[1:] if turns and turns[0].role == "system" else turns
+    prev = None
     for i, t in enumerate(body):
+        where = f"{t.field}.{role_key}" if role_key else t.field
         if t.role == "system":
-            issues.add(f"{t.field}.{role_key}" if role_key else t.field,
-                       "a system message is only allowed first", "wrong turn order")
+            issues.add(where, "a system message is only allowed first", "wrong turn order")
             return
-        expected = "user" if i % 2 == 0 else "assistant"
-        if t.role != expected:
-            issues.add(f"{t.field}.{role_key}" if role_key else t.field,
-                       f"turn {i}: expected {'an' if expected == 'assistant' else 'a'} {expected} turn, got {t.role} "
-                       "(turns must alternate, user first)",
-                       "wrong turn order")
+        expected = _expected_roles(prev)
+        if t.role not in expected:
+            want = " or ".join(f"{'an' if r == 'assistant' else 'a'} {r}" for r in expected)
+            why = ("(the reply before it calls tools: their results come next, as tool messages)" if expected == ("tool",)
+                   else "(a tool message answers an assistant turn with tool_calls)" if t.role == "tool"
+                   else "(turns must alternate, user first)")
+            issues.add(where, f"turn {i}: expected {want} turn, got {t.role} {why}", "wrong turn order")
             return
+        prev = t
     if not any(t.role == "assistant" for t in body):
         issues.add("", "no assistant turn, nothing to train on", "no assistant turn")
     elif body[-1].role != "assistant":
-        issues.add(body[-1].field, "the conversation ends with a user turn that has no reply", "wrong turn order")
+        issues.add(body[-1].field, f"the conversation ends with a {body[-1].role} turn that has no reply",
+                   "wrong turn order")
 
 
 _ROLE_KEYS = {"messages": "role", "sharegpt": "from"}
@@ -408,12 +525,33 @@ def normalize(record: Record, spec: DatasetSpec, variables: dict[str, str]) -> C
     if issues.items:
         return issues.items
     _order_problems(turns, _ROLE_KEYS.get(fmt, ""), issues)
+    tools = _tools(d, issues) if fmt == "messages" else None
     messages = []
     for t in turns:
         content = _fill(t.content, variables, missing)
         _missing_placeholders(missing, t.field, issues)
-        messages.append({"role": t.role, "content": content})
-    return issues.items or Conversation(messages, record.file, record.line, {"format": fmt})
+        message: dict[str, Any] = {"role": t.role, "content": content}
+        if "reasoning_content" in t.extra:
+            message["reasoning_content"] = _fill(t.extra["reasoning_content"], variables, missing)
+            _missing_placeholders(missing, f"{t.field}.reasoning_content", issues)
+        messages.append({**t.extra, **message})
+    return issues.items or Conversation(messages, record.file, record.line, {"format": fmt}, tools=tools)
+
+
+def _tools(d: dict, issues: _Issues) -> list[dict] | None:
+    """The tool definitions of an OpenAI record ([{"type": "function", "function": {"name", ...}}]), checked."""
+    tools = d.get("tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        issues.add("tools", f"expected a list of tool definitions, got {type(tools).__name__}", "wrong type")
+        return None
+    for j, tool in enumerate(tools):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            issues.add(f"tools.{j}", 'expected {"type": "function", "function": {"name": ..., "parameters": ...}}',
+                       "wrong type")
+    return tools
 
 
 def _missing_placeholders(missing: list[str], fieldname: str, issues: _Issues) -> None:

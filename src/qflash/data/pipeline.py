@@ -145,6 +145,9 @@ class EncodedChunk:
     """... and the pieces they became."""
     pair_records: dict[str, int] = field(default_factory=dict)
     """file -> records that are preference pairs (chosen/rejected), not conversations."""
+    extra_turn_sequences: int = 0
+    """Sequences beyond one per conversation: a template that is not prefix-stable renders a conversation once per
+    trained turn."""
 
 
 def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfig,
@@ -171,26 +174,29 @@ def process_records(records: Sequence[Record], spec: DatasetSpec, cfg: DataConfi
     kept: list[Example] = []
     dropped: list[Problem] = []
     truncated = split = pieces = 0
-    for conv, raw, res in zip(convs, raws, renderer.encode_many(convs) if convs else []):
+    per_turn = 0
+    for conv, raw, res in zip(convs, raws, renderer.encode_sequences(convs) if convs else []):
         if isinstance(res, Problem):
             res.raw = raw
             problems.append(res)
             continue
-        if res.n_trained == 0:
-            problems.append(Problem(conv.file, conv.line, "", "no trained tokens after rendering; check the roles "
-                                    "of its turns and data.train_on", "template mismatch", raw))
-            continue
-        fitted = fit_to_max_len(res, cfg.max_len, cfg.too_long)
-        if fitted.kept:
-            kept += fitted.kept
-            truncated += fitted.truncated
-            if fitted.pieces is not None:
-                split, pieces = split + 1, pieces + len(fitted.pieces)
-        else:
-            (dropped if cfg.too_long == "drop" else problems).append(
-                Problem(conv.file, conv.line, "", fitted.reason, "too long", raw))
+        per_turn += len(res) - 1  # a template that is not prefix-stable: one sequence per trained turn
+        for ex in res:
+            if ex.n_trained == 0:
+                problems.append(Problem(conv.file, conv.line, "", "no trained tokens after rendering; check the roles "
+                                        "of its turns and data.train_on", "template mismatch", raw))
+                continue
+            fitted = fit_to_max_len(ex, cfg.max_len, cfg.too_long)
+            if fitted.kept:
+                kept += fitted.kept
+                truncated += fitted.truncated
+                if fitted.pieces is not None:
+                    split, pieces = split + 1, pieces + len(fitted.pieces)
+            else:
+                (dropped if cfg.too_long == "drop" else problems).append(
+                    Problem(conv.file, conv.line, "", fitted.reason, "too long", raw))
     return EncodedChunk(ExampleTable.from_examples(kept), problems, dropped, truncated, unknown, formats,
-                        split=split, pieces=pieces, pair_records=pairs)
+                        split=split, pieces=pieces, pair_records=pairs, extra_turn_sequences=per_turn)
 
 
 def examples_of(chunks: Sequence[EncodedChunk]) -> ExampleTable:
@@ -339,6 +345,10 @@ def encode_dataset(
     for c in chunks:
         for fmt, n in c.formats.items():
             result.formats[fmt] = result.formats.get(fmt, 0) + n
+    extra = sum(c.extra_turn_sequences for c in chunks)
+    if extra:  # the token cost of a template that is not prefix-stable, said as information
+        log.info("data: %s: the chat template renders earlier turns differently, so multi-turn conversations train "
+                 "as one sequence per assistant turn: %s sequence(s) more than conversations", spec.path, f"{extra:,}")
     if key is not None:
         cache.save(cache_dir, key, cache.CachedDataset(  # type: ignore[arg-type]
             result.examples, result.records, result.problems, result.dropped, result.truncated,
@@ -599,6 +609,8 @@ def data_fingerprint(cfg: DataConfig, tok, replay_answers: str | None = None) ->
     }
     if cfg.encoding != "auto":  # only then, so runs that leave it alone keep the fingerprints they had
         settings["encoding"] = cfg.encoding
+    if not cfg.train_reasoning:  # only then, so runs that leave it alone keep the fingerprints they had
+        settings["train_reasoning"] = False
     if cfg.replay.prompts:  # only then, so runs without replay keep the fingerprints they had
         r = cfg.replay
         settings["replay"] = [r.prompts, r.ratio, r.max_new_tokens, r.system, r.unfinished, replay_answers]

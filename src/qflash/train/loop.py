@@ -76,7 +76,7 @@ def build_setup(cfg: Config, *, quiet: bool = False) -> Setup:
     refuse_unloadable(model_dir)  # before the data is tokenized
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     add_tokens(tok, cfg.model.add_tokens)
-    renderer = ChatRenderer(tok, cfg.data.template, cfg.data.train_on)
+    renderer = ChatRenderer(tok, cfg.data.template, cfg.data.train_on, cfg.data.train_reasoning)
     objective = None
     if cfg.train.objective != "sft":
         from qflash.data.preference import build_pairs
