@@ -207,6 +207,17 @@ def test_flash_varlen_twin_matches_per_document_attention_and_its_gradients(wind
     assert torch.allclose(lse[:, 5].double(), s[0], atol=1e-5)
 
 
+def test_a_window_an_older_varlen_attn_cannot_take_goes_through_flash_varlen(monkeypatch):
+    """PyTorch's varlen_attn without window_size (an older release): a windowed call runs qflash::flash_varlen (the
+    same FlashAttention-2 kernels on CUDA, told the window; its twin here), not plain causal attention."""
+    monkeypatch.setattr(attention, "_varlen_kwargs", {"is_causal": True})
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 7, 16], dtype=torch.int32)
+    q, k, v = torch.randn(16, 4, 8), torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+    got = attention._torch_varlen(q, k, v, cu, cu, 9, 9, 0.3, window=3)
+    torch.testing.assert_close(got, _per_document_sdpa(q, k, v, cu, 0.3, 3), rtol=1e-5, atol=1e-5)
+
+
 def test_keeping_and_reusing_hand_the_forward_outputs_to_the_recompute():
     torch.manual_seed(0)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)

@@ -240,9 +240,6 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0, windo
         log.warning("attention.backend=torch_varlen: the model asks for attention dropout %.3g, which PyTorch's varlen "
                     "kernel does not implement; trained without it (attention.backend=flash_attn or sdpa apply it)",
                     dropout)
-    if _MEMO.mode is not None:
-        scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
-        return flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, _window_left(window))[0]
     from torch.nn.attention.varlen import varlen_attn
 
     if _varlen_kwargs is None:
@@ -250,13 +247,13 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, dropout=0.0, windo
         _varlen_kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
         if "enable_gqa" in params:
             _varlen_kwargs["enable_gqa"] = True
+    if _MEMO.mode is not None or (window and "window_size" not in _varlen_kwargs):
+        # kept attention, or a window this PyTorch's varlen_attn cannot take: the same FlashAttention-2 kernels
+        # through qflash::flash_varlen, which hands them the window
+        scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
+        return flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, _window_left(window))[0]
     kwargs = dict(_varlen_kwargs)
     if window:
-        if "window_size" not in kwargs:
-            raise PackingError(f"a {max_q}-token document reached a sliding-window attention layer (window {window}), "
-                               f"which PyTorch {torch.__version__}'s varlen kernel cannot limit; keep data.max_len <= "
-                               f"{window}, or use attention.backend=flash_attn or sdpa (or a PyTorch whose varlen_attn "
-                               "takes window_size)")
         kwargs["window_size"] = (_window_left(window), 0)
     if q.shape[1] != k.shape[1] and "enable_gqa" not in kwargs:
         rep = q.shape[1] // k.shape[1]
