@@ -134,3 +134,26 @@ def test_two_processes_match_one_and_resume_in_one(tiny_run, tmp_path):
     for step in range(1, 7):
         assert lm[step] == pytest.approx(l1[step], rel=1e-4), (step, lm, l1)
     _same_adapter(mixed, one)
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_match_one(tiny_run, tmp_path):
+    """Multi-node as the README shows it: two torchrun "nodes" (`--nnodes 2 --node_rank 0|1`, one process each,
+    c10d rendezvous at one endpoint), here both on this host, train as one process does."""
+    cfg_path, one = tiny_run
+    run = tmp_path / "nodes"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                               "--rdzv-id=qflash-test", "-m", "qflash.cli", "train", str(cfg_path), f"output_dir={run}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "2 processes (ddp" in logs[0] + logs[1]
+    l1, ln = _losses(one), _losses(run)
+    assert sorted(ln) == list(range(1, 7))
+    for step in l1:
+        assert ln[step] == pytest.approx(l1[step], rel=1e-4), (step, l1, ln)
+    _same_adapter(run, one)
