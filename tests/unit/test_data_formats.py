@@ -178,3 +178,49 @@ def test_bad_tool_definitions_name_file_line_field():
     assert first.message.startswith('d.jsonl:4: tools.0: expected {"type": "function", "function": {"name"')
     (first,) = problems({"messages": msgs, "tools": "get_weather"})
     assert first.message == "d.jsonl:4: tools: expected a list of tool definitions, got str"
+
+
+def test_sharegpt_with_llama_factory_tool_turns():
+    """LLaMA-Factory's ShareGPT tool layout: function_call / observation turns and a tools list as JSON text become
+    OpenAI tool_calls, tool messages and tool definitions."""
+    c = conv({"conversations": [
+        {"from": "human", "value": "Weather in Paris and Rome?"},
+        {"from": "function_call", "value": "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}, "
+                                           "{\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\": \\\"Rome\\\"}\"}]"},
+        {"from": "observation", "value": "sunny"}, {"from": "observation", "value": "rain"},
+        {"from": "gpt", "value": "Paris is sunny, Rome rainy."},
+        {"from": "human", "value": "And Oslo?"},
+        {"from": "function_call", "value": "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}"},
+        {"from": "observation", "value": ""},
+        {"from": "gpt", "value": "No answer for Oslo."}],
+        "tools": "[{\"name\": \"get_weather\", \"description\": \"d\", \"parameters\": {\"type\": \"object\"}}]"})
+    assert roles(c) == ["user", "assistant", "tool", "tool", "assistant", "user", "assistant", "tool", "assistant"]
+    assert c.messages[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}]}
+    assert c.messages[2] == {"role": "tool", "content": "sunny"} and c.messages[7]["content"] == ""
+    assert c.messages[6]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert c.tools == [{"type": "function", "function": {"name": "get_weather", "description": "d",
+                                                         "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize(
+    "turns, tools, expected",
+    [
+        ([{"from": "function_call", "value": "get_weather(Paris)"}], None,
+         "d.jsonl:4: conversations.1.value: not valid JSON"),
+        ([{"from": "function_call", "value": "{\"arguments\": {}}"}], None,
+         "d.jsonl:4: conversations.1.value.function.name: expected the tool's name"),
+        ([{"from": "function_call", "value": "[{\"name\": \"f\", \"arguments\": \"{oops\"}]"}], None,
+         "d.jsonl:4: conversations.1.value.0.function.arguments: not valid JSON"),
+        ([{"from": "gpt", "value": "x"}, {"from": "observation", "value": "1"}], None,
+         "d.jsonl:4: conversations.2.from: turn 2: expected a user turn, got tool"),
+        ([{"from": "gpt", "value": "x"}], "[{\"name\": \"f\",", "d.jsonl:4: tools: not valid JSON"),
+    ],
+)
+def test_bad_llama_factory_tool_turns_name_file_line_field(turns, tools, expected):
+    data = {"conversations": [{"from": "human", "value": "q"}] + turns}
+    if tools is not None:
+        data["tools"] = tools
+    (first, *_) = problems(data)
+    assert first.message.startswith(expected), first.message

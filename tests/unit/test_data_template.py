@@ -455,3 +455,29 @@ def test_an_agent_turn_whose_replies_all_keep_their_reasoning_stays_one_sequence
     (one,) = renderer(base_tok, "qwen").encode_sequences([conv])[0]
     assert trained_text(base_tok, one) == ('<think>\nr1\n</think>\n\n<tool_call>\n{"name": "f", "arguments": {}}\n'
                                            '</tool_call>' + EOT + "<think>\nr2\n</think>\n\na" + EOT)
+
+
+def test_a_llama_factory_sharegpt_tool_record_trains_calls_and_replies_not_observations(base_tok):
+    """A LLaMA-Factory ShareGPT record (function_call / observation turns, tools as JSON text) through the built-in
+    qwen template: each sequence is transformers' rendering of the OpenAI form; what is trained is the reply as
+    rendered when last (a call renders as its <tool_call> block), never a tool result."""
+    from qflash.config import DatasetSpec
+    from qflash.data.formats import normalize
+    from qflash.data.readers import Record
+
+    record = {"conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "OBSERVED-sunny"},
+        {"from": "gpt", "value": "Sunny in Paris."}],
+        "tools": json.dumps([{"name": "get_weather", "description": "Weather of a city",
+                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])}
+    conv = normalize(Record(record, "lf.json", 1), DatasetSpec(path="lf.json"), {})
+    assert not isinstance(conv, list), conv
+    (seqs,) = renderer(base_tok, "qwen").encode_sequences([conv])
+    trained = "".join(trained_text(base_tok, ex) for ex in seqs)
+    assert '"get_weather"' in trained and "Sunny in Paris." in trained
+    assert "OBSERVED" not in trained
+    full = base_tok.apply_chat_template(conv.messages, tokenize=False, chat_template=template_source("qwen"),
+                                        tools=conv.tools)
+    assert decoded(base_tok, seqs[-1].input_ids) == full and "OBSERVED-sunny" in full

@@ -7,6 +7,9 @@ Formats (DatasetSpec.format; `auto` decides per record from its keys, in this or
             content may then be empty); the "tool" messages that follow it hold the results; the record's
             "tools" (definitions) go to the template as `tools`
   sharegpt  {"conversations": [{"from": human|user|gpt|assistant|system, "value": ...}], "system"?: ...}
+            LLaMA-Factory's tool turns too: "function_call" (its value the JSON text of {"name", "arguments"}, or
+            of a list of them: an assistant turn calling tools) and "observation" (a tool result); the record's
+            "tools" (a list of definitions, or its JSON text) go to the template as `tools`
   alpaca    {"instruction", "output", "input"?, "system"?, "history"?: [[question, answer], ...]}
   columns   any record, when DatasetSpec.columns maps roles to columns ({user: ask, assistant: answer});
             DatasetSpec.prompt_template builds the user turn from several columns
@@ -36,6 +39,8 @@ from qflash.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# SFT conversations also take LLaMA-Factory's tool turns (preference pairs do not)
+SHAREGPT_TOOL_ROLES = {**SHAREGPT_ROLES, "function_call": "function_call", "observation": "tool"}
 COLUMN_ROLES = ("system", "user", "assistant", "text")
 
 # {{name}} style, plus the <NAME>/<AUTHOR> style of public self-cognition files.
@@ -229,8 +234,8 @@ def _turn_list(d: dict, key: str, role_key: str, content_key: str, role_map: dic
             issues.add(f"{where}.{role_key}", f"unknown role {role!r}; expected one of {', '.join(sorted(role_map))}",
                        "unknown role")
             continue
-        if role_map[role] == "system" and t.get(content_key) == "":
-            text: str | None = ""  # an empty system prompt is allowed: the data asks for one
+        if role_map[role] in ("system", "tool") and t.get(content_key) == "":
+            text: str | None = ""  # an empty system prompt or tool result is data too
         else:
             text = _need_text(t, content_key, f"{where}.{content_key}", issues)
         if text is not None:
@@ -333,7 +338,9 @@ def _tool_call(call: Any, where: str, issues: _Issues) -> dict | None:
 
 
 def _sharegpt(d: dict, spec: DatasetSpec, issues: _Issues) -> list[_Turn]:
-    turns = _turn_list(d, "conversations", "from", "value", SHAREGPT_ROLES, issues)
+    turns = [_sharegpt_call(t, issues) if t.role == "function_call" else t
+             for t in _turn_list(d, "conversations", "from", "value", SHAREGPT_TOOL_ROLES, issues)]
+    turns = [t for t in turns if t is not None]
     system = d.get("system")
     if system and not (turns and turns[0].role == "system"):
         if isinstance(system, str):
@@ -452,6 +459,26 @@ def needed_columns(spec: DatasetSpec) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+def _sharegpt_call(turn: _Turn, issues: _Issues) -> _Turn | None:
+    """A LLaMA-Factory "function_call" turn: its value, the JSON text of {"name", "arguments"} (or a list of them),
+    as an assistant turn with OpenAI tool_calls (None after a problem)."""
+    where = f"{turn.field}.value"
+    try:
+        value = json.loads(turn.content)
+    except ValueError as e:
+        issues.add(where, f'not valid JSON ({e}); a function_call turn holds {{"name": ..., "arguments": ...}} as '
+                   "JSON text", "wrong type")
+        return None
+    calls = value if isinstance(value, list) else [value]
+    checked = [_tool_call({"type": "function", "function": c} if isinstance(c, dict) else c, f"{where}.{j}"
+                          if isinstance(value, list) else where, issues) for j, c in enumerate(calls)]
+    if not calls or any(c is None for c in checked):
+        if not calls:
+            issues.add(where, "an empty list of calls", "missing content")
+        return None
+    return _Turn("assistant", "", turn.field, {"tool_calls": checked})
+
+
 # Turn order and the public entry points
 
 
@@ -525,7 +552,7 @@ def normalize(record: Record, spec: DatasetSpec, variables: dict[str, str]) -> C
     if issues.items:
         return issues.items
     _order_problems(turns, _ROLE_KEYS.get(fmt, ""), issues)
-    tools = _tools(d, issues) if fmt == "messages" else None
+    tools = _tools(d, issues) if fmt in ("messages", "sharegpt") else None
     messages = []
     for t in turns:
         content = _fill(t.content, variables, missing)
@@ -541,7 +568,16 @@ def normalize(record: Record, spec: DatasetSpec, variables: dict[str, str]) -> C
 def _tools(d: dict, issues: _Issues) -> list[dict] | None:
     """The tool definitions of an OpenAI record ([{"type": "function", "function": {"name", ...}}]), checked."""
     tools = d.get("tools")
-    if tools is None or tools == []:
+    if isinstance(tools, str) and tools.strip().startswith("["):  # LLaMA-Factory keeps them as JSON text
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            issues.add("tools", f"not valid JSON ({e}); write the tool definitions as a list or its JSON text",
+                       "wrong type")
+            return None
+        tools = [{"type": "function", "function": t} if isinstance(t, dict) and "function" not in t and "name" in t
+                 else t for t in tools]  # LLaMA-Factory's bare {"name", "description", "parameters"}
+    if tools is None or tools == [] or tools == "":
         return None
     if not isinstance(tools, list):
         issues.add("tools", f"expected a list of tool definitions, got {type(tools).__name__}", "wrong type")
