@@ -98,6 +98,36 @@ def test_a_trained_run_exports_merged_with_its_fidelity(tiny_models, identity_su
     assert not list(out.parent.glob(".*"))  # nothing temporary left beside it
 
 
+def test_a_run_with_added_tokens_exports_them_as_control_tokens(tiny_models, tmp_path):
+    """model.add_tokens + trained embedding/lm_head rows: the GGUF holds the grown vocabulary, the new tokens at
+    their ids typed as control tokens (as llama.cpp's converter types added special tokens), and reads back with
+    the merged model's logits."""
+    from gguf import GGUFReader
+
+    from qflash.train.loop import build_setup, run_training
+
+    new = ["<|tool_call|>", "<|observation|>"]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Look up item {i}."},
+        {"role": "assistant", "content": f"{new[0]} search({i}) {new[1]} found item {i}."}]}) + "\n"
+        for i in range(8)), encoding="utf-8")
+    cfg = tiny_config(tiny_models["qwen2"], data, tmp_path / "run", "train.max_steps=2", "data.eval_ratio=0.25",
+                      f"model.add_tokens={json.dumps(new)}", "lora.modules_to_save=[embed_tokens, lm_head]")
+    setup = build_setup(cfg, quiet=True)
+    run_training(setup, quiet=True)
+    ids = setup.tokenizer.convert_tokens_to_ids(new)
+    out = tmp_path / "run.gguf"
+    report = export(ExportOptions(str(tmp_path / "run"), dtype="f16", output=str(out)))
+    assert report["fidelity"]["mean_kl"] < 1e-4 and report["fidelity"]["top1_agreement"] > 0.99, report["fidelity"]
+    fields = GGUFReader(str(out)).fields
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert len(tokens.data) == len(setup.tokenizer)
+    for token, i in zip(new, ids):
+        assert bytes(tokens.parts[tokens.data[i]]).decode() == token
+        assert int(types.parts[types.data[i]][0]) == 3  # gguf TokenType.CONTROL
+
+
 def test_bad_inputs_leave_nothing_behind(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM, GPT2Config
 
