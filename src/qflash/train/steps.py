@@ -228,21 +228,27 @@ def train_step(run: Run, step: int) -> StepRecord:
     return StepRecord(step + 1, ids, loss, lr, grad_norm, finite, scale, n_trained, real, time.perf_counter() - t0)
 
 
+def _pair_batch(setup: Setup, pairs: list, ids: list[int]):
+    """Pairs `ids` of `pairs` as one micro-batch, as this run batches them (on the CPU; .to(device) when used)."""
+    from qflash.train.preference import pair_batch
+
+    return pair_batch(pairs, ids, capacity=setup.cfg.data.max_len, varlen=setup.levers.attention.varlen,
+                      pad_id=setup.tokenizer.pad_token_id, chosen_prompt=setup.objective.name == "orpo")
+
+
 def evaluate_pairs(run: Run) -> dict[str, float]:
     """Preference tuning's held-out numbers at a train.eval_every step: the objective's loss over the held-out
     pairs (`eval_loss`) and the training metrics on them (`eval_rewards/accuracy`, `eval_rewards/margin`, ...),
     against the same reference as training (dpo: the starting model's log-probabilities of the held-out pairs,
     scored once). Eval mode (no dropout), no gradients, the RNG state untouched; every process the same pairs."""
     from qflash.train.held_out import rng_untouched
-    from qflash.train.preference import mean_stats, pair_batch
+    from qflash.train.preference import mean_stats
 
     setup, cfg = run.setup, run.setup.cfg
     pairs, obj = setup.eval_examples, setup.objective
     mb = cfg.train.micro_batch_size
     groups = [list(range(k, min(k + mb, len(pairs)))) for k in range(0, len(pairs), mb)]
-    make = lambda g: pair_batch(pairs, g, capacity=cfg.data.max_len, varlen=setup.levers.attention.varlen,  # noqa: E731
-                                pad_id=setup.tokenizer.pad_token_id, chosen_prompt=obj.name == "orpo").to(setup.device)
-    micro = [make(g) for g in groups]
+    micro = [_pair_batch(setup, pairs, g) for g in groups]
     chosen_tokens = sum(int((pb.owner % 2 == 0).sum()) for pb in micro)
     w_pair, w_token = 1.0 / len(pairs), 1.0 / max(chosen_tokens, 1)
     total = torch.zeros((), dtype=torch.float64, device=setup.device)
@@ -254,6 +260,7 @@ def evaluate_pairs(run: Run) -> dict[str, float]:
         with rng_untouched(), torch.no_grad():
             for g, pb in zip(groups, micro):
                 ref = setup.eval_reference[g].float().to(setup.device) if setup.eval_reference is not None else None
+                pb = pb.to(setup.device)
                 part, st = run.par.module(**batch_fields(pb.batch), pref=(pb.owner, pb.answer, pb.pairs, obj, ref,
                                                                           w_pair, w_token))
                 total += part
@@ -267,7 +274,7 @@ def evaluate_pairs(run: Run) -> dict[str, float]:
 def pref_train_step(run: Run, step: int) -> StepRecord:
     """One optimizer step of preference tuning over this process's share of the step's pairs (preference.py):
     micro-batches of micro_batch_size pairs, each pair's loss weighted 1 / (the step's pairs, every process)."""
-    from qflash.train.preference import mean_stats, pair_batch
+    from qflash.train.preference import mean_stats
 
     setup, ranks, par, cfg = run.setup, run.ranks, run.par, run.setup.cfg
     t0 = time.perf_counter()
@@ -275,12 +282,9 @@ def pref_train_step(run: Run, step: int) -> StepRecord:
     mine = ranks.shard(ids)
     mb = cfg.train.micro_batch_size
     groups = [mine[k:k + mb] for k in range(0, len(mine), mb)]
-    make = lambda g: pair_batch(setup.examples, g, capacity=cfg.data.max_len,  # noqa: E731
-                                varlen=setup.levers.attention.varlen, pad_id=setup.tokenizer.pad_token_id,
-                                chosen_prompt=setup.objective.name == "orpo")
-    micro = [make(g) for g in groups]
+    micro = [_pair_batch(setup, setup.examples, g) for g in groups]
     rounds = int(ranks.max(len(micro)))
-    filler = micro[0] if micro else (make(ids[:1]) if rounds else None)
+    filler = micro[0] if micro else (_pair_batch(setup, setup.examples, ids[:1]) if rounds else None)
     chosen_tokens = int(ranks.sum(sum(int((pb.owner % 2 == 0).sum()) for pb in micro)))  # orpo's, rpo's NLL tokens
     w_pair, w_token = ranks.world / len(ids), ranks.world / max(chosen_tokens, 1)
     local = torch.zeros((), dtype=torch.float64, device=setup.device)
