@@ -37,8 +37,15 @@ def test_workload_pairs_fit_the_bench_capacity():
 
 
 def test_qflash_dpo_steps_on_cpu(tiny_pairs):
+    from qflash.bench.common import QFLASH_OVERRIDES
+
     model_dir, triples = tiny_pairs
-    m = bp.qflash_dpo(model_dir, triples, warmup=1, steps=2, device=torch.device("cpu"), lr=1e-2)
+    QFLASH_OVERRIDES[:] = ["lora.fused=false"]
+    try:
+        m = bp.qflash_dpo(model_dir, triples, warmup=1, steps=2, device=torch.device("cpu"), lr=1e-2)
+        assert QFLASH_OVERRIDES == ["lora.fused=false"]  # dpo's objective does not leak into later workloads
+    finally:
+        QFLASH_OVERRIDES[:] = []
     assert len(m.losses) == 3 and len(m.warmup_s) == 1
     assert m.losses[0] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at the start
     assert m.losses[-1] < m.losses[0]  # the same pairs each step: DPO pulls them apart

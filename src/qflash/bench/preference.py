@@ -98,11 +98,6 @@ class PrefMeasured:
         return self
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -115,13 +110,16 @@ def _reset_peak() -> None:
 def qflash_dpo(model_dir: Path, triples, *, warmup: int, steps: int, device: torch.device | None = None,
                lr: float = 2e-4) -> PrefMeasured:
     """qflash's DPO steps on `triples` (the same pairs each step); `device` None = the current GPU."""
-    from qflash.bench.common import QFLASH_OVERRIDES, Precision, qflash_model
+    from qflash.bench.common import QFLASH_OVERRIDES, Precision, _sync, _timed, qflash_model
     from qflash.model.attention import choice_of
     from qflash.train.preference import Objective, pair_batch, preference_loss, reference_logps
 
-    if "train.objective=dpo" not in QFLASH_OVERRIDES:
-        QFLASH_OVERRIDES.append("train.objective=dpo")  # the switches resolved as DPO training resolves them
-    model, optimizer, params = qflash_model(model_dir, 0.0, lr, "auto", 0, device=device)
+    before = list(QFLASH_OVERRIDES)
+    QFLASH_OVERRIDES.append("train.objective=dpo")  # the switches resolved as DPO training resolves them
+    try:
+        model, optimizer, params = qflash_model(model_dir, 0.0, lr, "auto", 0, device=device)
+    finally:
+        QFLASH_OVERRIDES[:] = before  # the run's other workloads keep their own objective (sft)
     if Precision.scaler is not None:
         raise SystemExit("qflash bench --workload dpo measures bf16 (quant.compute_dtype=fp16 is not benched here)")
     device = next(p.device for p in params)
@@ -150,8 +148,6 @@ def qflash_dpo(model_dir: Path, triples, *, warmup: int, steps: int, device: tor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(total)
-
-    from qflash.bench.common import _timed
 
     _reset_peak()
     out.losses, times = _timed(step, warmup, steps, out.warmup_s)
@@ -194,7 +190,7 @@ def trl_dpo(model_dir: Path, triples, *, warmup: int, steps: int, recipe: str = 
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from qflash.bench.common import TARGETS
+    from qflash.bench.common import TARGETS, _sync
 
     if recipe not in TRL_RECIPES:
         raise ValueError(f"recipe must be one of {TRL_RECIPES}, not {recipe!r}")
