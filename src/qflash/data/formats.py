@@ -469,12 +469,14 @@ def _sharegpt_call(turn: _Turn, issues: _Issues) -> _Turn | None:
         issues.add(where, f'not valid JSON ({e}); a function_call turn holds {{"name": ..., "arguments": ...}} as '
                    "JSON text", "wrong type")
         return None
+    if value == []:
+        issues.add(where, "an empty list of calls", "missing content")
+        return None
     calls = value if isinstance(value, list) else [value]
-    checked = [_tool_call({"type": "function", "function": c} if isinstance(c, dict) else c, f"{where}.{j}"
-                          if isinstance(value, list) else where, issues) for j, c in enumerate(calls)]
-    if not calls or any(c is None for c in checked):
-        if not calls:
-            issues.add(where, "an empty list of calls", "missing content")
+    fields = [f"{where}.{j}" for j in range(len(calls))] if isinstance(value, list) else [where]
+    checked = [_tool_call({"type": "function", "function": c} if isinstance(c, dict) else c, f, issues)
+               for c, f in zip(calls, fields)]
+    if any(c is None for c in checked):
         return None
     return _Turn("assistant", "", turn.field, {"tool_calls": checked})
 
