@@ -137,21 +137,21 @@ def load_adapter(model, adapter_dir: Path, trainable: bool = False):
 def adapter_embedding_rows(model: torch.nn.Module, adapter_dir: Path) -> int | None:
     """Rows of the input embedding the adapter saved whole (lora.modules_to_save), None when it saved none.
     Read from the safetensors header: no tensor is loaded."""
-    import json
     import re
+
+    from safetensors import safe_open
 
     file = Path(adapter_dir) / "adapter_model.safetensors"
     if not file.is_file():
         return None
-    with open(file, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     emb = _inner(model.get_input_embeddings())
     name = next(n for n, m in model.named_modules() if m is emb) + ".weight"
-    for key, info in header.items():
-        # PEFT's saved name: base_model.model.<module>[.modules_to_save.<adapter>].weight
-        plain = re.sub(r"\.modules_to_save(\.[^.]+)?(?=\.weight$)", "", key.removeprefix("base_model.model."))
-        if key != "__metadata__" and plain == name:
-            return int(info["shape"][0])
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            # PEFT's saved name: base_model.model.<module>[.modules_to_save.<adapter>].weight
+            plain = re.sub(r"\.modules_to_save(\.[^.]+)?(?=\.weight$)", "", key.removeprefix("base_model.model."))
+            if plain == name:
+                return int(f.get_slice(key).get_shape()[0])
     return None
 
 
