@@ -62,10 +62,12 @@ def softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def _ce_chunk(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, cap: float | None = None
-              ) -> torch.Tensor:
+def _ce_chunk(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, cap: float | None = None,
+              reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of lm_head over a chunk of hidden states, summed (or per token: `reduction="none"`, the
+    preference objectives' scores)."""
     logits = softcapped(head(hidden).float(), cap)  # (chunk, vocab), capped in fp32
-    return F.cross_entropy(logits, labels, reduction="sum")
+    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------------------------

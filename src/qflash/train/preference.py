@@ -166,19 +166,12 @@ def pair_batch(pairs: list, ids: list[int], *, capacity: int, varlen: bool, pad_
 # Log-probabilities of the answers
 
 
-def _token_ce(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, cap: float | None = None
-              ) -> torch.Tensor:
-    from qflash.train.loss import softcapped
-
-    return F.cross_entropy(softcapped(head(hidden).float(), cap), labels, reduction="none")
-
-
 def sequence_logps(model: torch.nn.Module, pb: PairBatch, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sequence (PairBatch order): the summed log-probability of its answer tokens (fp32, with gradients),
     its answer tokens, and its summed log-probability over every labelled token (differs from the first only
     where the chosen prompts are labelled: orpo). lm_head runs on the labelled positions only, in checkpointed
     chunks."""
-    from qflash.train.loss import _causal_lm, _plain_head, device_inputs, logit_softcap
+    from qflash.train.loss import _causal_lm, _ce_chunk, _plain_head, device_inputs, logit_softcap
 
     lm, batch = _causal_lm(model), pb.batch
     labels = batch.labels[:, 1:].reshape(-1)
@@ -196,8 +189,8 @@ def sequence_logps(model: torch.nn.Module, pb: PairBatch, chunk_tokens: int = 10
         parts = []
         for s in range(0, hidden.size(0), chunk_tokens):
             h, t = hidden[s:s + chunk_tokens], y[s:s + chunk_tokens]
-            parts.append(checkpoint(_token_ce, head, h, t, cap, use_reentrant=False) if torch.is_grad_enabled()
-                         else _token_ce(head, h, t, cap))
+            parts.append(checkpoint(_ce_chunk, head, h, t, cap, "none", use_reentrant=False)
+                         if torch.is_grad_enabled() else _ce_chunk(head, h, t, cap, "none"))
         ce = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     zeros = torch.zeros(n, dtype=torch.float32, device=ce.device)
     answer = pb.answer.to(ce.dtype)
